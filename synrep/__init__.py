@@ -1,0 +1,3 @@
+"""synrep: train vision encoders from generative models, and select their data with models."""
+
+__version__ = "0.1.0"

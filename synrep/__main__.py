@@ -1,0 +1,5 @@
+import sys
+
+from synrep.cli import main
+
+sys.exit(main())

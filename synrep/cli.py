@@ -1,0 +1,121 @@
+"""The ``synrep`` command line.
+
+    synrep run   CONFIG [key.sub=value ...]   run the configured stages into the run directory
+    synrep train CONFIG [key.sub=value ...]   pretrain (resumes from the last checkpoint)
+    synrep eval  CONFIG [key.sub=value ...]   evaluate the run's (or --checkpoint's) encoder
+    synrep embed --checkpoint PATH --dataset NAME --split SPLIT --out FILE.npz
+    synrep config CONFIG [key.sub=value ...]  print the resolved config
+
+``main(argv)`` takes a list so tests run the real CLI in-process. Errors caused by input print one
+message and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from synrep import __version__
+from synrep.errors import SynrepError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="synrep",
+        description="Train vision encoders from generative models; evaluate them on real data.")
+    p.add_argument("--version", action="version", version=f"synrep {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("config", help="YAML config file (see configs/)")
+        sp.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="override config values, e.g. train.steps=100 run.dir=/tmp/run")
+        return sp
+
+    with_config("run", "run the configured stages (run.stages) into the run directory")
+    with_config("train", "pretrain the encoder; resumes from the run's last checkpoint")
+    ev = with_config("eval", "evaluate an encoder with frozen-feature protocols")
+    ev.add_argument("--checkpoint", help="checkpoint to evaluate (default: the run's final one)")
+    with_config("config", "print the resolved config")
+
+    em = sub.add_parser("embed", help="write frozen features of a dataset split to .npz",
+                        description="write frozen features (features, labels) to an .npz file")
+    em.add_argument("--checkpoint", required=True)
+    em.add_argument("--dataset", default="fashion-mnist")
+    em.add_argument("--split", default="test")
+    em.add_argument("--root", default=None, help="dataset folder (default: its usual location)")
+    em.add_argument("--out", required=True, help="output .npz file")
+    em.add_argument("--pool", choices=["cls", "avg", "cls+avg"], default=None,
+                    help="ViT feature pooling (default: the checkpoint's eval.pool)")
+    em.add_argument("--n-last-blocks", type=int, default=None)
+    em.add_argument("--device", default="cpu")
+    return p
+
+
+def _cmd_embed(args: argparse.Namespace) -> None:
+    import torch
+
+    from synrep.eval.features import save_features
+    from synrep.eval.stage import embed_split, load_encoder
+    from synrep.utils import ensure_writable_dir
+
+    out = Path(args.out)
+    ensure_writable_dir(out.parent if str(out.parent) else Path("."), "--out")
+    encoder, cfg = load_encoder(args.checkpoint, torch.device(args.device))
+    ecfg = cfg.eval
+    ecfg.limit_train = ecfg.limit_test = None  # embed writes the whole split
+    if args.pool:
+        ecfg.pool = args.pool
+    if args.n_last_blocks:
+        ecfg.n_last_blocks = args.n_last_blocks
+    feats, labels = embed_split(encoder, ecfg, args.split, cfg.model.img_size, args.device,
+                                dataset=args.dataset, root=args.root)
+    save_features(out, feats, labels)
+    print(f"wrote {tuple(feats.shape)} features of {args.dataset}/{args.split} to {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "embed":
+            _cmd_embed(args)
+            return 0
+        from synrep.config import load_config
+        from synrep.pipeline import run_stages
+
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "config":
+            import json
+
+            import yaml
+
+            print(yaml.safe_dump(json.loads(cfg.to_json()), sort_keys=False), end="")
+        elif args.command == "run":
+            run_stages(cfg)
+        elif args.command == "train":
+            run_stages(cfg, ["train"])
+        elif args.command == "eval":
+            if args.checkpoint:
+                from synrep.config import save_config
+                from synrep.eval.stage import evaluate_checkpoint
+                from synrep.pipeline import print_summary
+                from synrep.utils import ensure_writable_dir
+
+                ensure_writable_dir(cfg.run_dir, "run.dir")
+                save_config(cfg, cfg.run_dir / "config.yaml")
+                print_summary(cfg, evaluate_checkpoint(cfg, args.checkpoint))
+            else:
+                run_stages(cfg, ["eval"], force=True)
+    except SynrepError as e:
+        print(f"synrep: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("synrep: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Typed configuration: dataclass defaults <- YAML file <- ``key.sub=value`` overrides.
+
+Every field has a type and a default; a YAML file and command-line overrides change only what they
+name. Unknown keys and values of the wrong type are errors that name the key and where it came
+from. The resolved config is written into the run directory and into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from synrep.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    name: str = ""  # defaults to the config file's stem
+    dir: str = ""  # defaults to runs/<name>
+    seed: int = 0
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1"; under torchrun each rank takes cuda:LOCAL_RANK
+    stages: list[str] = field(default_factory=lambda: ["train", "eval"])
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+
+@dataclass
+class DataConfig:
+    source: Literal["dataset", "shards"] = "dataset"
+    dataset: str = "fashion-mnist"  # a registered dataset, used when source = "dataset"
+    root: str | None = None  # dataset folder; None uses the dataset's default location
+    split: str = "train"
+    shards: str = ""  # a folder of caption-group shards, used when source = "shards"
+    image_size: int | None = None  # resize on load; None keeps the stored size
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "vit_tiny_p7_28"  # a registered backbone or "timm:<any timm model>"
+    in_chans: int = 1
+    img_size: int = 28
+    drop_path: float = 0.0
+    global_pool: Literal["token", "avg"] = "token"  # ViT feature used by training objectives
+    mean: float = 0.5  # input normalisation applied inside the encoder to [0, 1] pixels
+    std: float = 0.5
+
+
+@dataclass
+class AugConfig:
+    """SimCLR-strong augmentation, applied on batches on the training device."""
+
+    size: int = 28
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (0.75, 1.3333333)
+    hflip: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    erase_p: float = 0.0
+    erase_scale: tuple[float, float] = (0.02, 0.2)
+
+
+@dataclass
+class MethodConfig:
+    name: str = "simclr"  # a registered method: simclr, multipos, supervised
+    temperature: float = 0.2
+    proj_layers: int = 2  # projection MLP depth (1 = linear)
+    proj_hidden_dim: int = 1024
+    proj_dim: int = 128
+    images_per_caption: int = 2  # m images of each caption per batch (caption-group methods)
+    num_classes: int = 10  # supervised method only
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate at batch_size 256; scaled linearly with the batch
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 256  # global batch (summed over ranks), in samples before augmentation
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    ckpt_every: int = 200
+    log_every: int = 10
+    compile: bool = False
+
+
+@dataclass
+class EvalConfig:
+    dataset: str = "fashion-mnist"
+    root: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    image_size: int | None = None
+    protocols: list[str] = field(default_factory=lambda: ["linear", "knn"])
+    pool: Literal["cls", "avg", "cls+avg"] = "cls+avg"  # ViT probe features (CNNs: pooled)
+    n_last_blocks: int = 1  # concatenate features of the last n blocks (DINOv2 linear eval)
+    linear_cs: list[float] = field(default_factory=lambda: [10.0**e for e in range(-4, 3)])
+    linear_max_iter: int = 200
+    sgd_lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1])
+    sgd_epochs: int = 20
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    val_fraction: float = 0.1
+    batch_size: int = 512
+    limit_train: int | None = None  # evaluate on a seeded subset of this many train images
+    limit_test: int | None = None
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir or f"runs/{self.run.name or 'default'}")
+
+
+_YAML12_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to float, lists to
+    tuples). Raise ConfigError naming ``where`` on a mismatch. Never guesses: "3" is not an int."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in args:
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML follows YAML 1.1, which reads "1e-3" (no dot) as a string; YAML 1.2 and every
+        # user reads it as a number.
+        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config annotation {tp!r} at {where}")
+
+
+def _merge(obj: Any, updates: dict[str, Any], source: str, prefix: str = "") -> None:
+    """Write ``updates`` into the dataclass ``obj`` in place, validating keys and types."""
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in updates.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(
+                f"unknown config key {path!r} in {source}; valid keys"
+                f"{' under ' + repr(prefix[:-1]) if prefix else ''}: {', '.join(names)}"
+            )
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path!r} in {source} must be a mapping, got {value!r}")
+            _merge(current, value, source, f"{path}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"{path!r} in {source}"))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.steps=10", "run.dir=/tmp/x"]`` -> nested dict; values are parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        node = out
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key segment")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a :class:`Config` from defaults, an optional YAML file, and overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+        _merge(cfg, data, f"config file {str(path)!r}")
+        if not cfg.run.name:
+            cfg.run.name = path.stem
+    if overrides:
+        _merge(cfg, parse_overrides(overrides), "command-line overrides")
+    if not cfg.run.name:
+        cfg.run.name = "default"
+    if not cfg.run.dir:
+        cfg.run.dir = f"runs/{cfg.run.name}"
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], source: str) -> Config:
+    """Rebuild a config stored in a run directory or checkpoint."""
+    cfg = Config()
+    _merge(cfg, data, source)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(json.loads(cfg.to_json()), sort_keys=False))
+    tmp.replace(path)

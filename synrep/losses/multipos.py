@@ -1,0 +1,89 @@
+"""Multi-positive contrastive loss (StableRep, arXiv 2306.00984; SynCLR, arXiv 2312.17742).
+
+Images generated from the same caption are positives of each other. For every anchor the target
+distribution is uniform over its positives (self excluded) and the prediction is the softmax over
+similarities to every other sample of the *global* batch. With exactly two samples per label this is
+SimCLR's NT-Xent; it equals SupCon's "mean over positives outside the log" form.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from synrep.train.dist import gather_no_grad, gather_with_grad, rank, world_size
+
+# Large enough that exp(-BIG) underflows to exactly 0 in float32, small enough to stay finite,
+# so masked entries never produce 0 * inf = NaN in the cross-entropy.
+_BIG = 1e9
+
+
+class MultiPosConLoss(nn.Module):
+    """Cross-entropy between a uniform target over positives and the softmax of similarities.
+
+    Args:
+        temperature: softmax temperature tau (StableRep 0.1, SynCLR 0.08, SimCLR 0.1-0.5).
+        cross_rank_positives: if False (the default, StableRep's convention) labels are local to
+            each rank and are offset by rank, so samples on different ranks are never positives;
+            if True, labels are global (for example class labels) and match across ranks.
+
+    Shapes:
+        features: [N, d] (L2-normalised inside), labels: [N] integer ids. Returns a scalar.
+
+    Rows whose label occurs once have no positive; they are left out of the mean (a batch with no
+    positive at all gives a zero loss that still carries a graph). Under ``torch.distributed`` the
+    features are gathered with gradient and the mean is taken over the global batch, so DDP's
+    gradient averaging reproduces one process over the concatenated batch exactly.
+
+    Example:
+        >>> loss_fn = MultiPosConLoss(temperature=0.1)
+        >>> z = torch.randn(8, 16, requires_grad=True)
+        >>> loss = loss_fn(z, torch.tensor([0, 0, 1, 1, 2, 2, 2, 3]))
+    """
+
+    def __init__(self, temperature: float = 0.1, cross_rank_positives: bool = False) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self.cross_rank_positives = cross_rank_positives
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if features.ndim != 2:
+            raise ValueError(f"features must be [N, d], got shape {tuple(features.shape)}")
+        if labels.shape != features.shape[:1]:
+            raise ValueError(
+                f"labels must be [N] = [{features.shape[0]}], got shape {tuple(labels.shape)}"
+            )
+        n = features.shape[0]
+        z = F.normalize(features.float(), dim=1)  # (n, d)
+        labels = labels.long()
+        z_all = gather_with_grad(z)  # (N, d), N = world * n
+
+        if world_size() > 1 and not self.cross_rank_positives:
+            # Offset local ids by rank so equal ids on different ranks are different groups.
+            span = labels.max().detach().clone() + 1
+            dist.all_reduce(span, op=dist.ReduceOp.MAX)
+            labels = labels + rank() * span
+        labels_all = gather_no_grad(labels)  # (N,)
+
+        logits = z @ z_all.T / self.temperature  # (n, N)
+        self_idx = torch.arange(n, device=z.device) + rank() * n
+        self_mask = torch.zeros_like(logits, dtype=torch.bool)
+        self_mask[torch.arange(n, device=z.device), self_idx] = True
+        logits = logits - _BIG * self_mask
+        logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+
+        pos = (labels[:, None] == labels_all[None, :]) & ~self_mask  # (n, N)
+        n_pos = pos.sum(dim=1)
+        target = pos.float() / n_pos.clamp(min=1)[:, None]
+        row_loss = -(target * F.log_softmax(logits, dim=1)).sum(dim=1)  # (n,), 0 without positives
+
+        # Normalise by the number of anchors with a positive in the *global* batch.
+        n_valid = (n_pos > 0).sum().float()
+        if world_size() > 1:
+            n_valid = n_valid.clone()
+            dist.all_reduce(n_valid)
+        return row_loss.sum() * world_size() / n_valid.clamp(min=1)

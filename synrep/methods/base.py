@@ -1,0 +1,35 @@
+"""The method interface and registry.
+
+A method owns the trainable parts beyond the encoder (heads), its augmentation and its loss; it maps
+a batch to ``{"loss": scalar, ...logged terms}``. Frozen parts (an EMA teacher, a reference model)
+live outside the module that DDP wraps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from synrep.registry import Registry
+
+METHODS: Registry = Registry("method")
+
+
+class Method(nn.Module):
+    """Base class: ``forward(batch, generator) -> {"loss": ..., ...}``.
+
+    ``batch["images"]`` is uint8, (B, C, H, W) for single images or (G, m, C, H, W) for caption
+    groups (m images of each of G captions); ``batch["labels"]`` is (B,) or (G,) when present.
+    """
+
+    #: "images" for (B, C, H, W) batches, "groups" for (G, m, C, H, W) caption-group batches.
+    batch_kind: str = "images"
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, batch: dict[str, Any], g: torch.Generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError

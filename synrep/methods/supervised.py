@@ -1,0 +1,39 @@
+"""Supervised cross-entropy on (synthetic or real) class labels: the scaling-laws paper's setting
+(arXiv 2312.04567) and SynCLR's "supervised CE" baseline."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from synrep.config import Config
+from synrep.data.augment import BatchAugment
+from synrep.errors import ConfigError
+from synrep.methods.base import METHODS, Method
+from synrep.models import Encoder
+
+
+class Supervised(Method):
+    def __init__(self, cfg: Config, encoder: Encoder) -> None:
+        super().__init__(encoder)
+        self.classifier = nn.Linear(encoder.embed_dim, cfg.method.num_classes)
+        self.augment = BatchAugment(cfg.aug)
+        self.label_smoothing = cfg.method.label_smoothing
+
+    def forward(self, batch, g: torch.Generator) -> dict[str, torch.Tensor]:
+        x, y = batch["images"], batch.get("labels")
+        if y is None:
+            raise ConfigError("method 'supervised' needs labelled data")
+        if x.ndim == 5:  # caption groups: every image carries its caption's label
+            y = y.repeat_interleave(x.shape[1])
+            x = x.flatten(0, 1)
+        logits = self.classifier(self.encoder(self.augment(x, g)))
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        acc = (logits.argmax(1) == y).float().mean()
+        return {"loss": loss, "train_acc": acc.detach()}
+
+
+@METHODS.register("supervised")
+def build_supervised(cfg: Config, encoder: Encoder) -> Method:
+    return Supervised(cfg, encoder)

@@ -1,0 +1,137 @@
+"""Backbones: a registry over timm models, and the :class:`Encoder` that wraps them.
+
+Small ViTs for 28 px inputs (the embedded default), the paper's ViT-B/16 and ViT-L/14 at 224 px,
+a CIFAR-style ResNet-18 for small images, and any timm model by name as ``timm:<name>``. All
+weights start random: synrep pretrains them, nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from synrep.errors import ConfigError
+from synrep.registry import Registry
+
+BACKBONES: Registry = Registry("backbone")
+
+
+def _small_vit(patch: int, dim: int, depth: int, heads: int):
+    def build(in_chans: int, img_size: int, drop_path: float, global_pool: str) -> nn.Module:
+        if img_size % patch:
+            raise ConfigError(f"model.img_size={img_size} is not a multiple of the patch {patch}")
+        return VisionTransformer(
+            img_size=img_size, patch_size=patch, in_chans=in_chans, num_classes=0,
+            embed_dim=dim, depth=depth, num_heads=heads, drop_path_rate=drop_path,
+            global_pool=global_pool,
+        )
+
+    return build
+
+
+# 28 px ViTs: patch 7 gives 16 tokens (fast), patch 4 gives 49 (finer, ~3x the compute).
+BACKBONES.register("vit_tiny_p7_28")(_small_vit(7, 192, 6, 3))
+BACKBONES.register("vit_small_p7_28")(_small_vit(7, 384, 6, 6))
+BACKBONES.register("vit_tiny_p4_28")(_small_vit(4, 192, 6, 3))
+
+
+def _timm_vit(name: str):
+    def build(in_chans: int, img_size: int, drop_path: float, global_pool: str) -> nn.Module:
+        return timm.create_model(
+            name, pretrained=False, num_classes=0, in_chans=in_chans, img_size=img_size,
+            drop_path_rate=drop_path, global_pool=global_pool,
+        )
+
+    return build
+
+
+# The SynCLR paper's encoders (METHODS.md section 1).
+BACKBONES.register("vit_base_patch16_224")(_timm_vit("vit_base_patch16_224"))
+BACKBONES.register("vit_large_patch14_224")(_timm_vit("vit_large_patch14_224"))
+BACKBONES.register("vit_small_patch16_224")(_timm_vit("vit_small_patch16_224"))
+
+
+@BACKBONES.register("resnet18_28")
+def resnet18_28(in_chans: int, img_size: int, drop_path: float, global_pool: str) -> nn.Module:
+    """ResNet-18 with a 3x3 stride-1 stem and no max-pool, so 28 px inputs keep 4x4 at the end."""
+    m = timm.create_model("resnet18", pretrained=False, num_classes=0, in_chans=in_chans,
+                          drop_path_rate=drop_path)
+    m.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    m.maxpool = nn.Identity()
+    return m
+
+
+def build_backbone(name: str, in_chans: int, img_size: int, drop_path: float = 0.0,
+                   global_pool: str = "token") -> nn.Module:
+    if name.startswith("timm:"):
+        timm_name = name[len("timm:"):]
+        if not timm.is_model(timm_name):
+            raise ConfigError(f"model.backbone={name!r}: timm has no model {timm_name!r}")
+        kwargs = dict(pretrained=False, num_classes=0, in_chans=in_chans)
+        if drop_path:
+            kwargs["drop_path_rate"] = drop_path
+        return timm.create_model(timm_name, **kwargs)
+    return BACKBONES.get(name)(in_chans, img_size, drop_path, global_pool)
+
+
+class Encoder(nn.Module):
+    """A backbone that takes pixels in [0, 1] and returns one feature vector per image.
+
+    ``forward`` gives the pooled feature used by training objectives (the CLS token, or the mean
+    of patch tokens, for ViTs; the global pool for CNNs). ``probe_features`` gives the frozen
+    features evaluation uses (DINOv2-style: CLS and/or mean patch tokens of the last blocks).
+    """
+
+    def __init__(self, backbone: nn.Module, mean: float = 0.5, std: float = 0.5) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.is_vit = isinstance(backbone, VisionTransformer)
+        self.embed_dim: int = backbone.num_features
+        self.mean = mean
+        self.std = std
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) in [0, 1] -> (B, D)
+        feats = self.backbone.forward_features(self.normalize(x))
+        return self.backbone.forward_head(feats, pre_logits=True)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """ViT token sequence after the final norm: (B, prefix + patches, D)."""
+        if not self.is_vit:
+            raise ConfigError("patch tokens need a ViT backbone")
+        return self.backbone.forward_features(self.normalize(x))
+
+    def probe_dim(self, pool: Literal["cls", "avg", "cls+avg"], n_last_blocks: int) -> int:
+        if not self.is_vit:
+            return self.embed_dim
+        return self.embed_dim * n_last_blocks * (2 if pool == "cls+avg" else 1)
+
+    def probe_features(self, x: torch.Tensor, pool: Literal["cls", "avg", "cls+avg"] = "cls",
+                       n_last_blocks: int = 1) -> torch.Tensor:
+        """(B, C, H, W) in [0, 1] -> (B, probe_dim)."""
+        if not self.is_vit:
+            return self.forward(x)
+        outs = self.backbone.forward_intermediates(
+            self.normalize(x), indices=n_last_blocks, norm=True, return_prefix_tokens=True,
+            intermediates_only=True, output_fmt="NLC",
+        )
+        parts = []
+        for patches, prefix in outs:  # (B, L, D), (B, P, D)
+            if pool in ("cls", "cls+avg"):
+                parts.append(prefix[:, 0])
+            if pool in ("avg", "cls+avg"):
+                parts.append(patches.mean(dim=1))
+        return torch.cat(parts, dim=1)
+
+
+def build_encoder(cfg) -> Encoder:
+    """Build the encoder described by a :class:`synrep.config.ModelConfig`."""
+    backbone = build_backbone(cfg.backbone, cfg.in_chans, cfg.img_size, cfg.drop_path,
+                              cfg.global_pool)
+    return Encoder(backbone, cfg.mean, cfg.std)

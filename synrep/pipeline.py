@@ -1,0 +1,94 @@
+"""The stage graph over a run directory.
+
+``synrep run CONFIG`` runs ``run.stages`` in order into ``RUN = run.dir``. Each stage knows when its
+outputs are complete and is skipped then, so a killed run resumes by running the same command.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from synrep.config import Config, save_config
+from synrep.errors import ConfigError
+from synrep.train import dist
+from synrep.utils import ensure_writable_dir
+
+
+def _train(cfg: Config) -> None:
+    from synrep.train.loop import train
+
+    train(cfg)
+
+
+def _train_done(cfg: Config) -> bool:
+    from synrep.train.checkpoint import Checkpoint
+    from synrep.train.loop import check_same_run, final_checkpoint
+
+    if not final_checkpoint(cfg).exists():
+        return False
+    check_same_run(Checkpoint(final_checkpoint(cfg)), cfg)
+    return True
+
+
+def _eval(cfg: Config) -> None:
+    from synrep.eval.stage import evaluate_checkpoint
+    from synrep.train.loop import final_checkpoint
+
+    if dist.is_main():
+        ck = final_checkpoint(cfg)
+        if not ck.exists():
+            raise ConfigError(f"no trained checkpoint at {str(ck)!r}: run the train stage first")
+        results = evaluate_checkpoint(cfg, ck)
+        print_summary(cfg, results)
+    dist.barrier()
+
+
+_RESULT_KEYS = {"linear": "linear_probe_top1", "sgd": "sgd_probe_top1", "knn": "knn_top1"}
+
+
+def _eval_done(cfg: Config) -> bool:
+    from synrep.train.loop import final_checkpoint
+
+    path = cfg.run_dir / "eval" / "results.json"
+    if not path.exists():
+        return False
+    entry = json.loads(path.read_text()).get(cfg.eval.dataset, {})
+    return entry.get("checkpoint") == str(final_checkpoint(cfg)) and all(
+        _RESULT_KEYS[p] in entry
+        for p in cfg.eval.protocols if p in _RESULT_KEYS)
+
+
+# name -> (run, is_complete)
+STAGES: dict[str, tuple[Callable[[Config], None], Callable[[Config], bool]]] = {
+    "train": (_train, _train_done),
+    "eval": (_eval, _eval_done),
+}
+
+
+def print_summary(cfg: Config, results: dict) -> None:
+    print(f"\nevaluation on {cfg.eval.dataset} ({cfg.eval.test_split} split):")
+    for key, value in results.get(cfg.eval.dataset, {}).items():
+        if key.endswith("_top1"):
+            print(f"  {key:>20s}: {value:6.2f} %")
+    print(f"results: {Path(cfg.run_dir) / 'eval' / 'results.json'}")
+
+
+def run_stages(cfg: Config, stages: list[str] | None = None, force: bool = False) -> None:
+    stages = stages if stages is not None else cfg.run.stages
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"run.stages: unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    if dist.is_main():
+        ensure_writable_dir(cfg.run_dir, "run.dir")
+        save_config(cfg, cfg.run_dir / "config.yaml")
+    for name in stages:
+        run, done = STAGES[name]
+        if not force and done(cfg):
+            if dist.is_main():
+                print(f"[{name}] complete, skipped ({cfg.run_dir})")
+            continue
+        if dist.is_main():
+            print(f"[{name}] running into {cfg.run_dir}")
+        run(cfg)

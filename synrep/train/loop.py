@@ -1,0 +1,235 @@
+"""The training loop: one code path for a CPU process and for ``torchrun`` DDP.
+
+Reads like nanoGPT: build the data source, the encoder and the method, then step. Batches and
+augmentations are pure functions of (seed, step, rank), so resuming from a checkpoint replays the
+exact trajectory of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from synrep.config import Config
+from synrep.data.sources import ArraySource
+from synrep.errors import CheckpointError, ConfigError, SynrepError
+from synrep.methods import METHODS, Method
+from synrep.models import build_encoder
+from synrep.train import dist
+from synrep.train.checkpoint import Checkpoint, save_checkpoint
+from synrep.train.schedule import warmup_cosine
+from synrep.utils import ensure_writable_dir
+
+# Config sections that define the weights' shapes and the trajectory: a checkpoint is resumed
+# only into a run whose sections match.
+_RESUME_SECTIONS = ("model", "method", "data", "aug", "optim", "train")
+
+
+class TrainingDiverged(SynrepError):
+    """The loss became NaN or infinite."""
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    dev = cfg.run.device
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"run.device={dev!r} but no CUDA device is available; use cpu")
+        if dist.world_size() > 1 or "WORLD_SIZE" in os.environ:
+            dev = f"cuda:{dist.local_rank()}"
+            torch.cuda.set_device(dev)
+    return torch.device(dev)
+
+
+def build_source(cfg: Config, batch_kind: str) -> ArraySource:
+    """The training batches described by ``cfg.data``."""
+    d = cfg.data
+    if d.source == "dataset":
+        from synrep.data.datasets import load_dataset
+
+        ds = load_dataset(d.dataset, d.split, root=d.root, image_size=d.image_size)
+        if batch_kind == "groups":
+            raise ConfigError(
+                f"method {cfg.method.name!r} trains on caption groups: set data.source=shards")
+        images, labels = ds.images, ds.labels
+        m = None
+    else:
+        from synrep.data.shards import load_groups
+
+        if not d.shards:
+            raise ConfigError("data.source=shards needs data.shards=<folder of shards>")
+        groups = load_groups(d.shards)
+        images = groups.images
+        labels = None
+        if all("label" in meta for meta in groups.metas):
+            labels = torch.tensor([int(meta["label"]) for meta in groups.metas])
+        m = cfg.method.images_per_caption if batch_kind == "groups" else 1
+    return ArraySource(images, labels, cfg.train.batch_size, cfg.run.seed, dist.rank(),
+                       dist.world_size(), images_per_group=m)
+
+
+def build_method(cfg: Config) -> Method:
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    encoder = build_encoder(cfg.model)
+    return METHODS.get(cfg.method.name)(cfg, encoder)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    # No weight decay on biases, norms, position embeddings and class tokens (as in timm/DeiT).
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token")):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step) * 1024 + rank
+
+
+def check_same_run(ck: Checkpoint, cfg: Config) -> None:
+    """Refuse to resume or reuse a checkpoint trained with a different config."""
+    stored, current = ck.config, json.loads(cfg.to_json())
+    for section in _RESUME_SECTIONS:
+        if stored.get(section) != current[section]:
+            changed = sorted(k for k in current[section]
+                             if stored.get(section, {}).get(k) != current[section][k])
+            raise CheckpointError(
+                f"{str(ck.path)!r} was written with a different {section!r} config (changed: "
+                f"{', '.join(f'{section}.{k}' for k in changed)}); use the same config, or "
+                "start a new run with run.dir=<new folder>")
+
+
+def checkpoint_dir(cfg: Config) -> Path:
+    return cfg.run_dir / "train" / "checkpoints"
+
+
+def final_checkpoint(cfg: Config) -> Path:
+    return checkpoint_dir(cfg) / "final.safetensors"
+
+
+def train(cfg: Config) -> Path:
+    """Train ``cfg``'s method; return the final checkpoint path. Resumes from ``last``."""
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
+    dist.init_from_env(cfg.run.device)
+    device = resolve_device(cfg)
+    is_main = dist.is_main()
+    run_dir = cfg.run_dir
+    ckpt_dir = checkpoint_dir(cfg)
+    if is_main:
+        ensure_writable_dir(ckpt_dir, "run.dir")
+    dist.barrier()
+
+    method = build_method(cfg)
+    source = build_source(cfg, method.batch_kind)
+    method.to(device)
+    lr_peak = cfg.optim.lr * cfg.train.batch_size / 256
+    optimizer = torch.optim.AdamW(_param_groups(method, cfg.optim.weight_decay), lr=lr_peak,
+                                  betas=cfg.optim.betas)
+
+    start = 0
+    last = ckpt_dir / "last.safetensors"
+    if last.exists():
+        ck = Checkpoint(last)
+        check_same_run(ck, cfg)
+        ck.load_model(method)
+        optimizer.load_state_dict(ck.optimizer_state())
+        start = ck.step
+    if start >= cfg.train.steps and final_checkpoint(cfg).exists():
+        return final_checkpoint(cfg)
+
+    model: torch.nn.Module = method
+    if dist.world_size() > 1:
+        model = DDP(method, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        model = torch.compile(model)
+
+    # Autocast is chosen once: bf16/fp16 on GPUs when asked, full fp32 otherwise.
+    if cfg.train.precision == "fp32":
+        autocast = nullcontext()
+    else:
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
+        autocast = torch.autocast(device.type, dtype=dtype)
+    scaler = torch.amp.GradScaler(enabled=cfg.train.precision == "fp16" and device.type == "cuda")
+
+    writer = None
+    metrics_path = run_dir / "train" / "metrics.jsonl"
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "train" / "tb"), purge_step=start)
+    kill_at = int(os.environ.get("SYNREP_DEBUG_KILL_AT_STEP", "-1"))  # for the resume test
+    final_lr = lr_peak * cfg.optim.min_lr_ratio
+    bar = tqdm(total=cfg.train.steps, initial=start, desc="train", disable=not is_main,
+               dynamic_ncols=True)
+    model.train()
+    t0, seen = time.perf_counter(), 0
+    step = start
+    for step in range(start, cfg.train.steps):
+        lr = warmup_cosine(step, cfg.train.steps, lr_peak, cfg.optim.warmup_steps, final_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        seed = _step_seed(cfg.run.seed, step, dist.rank())
+        torch.manual_seed(seed)  # dropout / drop-path
+        g = torch.Generator(device=device).manual_seed(seed)
+        batch = {k: v.to(device, non_blocking=True) for k, v in source.batch(step).items()}
+        with autocast:
+            out = model(batch, g)
+        loss = out["loss"]
+        if not math.isfinite(float(dist.all_reduce_mean(loss.detach().float()))):
+            bar.close()
+            where = (f"the last good checkpoint is {str(last)!r}" if last.exists()
+                     else "no checkpoint was written yet")
+            raise TrainingDiverged(
+                f"training loss became {float(loss)} at step {step}; {where}. Lower optim.lr, "
+                "lengthen optim.warmup_steps, or use train.precision=fp32")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.optim.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.grad_clip)
+        else:
+            grad_norm = torch.zeros(())
+        scaler.step(optimizer)
+        scaler.update()
+        seen += batch["images"].shape[0] * dist.world_size()
+        done = step + 1
+
+        if is_main and (done % cfg.train.log_every == 0 or done == cfg.train.steps):
+            rate = seen / (time.perf_counter() - t0)
+            row = {"step": done, "lr": lr, "grad_norm": float(grad_norm), "samples_per_s": rate}
+            row.update({k: float(v.detach()) for k, v in out.items()})
+            for k, v in row.items():
+                if k != "step":
+                    writer.add_scalar(f"train/{k}", v, done)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
+        bar.update(1)
+        if is_main and (done % cfg.train.ckpt_every == 0 or done == cfg.train.steps):
+            save_checkpoint(last, method, cfg.to_dict(), done, optimizer)
+        if done == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+    if is_main:
+        save_checkpoint(final_checkpoint(cfg), method, cfg.to_dict(), cfg.train.steps)
+        writer.close()
+        elapsed = time.perf_counter() - t0
+        print(f"trained {cfg.train.steps - start} steps in {elapsed:.0f}s "
+              f"({seen / max(elapsed, 1e-9):.0f} samples/s); checkpoint: {final_checkpoint(cfg)}")
+    dist.barrier()
+    return final_checkpoint(cfg)

@@ -1,0 +1,32 @@
+"""Small helpers shared by the stages."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from synrep.errors import SynrepError
+
+
+def ensure_writable_dir(path: str | Path, key: str = "run.dir") -> Path:
+    """Create ``path`` if needed and check that files can be written in it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SynrepError(
+            f"output directory {str(path)!r} is not writable ({e.strerror}); choose another "
+            f"folder with {key}=PATH") from None
+    return path
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,176 @@
+"""Training end to end on real Fashion-MNIST at toy scale: resume, divergence, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from synrep.cli import main
+from synrep.config import load_config
+from synrep.errors import CheckpointError
+from synrep.train.checkpoint import Checkpoint, save_checkpoint
+from tests.conftest import TINY, needs_fashion
+
+CONFIG = "configs/fashion_simclr.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _synrep(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "synrep", *args], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+
+@needs_fashion
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    # Uninterrupted run.
+    a = _synrep("train", CONFIG, *TINY, f"run.dir={tmp_path / 'a'}")
+    assert a.returncode == 0, a.stderr
+    # Killed with SIGKILL right after step 3 (its last checkpoint is step 2), then rerun.
+    b_args = ("train", CONFIG, *TINY, f"run.dir={tmp_path / 'b'}")
+    killed = _synrep(*b_args, env={"SYNREP_DEBUG_KILL_AT_STEP": "3"})
+    assert killed.returncode == -9
+    last = tmp_path / "b/train/checkpoints/last.safetensors"
+    assert Checkpoint(last).step == 2
+    assert not (tmp_path / "b/train/checkpoints/final.safetensors").exists()
+    resumed = _synrep(*b_args)
+    assert resumed.returncode == 0, resumed.stderr
+
+    fa = Checkpoint(tmp_path / "a/train/checkpoints/final.safetensors")
+    fb = Checkpoint(tmp_path / "b/train/checkpoints/final.safetensors")
+    assert fa.model_state.keys() == fb.model_state.keys()
+    for k, v in fa.model_state.items():
+        assert torch.equal(v, fb.model_state[k]), k
+
+    def last_loss(run: str) -> float:
+        rows = [json.loads(x) for x in (tmp_path / run / "train/metrics.jsonl").open()]
+        return [r["loss"] for r in rows if r["step"] == 6][-1]
+
+    assert last_loss("a") == last_loss("b")
+
+
+@needs_fashion
+def test_same_seed_same_trajectory_and_completed_stage_is_skipped(tmp_path, capsys):
+    args = [*TINY, "train.steps=3", "run.stages=[train]"]
+    assert main(["run", CONFIG, *args, f"run.dir={tmp_path / 'a'}"]) == 0
+    assert main(["run", CONFIG, *args, f"run.dir={tmp_path / 'b'}"]) == 0
+    fa = Checkpoint(tmp_path / "a/train/checkpoints/final.safetensors").model_state
+    fb = Checkpoint(tmp_path / "b/train/checkpoints/final.safetensors").model_state
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+    capsys.readouterr()
+    assert main(["run", CONFIG, *args, f"run.dir={tmp_path / 'a'}"]) == 0
+    assert "[train] complete, skipped" in capsys.readouterr().out
+
+
+@needs_fashion
+def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", CONFIG, *TINY, f"run.dir={run}"]
+    assert main([*args, "train.steps=2"]) == 0
+    good = Checkpoint(run / "train/checkpoints/last.safetensors")
+    # Continue the same run with an absurd learning rate: a different optim config is refused...
+    assert main([*args, "optim.lr=1e30"]) == 2
+    assert "different 'optim' config" in capsys.readouterr().err
+    # ...and a fresh run that diverges stops with a message naming the step.
+    run2 = tmp_path / "run2"
+    code = main(["train", CONFIG, *TINY, "optim.lr=1e30", "optim.grad_clip=0",
+                 "optim.warmup_steps=1", f"run.dir={run2}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "loss became" in err and "Lower optim.lr" in err
+    assert not (run2 / "train/checkpoints/final.safetensors").exists()
+    assert good.step == 2
+
+
+def test_foreign_checkpoints_are_rejected_without_unpickling(tmp_path, capsys):
+    # A pickle whose loading would run code: it must never be unpickled.
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    pickled = tmp_path / "model.pt"
+    torch.save({"x": Evil()}, pickled)
+    with pytest.raises(CheckpointError, match="not a synrep checkpoint"):
+        Checkpoint(pickled)
+    assert not marker.exists()
+    assert main(["embed", "--checkpoint", str(pickled), "--out", str(tmp_path / "f.npz")]) == 2
+    assert "not a synrep checkpoint" in capsys.readouterr().err
+
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(CheckpointError, match="no synrep metadata"):
+        Checkpoint(plain)
+
+
+def test_checkpoint_round_trip_with_optimizer(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    cfg = load_config(None, []).to_dict()
+    path = save_checkpoint(tmp_path / "c.safetensors", model, cfg, 5, opt)
+    ck = Checkpoint(path)
+    assert ck.step == 5 and ck.config == json.loads(json.dumps(cfg))
+    model2 = torch.nn.Linear(3, 2)
+    ck.load_model(model2)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=0.1)
+    opt2.load_state_dict(ck.optimizer_state())
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    for pid in s1["state"]:
+        for k, v in s1["state"][pid].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(s2["state"][pid][k]))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        ck.load_model(torch.nn.Linear(4, 2))
+
+
+@needs_fashion
+def test_unwritable_output_directory(tmp_path, capsys):
+    if os.geteuid() == 0:
+        # root ignores permission bits: use a path below a regular file instead.
+        (tmp_path / "file").write_text("")
+        target = tmp_path / "file" / "run"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = locked / "run"
+    assert main(["train", CONFIG, *TINY, f"run.dir={target}"]) == 2
+    err = capsys.readouterr().err
+    assert "not writable" in err and "run.dir=PATH" in err
+
+
+@needs_fashion
+def test_missing_fashion_mnist_is_a_clear_error(tmp_path, capsys):
+    code = main(["train", CONFIG, *TINY, f"data.root={tmp_path / 'nowhere'}",
+                 f"run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "apt-get install -y dataset-fashion-mnist" in err
+
+
+@needs_fashion
+def test_train_eval_embed_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    assert main(["run", CONFIG, *TINY, f"run.dir={run}", "eval.protocols=[linear,sgd,knn]",
+                 "eval.sgd_epochs=20"]) == 0
+    results = json.loads((run / "eval/results.json").read_text())["fashion-mnist"]
+    for key in ("linear_probe_top1", "sgd_probe_top1", "knn_top1"):
+        assert 50.0 < results[key] <= 100.0  # chance is 10 %
+    assert (run / "config.yaml").exists()
+    assert (run / "train/tb").is_dir()
+    ck = Checkpoint(run / "train/checkpoints/final.safetensors")
+    assert ck.config["train"]["steps"] == 6
+
+    out = tmp_path / "feats.npz"
+    assert main(["embed", "--checkpoint", str(run / "train/checkpoints/final.safetensors"),
+                 "--dataset", "fashion-mnist", "--split", "test", "--out", str(out)]) == 0
+    data = np.load(out)
+    assert data["features"].shape == (10000, 192 * 2 * 4)  # cls+avg of the last 4 blocks
+    assert data["labels"].shape == (10000,)
