@@ -80,6 +80,9 @@ class MethodConfig:
     proj_layers: int = 2  # projection MLP depth (1 = linear)
     proj_hidden_dim: int = 1024
     proj_dim: int = 128
+    local_crops: int = 0  # multi-crop: extra small views per image (all positives)
+    local_size: int = 14
+    local_scale: tuple[float, float] = (0.1, 0.4)
     images_per_caption: int = 2  # m images of each caption per batch (caption-group methods)
     num_classes: int = 10  # supervised method only
     label_smoothing: float = 0.0
@@ -115,7 +118,7 @@ class EvalConfig:
     protocols: list[str] = field(default_factory=lambda: ["linear", "knn"])
     pool: Literal["cls", "avg", "cls+avg"] = "cls+avg"  # ViT probe features (CNNs: pooled)
     n_last_blocks: int = 1  # concatenate features of the last n blocks (DINOv2 linear eval)
-    linear_cs: list[float] = field(default_factory=lambda: [10.0**e for e in range(-4, 3)])
+    linear_cs: list[float] = field(default_factory=lambda: [10.0**e for e in range(-3, 4)])
     linear_max_iter: int = 200
     sgd_lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1])
     sgd_epochs: int = 20

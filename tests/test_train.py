@@ -174,3 +174,26 @@ def test_train_eval_embed_end_to_end(tmp_path):
     data = np.load(out)
     assert data["features"].shape == (10000, 192 * 2 * 4)  # cls+avg of the last 4 blocks
     assert data["labels"].shape == (10000,)
+
+
+def test_stablerep_trains_on_caption_group_shards(tmp_path):
+    from synrep.data.shards import CaptionGroup, write_shard, write_sizes
+
+    rng = np.random.default_rng(0)
+    shard_dir = tmp_path / "shards"
+    for s in range(2):
+        groups = [CaptionGroup(key=f"{s * 8 + i:06d}", caption=f"caption {s * 8 + i}",
+                               meta={"label": i % 10},
+                               images=[rng.integers(0, 256, (28, 28), dtype=np.uint8)
+                                       for _ in range(3)])
+                  for i in range(8)]
+        write_shard(shard_dir / f"{s:05d}.tar", groups)
+    write_sizes(shard_dir)
+    run = tmp_path / "run"
+    args = ["train", CONFIG, *TINY, "train.batch_size=8", "train.steps=2", "method.name=stablerep",
+            "method.images_per_caption=2", "data.source=shards", f"data.shards={shard_dir}",
+            f"run.dir={run}"]
+    assert main(args) == 0
+    rows = [json.loads(x) for x in (run / "train/metrics.jsonl").open()]
+    # 8 captions x 2 images, one view each: the loss starts near log(15), the uniform value.
+    assert rows[-1]["step"] == 2 and 1.0 < rows[0]["loss"] < 4.0

@@ -7,10 +7,12 @@ one image per caption, two views").
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from synrep.config import Config
-from synrep.data.augment import BatchAugment
+from synrep.data.augment import MultiCrop
 from synrep.losses import MultiPosConLoss
 from synrep.methods.base import METHODS, Method
 from synrep.models import Encoder, ProjectionHead
@@ -21,7 +23,8 @@ class SimCLR(Method):
         super().__init__(encoder)
         m = cfg.method
         self.head = ProjectionHead(encoder.embed_dim, m.proj_hidden_dim, m.proj_dim, m.proj_layers)
-        self.augment = BatchAugment(cfg.aug)
+        local = dataclasses.replace(cfg.aug, size=m.local_size, scale=m.local_scale)
+        self.crops = MultiCrop(cfg.aug, local, n_global=2, n_local=m.local_crops)
         self.loss_fn = MultiPosConLoss(m.temperature)
 
     def forward(self, batch, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -29,9 +32,14 @@ class SimCLR(Method):
         if x.ndim == 5:  # caption groups: one image per caption
             x = x[:, 0]
         b = x.shape[0]
-        views = torch.cat([self.augment(x, g), self.augment(x, g)])  # (2B, C, S, S)
-        z = self.head(self.encoder(views))  # (2B, proj_dim)
-        labels = torch.arange(b, device=z.device).repeat(2)
+        views = self.crops(x, g)
+        # Two global views, plus optional local crops (multi-crop, Caron et al. 2020): every
+        # view of an image is a positive of every other. Same-size views share one forward.
+        feats = [self.encoder(torch.cat(views[:2]))]  # (2B, D)
+        if len(views) > 2:
+            feats.append(self.encoder(torch.cat(views[2:])))  # (L*B, D)
+        z = self.head(torch.cat(feats))
+        labels = torch.arange(b, device=z.device).repeat(len(views))
         return {"loss": self.loss_fn(z, labels)}
 
 

@@ -27,7 +27,7 @@ def _small_vit(patch: int, dim: int, depth: int, heads: int):
         return VisionTransformer(
             img_size=img_size, patch_size=patch, in_chans=in_chans, num_classes=0,
             embed_dim=dim, depth=depth, num_heads=heads, drop_path_rate=drop_path,
-            global_pool=global_pool,
+            global_pool=global_pool, dynamic_img_size=True,  # multi-crop feeds smaller crops
         )
 
     return build
@@ -43,7 +43,7 @@ def _timm_vit(name: str):
     def build(in_chans: int, img_size: int, drop_path: float, global_pool: str) -> nn.Module:
         return timm.create_model(
             name, pretrained=False, num_classes=0, in_chans=in_chans, img_size=img_size,
-            drop_path_rate=drop_path, global_pool=global_pool,
+            drop_path_rate=drop_path, global_pool=global_pool, dynamic_img_size=True,
         )
 
     return build
