@@ -195,8 +195,8 @@ def train(cfg: Config) -> Path:
             where = (f"the last good checkpoint is {str(last)!r}" if last.exists()
                      else "no checkpoint was written yet")
             raise TrainingDiverged(
-                f"training loss became {float(loss)} at step {step}; {where}. Lower optim.lr, "
-                "lengthen optim.warmup_steps, or use train.precision=fp32")
+                f"training loss became {float(loss.detach())} at step {step}; {where}. "
+                "Lower optim.lr, lengthen optim.warmup_steps, or use train.precision=fp32")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.optim.grad_clip > 0:
