@@ -197,3 +197,13 @@ def test_stablerep_trains_on_caption_group_shards(tmp_path):
     rows = [json.loads(x) for x in (run / "train/metrics.jsonl").open()]
     # 8 captions x 2 images, one view each: the loss starts near log(15), the uniform value.
     assert rows[-1]["step"] == 2 and 1.0 < rows[0]["loss"] < 4.0
+
+
+@needs_fashion
+def test_supervised_method_learns_labels(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", CONFIG, *TINY, "method.name=supervised", "train.steps=20",
+                 "train.log_every=10", "optim.lr=3e-3", f"run.dir={run}"]) == 0
+    rows = [json.loads(x) for x in (run / "train/metrics.jsonl").open()]
+    assert "train_acc" in rows[-1]
+    assert rows[-1]["loss"] < rows[0]["loss"] < 2.5  # falls from ~log(10) = 2.30 at the start
