@@ -108,43 +108,28 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     (xtr, ytr), (xte, yte) = feats[ecfg.train_split], feats[ecfg.test_split]
     t_feat = time.perf_counter() - t0
 
+    # name -> (probe call, {result key: key in the probe's output})
+    seed, vf = cfg.run.seed, ecfg.val_fraction
+    protocols = {
+        "linear": (lambda: lbfgs_probe(xtr, ytr, xte, yte, cs=ecfg.linear_cs, val_fraction=vf,
+                                       seed=seed, max_iter=ecfg.linear_max_iter, device=device),
+                   {"linear_probe_top1": "top1", "linear_probe_best_c": "best_c"}),
+        "sgd": (lambda: sgd_probe_grid(xtr, ytr, xte, yte, lrs=ecfg.sgd_lrs,
+                                       epochs=ecfg.sgd_epochs, val_fraction=vf, seed=seed,
+                                       device=device),
+                {"sgd_probe_top1": "top1", "sgd_probe_best_lr": "best_lr"}),
+        "knn": (lambda: knn_classify(xtr, ytr, xte, yte, k=ecfg.knn_k,
+                                     temperature=ecfg.knn_temperature, device=device),
+                {"knn_top1": "top1"}),
+    }
     res: dict[str, Any] = {}
     timings = {"features_s": round(t_feat, 1)}
-    if "linear" in ecfg.protocols:
+    for name in ecfg.protocols:
+        call, keys = protocols[name]
         t = time.perf_counter()
-        r = lbfgs_probe(
-            xtr,
-            ytr,
-            xte,
-            yte,
-            cs=ecfg.linear_cs,
-            val_fraction=ecfg.val_fraction,
-            seed=cfg.run.seed,
-            max_iter=ecfg.linear_max_iter,
-        )
-        res["linear_probe_top1"] = r["top1"]
-        res["linear_probe_best_c"] = r["best_c"]
-        timings["linear_s"] = round(time.perf_counter() - t, 1)
-    if "sgd" in ecfg.protocols:
-        t = time.perf_counter()
-        r = sgd_probe_grid(
-            xtr,
-            ytr,
-            xte,
-            yte,
-            lrs=ecfg.sgd_lrs,
-            epochs=ecfg.sgd_epochs,
-            val_fraction=ecfg.val_fraction,
-            seed=cfg.run.seed,
-        )
-        res["sgd_probe_top1"] = r["top1"]
-        res["sgd_probe_best_lr"] = r["best_lr"]
-        timings["sgd_s"] = round(time.perf_counter() - t, 1)
-    if "knn" in ecfg.protocols:
-        t = time.perf_counter()
-        r = knn_classify(xtr, ytr, xte, yte, k=ecfg.knn_k, temperature=ecfg.knn_temperature)
-        res["knn_top1"] = r["top1"]
-        timings["knn_s"] = round(time.perf_counter() - t, 1)
+        out = call()
+        res.update({key: out[src] for key, src in keys.items()})
+        timings[f"{name}_s"] = round(time.perf_counter() - t, 1)
     res["feature_dim"] = int(xtr.shape[1])
     res["checkpoint"] = str(checkpoint)
     res["protocol"] = {"pool": ecfg.pool, "n_last_blocks": ecfg.n_last_blocks}
