@@ -73,3 +73,12 @@ def test_cli_prints_resolved_config(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["steps"] == 3
     assert set(printed) == set(Config().to_dict())
+
+
+def test_overrides_may_follow_options(tmp_path, capsys):
+    missing = tmp_path / "none.safetensors"
+    code = main(["eval", "configs/fashion_simclr.yaml", "--checkpoint", str(missing),
+                 f"run.dir={tmp_path / 'run'}", "eval.pool=cls"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "configs/fashion_simclr.yaml", "--checkpoint", str(missing), "stray"])
