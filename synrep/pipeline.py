@@ -45,10 +45,8 @@ def _eval(cfg: Config) -> None:
     dist.barrier()
 
 
-_RESULT_KEYS = {"linear": "linear_probe_top1", "sgd": "sgd_probe_top1", "knn": "knn_top1"}
-
-
 def _eval_done(cfg: Config) -> bool:
+    from synrep.eval.stage import TOP1_KEYS
     from synrep.train.loop import final_checkpoint
 
     path = cfg.run_dir / "eval" / "results.json"
@@ -56,8 +54,7 @@ def _eval_done(cfg: Config) -> bool:
         return False
     entry = json.loads(path.read_text()).get(cfg.eval.dataset, {})
     return entry.get("checkpoint") == str(final_checkpoint(cfg)) and all(
-        _RESULT_KEYS[p] in entry
-        for p in cfg.eval.protocols if p in _RESULT_KEYS)
+        TOP1_KEYS[p] in entry for p in cfg.eval.protocols if p in TOP1_KEYS)
 
 
 # name -> (run, is_complete)

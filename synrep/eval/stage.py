@@ -26,6 +26,8 @@ from synrep.train.checkpoint import Checkpoint
 from synrep.utils import ensure_writable_dir, write_json_atomic
 
 PROTOCOLS = ("linear", "sgd", "knn")
+#: The results.json key each protocol's top-1 accuracy is written under.
+TOP1_KEYS = {"linear": "linear_probe_top1", "sgd": "sgd_probe_top1", "knn": "knn_top1"}
 
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[Encoder, Config]:
@@ -113,14 +115,14 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     protocols = {
         "linear": (lambda: lbfgs_probe(xtr, ytr, xte, yte, cs=ecfg.linear_cs, val_fraction=vf,
                                        seed=seed, max_iter=ecfg.linear_max_iter, device=device),
-                   {"linear_probe_top1": "top1", "linear_probe_best_c": "best_c"}),
+                   {TOP1_KEYS["linear"]: "top1", "linear_probe_best_c": "best_c"}),
         "sgd": (lambda: sgd_probe_grid(xtr, ytr, xte, yte, lrs=ecfg.sgd_lrs,
                                        epochs=ecfg.sgd_epochs, val_fraction=vf, seed=seed,
                                        device=device),
-                {"sgd_probe_top1": "top1", "sgd_probe_best_lr": "best_lr"}),
+                {TOP1_KEYS["sgd"]: "top1", "sgd_probe_best_lr": "best_lr"}),
         "knn": (lambda: knn_classify(xtr, ytr, xte, yte, k=ecfg.knn_k,
                                      temperature=ecfg.knn_temperature, device=device),
-                {"knn_top1": "top1"}),
+                {TOP1_KEYS["knn"]: "top1"}),
     }
     res: dict[str, Any] = {}
     timings = {"features_s": round(t_feat, 1)}
