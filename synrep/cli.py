@@ -1,6 +1,8 @@
 """The ``synrep`` command line.
 
     synrep run   CONFIG [key.sub=value ...]   run the configured stages into the run directory
+    synrep captions CONFIG [key.sub=value ...] write caption shards from the concept banks
+    synrep rewrite  CONFIG [key.sub=value ...] write LaCLIP rewrites of the run's captions
     synrep train CONFIG [key.sub=value ...]   pretrain (resumes from the last checkpoint)
     synrep eval  CONFIG [key.sub=value ...]   evaluate the run's (or --checkpoint's) encoder
     synrep embed --checkpoint PATH --dataset NAME --split SPLIT --out FILE.npz
@@ -35,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
         return sp
 
     with_config("run", "run the configured stages (run.stages) into the run directory")
+    with_config("captions", "write caption shards (concept banks -> prompts -> backend -> "
+                "cleaned, deduplicated JSONL) into RUN/captions")
+    with_config("rewrite", "write k rewrites of every caption (LaCLIP) into RUN/rewrites")
     with_config("train", "pretrain the encoder; resumes from the run's last checkpoint")
     ev = with_config("eval", "evaluate an encoder with frozen-feature protocols")
     ev.add_argument("--checkpoint", help="checkpoint to evaluate (default: the run's final one)")
@@ -101,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(json.loads(cfg.to_json()), sort_keys=False), end="")
         elif args.command == "run":
             run_stages(cfg)
+        elif args.command == "captions":
+            run_stages(cfg, ["captions"])
+        elif args.command == "rewrite":
+            run_stages(cfg, ["rewrites"])
         elif args.command == "train":
             run_stages(cfg, ["train"])
         elif args.command == "eval":

@@ -131,6 +131,45 @@ class EvalConfig:
 
 
 @dataclass
+class RewriteConfig:
+    """LaCLIP caption rewrites: k paraphrases of every caption (METHODS.md section 4)."""
+
+    source: str = ""  # caption shards to rewrite; "" = this run's captions stage output
+    k: int = 3
+    temperature: float = 0.9
+    top_p: float = 0.95
+
+
+@dataclass
+class CaptionsConfig:
+    """The captions stage: concept banks -> prompts -> backend -> cleaned JSONL shards."""
+
+    backend: str = "grammar"  # a registered caption backend: grammar, transformers, vllm
+    model: str = ""  # local path or hub id of the language model (transformers, vllm)
+    # concept banks and their sampling weights: a registered bank or a .yaml/.txt file path
+    banks: dict[str, float] = field(default_factory=lambda: {"fashion": 1.0})
+    # template name -> sampling weight (c: object; c_bg: object + background; c_rel: + relation)
+    templates: dict[str, float] = field(
+        default_factory=lambda: {"c": 1 / 3, "c_bg": 1 / 3, "c_rel": 1 / 3})
+    num: int = 10000  # captions to keep (after cleaning and dedup)
+    shard_size: int = 5000
+    demos_per_prompt: int = 3
+    temperature: float = 0.8
+    top_p: float = 0.9
+    max_new_tokens: int = 100
+    batch_size: int = 64  # prompts per language-model call
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    min_words: int = 3
+    max_words: int = 60
+    require_concept: bool = True  # reject captions that do not name their concept
+    near_dup_threshold: float = 0.9  # MinHash Jaccard above which a caption is dropped; 1 = off
+    num_perm: int = 64  # MinHash permutations
+    min_accept_rate: float = 0.02  # fewer usable captions than this, after 256 tries: stop
+    max_rounds: int = 50  # generation rounds per shard before giving up on filling it
+    rewrite: RewriteConfig = field(default_factory=RewriteConfig)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -140,6 +179,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    captions: CaptionsConfig = field(default_factory=CaptionsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,6 +222,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value in args:
             return value
         raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], f"{where} key"): _coerce(v, args[1], f"{where}[{k!r}]")
+                for k, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

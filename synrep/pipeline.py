@@ -57,8 +57,38 @@ def _eval_done(cfg: Config) -> bool:
         TOP1_KEYS[p] in entry for p in cfg.eval.protocols if p in TOP1_KEYS)
 
 
-# name -> (run, is_complete)
+def _captions(cfg: Config) -> None:
+    from synrep.captions.stage import run_captions
+
+    if dist.is_main():  # dedup is global, so one process writes the caption set
+        run_captions(cfg)
+    dist.barrier()
+
+
+def _captions_done(cfg: Config) -> bool:
+    from synrep.captions.stage import captions_complete
+
+    return captions_complete(cfg)
+
+
+def _rewrites(cfg: Config) -> None:
+    from synrep.captions.stage import run_rewrites
+
+    if dist.is_main():
+        run_rewrites(cfg)
+    dist.barrier()
+
+
+def _rewrites_done(cfg: Config) -> bool:
+    from synrep.captions.stage import rewrites_complete
+
+    return rewrites_complete(cfg)
+
+
+# name -> (run, is_complete), in the order `synrep run` would use them
 STAGES: dict[str, tuple[Callable[[Config], None], Callable[[Config], bool]]] = {
+    "captions": (_captions, _captions_done),
+    "rewrites": (_rewrites, _rewrites_done),
     "train": (_train, _train_done),
     "eval": (_eval, _eval_done),
 }

@@ -30,3 +30,12 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from ``parts`` (say run seed, stage, shard, round): stable across processes,
+    machines and Python versions, unlike ``hash()``."""
+    import hashlib
+
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

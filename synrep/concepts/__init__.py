@@ -1,0 +1,14 @@
+"""Concept banks: what captions are written about (see :mod:`synrep.concepts.banks`)."""
+
+from synrep.concepts.banks import (
+    BANKS,
+    RELATIONS,
+    BankMixture,
+    Concept,
+    ConceptBank,
+    load_bank,
+    load_bank_file,
+)
+
+__all__ = ["BANKS", "RELATIONS", "BankMixture", "Concept", "ConceptBank", "load_bank",
+           "load_bank_file"]

@@ -1,0 +1,99 @@
+"""The fashion bank: the 10 Fashion-MNIST classes and the attribute vocabulary of the mini
+text-to-image model.
+
+This module is the one place where the embedded default's vocabulary is defined: the caption
+stage writes captions from it, and the mini text-to-image model is trained on captions built from
+the same class names and attribute words, so every word the captioner writes is one the generator
+has seen. Attribute values are ordered from low to high measured value (darker to lighter, slimmer
+to wider, plainer to busier), which is what attribute-adherence checks compare against.
+"""
+
+from __future__ import annotations
+
+import re
+
+from synrep.concepts.banks import Concept, ConceptBank, vocab
+
+# Fashion-MNIST label order. Names are what prompts use; synonyms are what captions may say.
+CLASSES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("t-shirt", ("top", "tee")),
+    ("trousers", ("pants", "slacks")),
+    ("pullover", ("sweater", "jumper")),
+    ("dress", ("frock", "gown")),
+    ("coat", ("jacket", "overcoat")),
+    ("sandal", ("strappy sandal", "summer sandal")),
+    ("shirt", ("blouse", "button-up shirt")),
+    ("sneaker", ("trainer", "running shoe")),
+    ("bag", ("handbag", "purse")),
+    ("ankle boot", ("boot", "bootie")),
+)
+CLASS_NAMES = tuple(name for name, _ in CLASSES)
+# Phrases that may follow a class name in a caption ("a dark coat with a hood").
+DETAILS: tuple[tuple[str, ...], ...] = (
+    ("with short sleeves", "with a round neck", "with a v-neck", "with a logo print",
+     "with a small chest print", "cut straight at the hem", "in soft jersey"),
+    ("with a straight leg", "with wide legs", "with side pockets", "with a belt loop waist",
+     "with sharp creases", "cropped at the ankle", "in light denim"),
+    ("with long sleeves", "with a crew neck", "with ribbed cuffs", "with a cable knit",
+     "with a high collar", "in chunky wool", "with dropped shoulders"),
+    ("with a flared skirt", "with thin straps", "without sleeves", "cut at the knee",
+     "with a fitted waist", "with a long hem", "with cap sleeves"),
+    ("with a hood", "with big buttons", "with a full zip", "with a wide collar",
+     "with deep pockets", "with a tied belt", "cut below the hip"),
+    ("with thin straps", "with a flat sole", "with a low heel", "with a side buckle",
+     "with crossed straps", "with an open toe", "with a cork sole"),
+    ("with a pointed collar", "with a button front", "with rolled sleeves",
+     "with a chest pocket", "with long cuffs", "with a loose fit", "with a curved hem"),
+    ("with white laces", "with a thick sole", "with a side logo", "with a low top",
+     "with mesh panels", "with a padded collar", "with a rubber toe cap"),
+    ("with a shoulder strap", "with two handles", "with a zip top", "with a front flap",
+     "with a metal clasp", "with a boxy shape", "with a long chain strap"),
+    ("with a block heel", "with front laces", "with a side zip", "with a chunky sole",
+     "with an elastic side panel", "with a pull tab", "with a low stacked heel"),
+)
+
+# attribute -> values, low to high: tone = brightness of the garment's pixels, fill = share of
+# the frame the garment covers, texture = high-frequency energy inside the garment.
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "tone": ("dark", "grey", "light"),
+    "fill": ("slim", "regular", "wide"),
+    "texture": ("plain", "textured", "patterned"),
+}
+
+
+# The grammar captioner's phrases for this bank: catalogue photography, since Fashion-MNIST
+# images are centred product shots on a black background.
+PHRASES: dict[str, list[str]] = {
+    "leads": ["a product photo of", "a catalogue photo of", "a studio shot of", "a flat lay of",
+              "a close-up of", "an online store photo of", "a low-resolution photo of",
+              "a grayscale photo of", "a picture of", "a thumbnail of", "a front view of",
+              "a simple photo of", "a small photo of", "a centred photo of", "a packshot of",
+              "an e-commerce image of", "a black and white photo of", "a cropped photo of"],
+    "modifiers": ["casual", "classic", "simple", "vintage", "modern", "sporty", "elegant",
+                  "everyday", "minimalist", "stylish", "basic", "trendy", "retro", "timeless",
+                  "comfortable", "lightweight", "brand-new", "second-hand", "designer",
+                  "budget", "women's", "men's", "unisex", "kids'", "summer", "winter"],
+    "tails": ["on a plain background", "against a black background", "centred in the frame",
+              "photographed from the front", "laid flat", "in grayscale", "at low resolution",
+              "isolated on black", "shot from above", "for an online shop", "in a catalogue",
+              "with nothing else in view", "in soft studio light", "under bright studio lights",
+              "seen straight on", "filling the frame", "in a small square image",
+              "on a dark backdrop"],
+}
+
+
+def _mentions_any(text: str, names: list[str]) -> bool:
+    return any(re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", text) for n in names)
+
+
+def fashion_bank() -> ConceptBank:
+    """The ``fashion`` bank. Relation objects that name a class (say, "a tote bag") are left out
+    so that every caption names exactly one Fashion-MNIST class."""
+    concepts = [Concept(name=name, synonyms=syn, cid=name, label=i, plural=name == "trousers",
+                        details=DETAILS[i])
+                for i, (name, syn) in enumerate(CLASSES)]
+    all_names = [n for c in concepts for n in c.names] + ["shoe", "sweaters", "t-shirts"]
+    objects = [o for o in vocab()["fashion_objects"] if not _mentions_any(o, all_names)]
+    backgrounds = [b for b in vocab()["fashion_backgrounds"] if not _mentions_any(b, all_names)]
+    return ConceptBank("fashion", concepts, backgrounds, objects, dict(ATTRIBUTES),
+                       {k: list(v) for k, v in PHRASES.items()})
