@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from synrep.errors import ConfigError
+from synrep.utils import yaml_error_summary
 
 
 @dataclass
@@ -288,7 +289,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+            raise ConfigError(f"override {item!r}: value is not valid YAML "
+                              f"({yaml_error_summary(e)})") from None
         node = out
         parts = key.strip().split(".")
         if not all(parts):
@@ -311,7 +313,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML "
+                              f"({yaml_error_summary(e)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
         _merge(cfg, data, f"config file {str(path)!r}")

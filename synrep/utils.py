@@ -39,3 +39,10 @@ def derive_seed(*parts: int | str) -> int:
 
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def yaml_error_summary(e: Exception) -> str:
+    """A YAML parser error in one line: ``line 3, column 7: expected ',' or '}'``."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem

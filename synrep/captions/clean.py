@@ -22,14 +22,16 @@ from synrep.captions.templates import SEP
 REASONS = ("empty", "prompt_echo", "too_short", "too_long", "no_concept", "unchanged",
            "duplicate", "near_duplicate")
 _WS = re.compile(r"\s+")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufffd]")  # control chars, U+FFFD
 # ASCII punctuation but the hyphen ("t-shirt") becomes a space
 _PUNCT = str.maketrans({c: " " for c in string.punctuation if c != "-"})
 
 
 def first_line(text: str) -> str:
-    """The completion's first line, whitespace collapsed (leading blanks skipped, not lines)."""
+    """The completion's first line, whitespace collapsed and control characters (and the
+    replacement character of undecodable bytes) removed; leading blanks are skipped, lines not."""
     text = text.lstrip(" \t")
-    return _WS.sub(" ", text.split("\n", 1)[0]).strip()
+    return _WS.sub(" ", _CONTROL.sub("", text.split("\n", 1)[0])).strip()
 
 
 def normalise(text: str) -> str:

@@ -16,6 +16,7 @@ import torch
 
 from synrep.captions.backends import BACKENDS, CaptionBackend, Query, Sampling
 from synrep.errors import ConfigError
+from synrep.utils import derive_seed
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,7 +76,7 @@ class TransformersBackend(CaptionBackend):
             prompts = [q.prompt for q in queries[start:start + self.batch_size]]
             enc = tok(prompts, return_tensors="pt", padding=True).to(self.device)
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed * 1_000_003 + start)
+                torch.manual_seed(derive_seed(seed, start))
                 ids = self.lm.generate(
                     **enc, do_sample=True, temperature=sampling.temperature,
                     top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,

@@ -22,9 +22,11 @@ _SHIFT = np.uint64(32)
 _MAX_WINDOWS = 1 << 17  # shingles hashed per numpy block: bounds memory to ~num_perm MB
 
 
-def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows) with bands*rows <= num_perm minimising the false-positive plus
-    false-negative probability mass around ``threshold`` (as datasketch chooses them)."""
+def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.1,
+               fn_weight: float = 0.9) -> tuple[int, int]:
+    """(bands, rows) with bands*rows <= num_perm minimising the weighted false-positive and
+    false-negative probability mass around ``threshold``. Misses weigh more: a false candidate
+    only costs a signature comparison, a missed one lets a near-duplicate through."""
     s = np.linspace(0.0, 1.0, 1001)
     best, best_err = (1, num_perm), np.inf
     for rows in range(1, num_perm + 1):
@@ -32,8 +34,9 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
         p = 1.0 - (1.0 - s**rows) ** bands  # probability of becoming a candidate
         fp = np.trapezoid(np.where(s < threshold, p, 0.0), s)
         fn = np.trapezoid(np.where(s >= threshold, 1.0 - p, 0.0), s)
-        if fp + fn < best_err:
-            best, best_err = (bands, rows), fp + fn
+        err = fp_weight * fp + fn_weight * fn
+        if err < best_err:
+            best, best_err = (bands, rows), err
     return best
 
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from synrep.captions.backends import BACKENDS, CaptionBackend, Query, Sampling
 from synrep.captions.hf import check_model_path
 from synrep.errors import ConfigError
+from synrep.utils import derive_seed
 
 
 @BACKENDS.register("vllm")
@@ -30,7 +31,7 @@ class VLLMBackend(CaptionBackend):
     def generate(self, queries: Sequence[Query], sampling: Sampling, seed: int) -> list[str]:
         params = [self._vllm.SamplingParams(
             temperature=sampling.temperature, top_p=sampling.top_p,
-            max_tokens=sampling.max_new_tokens, stop=["\n"], seed=seed * 1_000_003 + i)
+            max_tokens=sampling.max_new_tokens, stop=["\n"], seed=derive_seed(seed, i) % (1 << 31))
             for i in range(len(queries))]
         outs = self.llm.generate([q.prompt for q in queries], params, use_tqdm=False)
         return [o.outputs[0].text for o in outs]

@@ -30,6 +30,7 @@ import yaml
 
 from synrep.errors import ConfigError
 from synrep.registry import Registry
+from synrep.utils import yaml_error_summary
 
 VOCAB_FILE = Path(__file__).with_name("vocab.yaml")
 RELATIONS = ("in", "on", "next to", "behind", "in front of", "over", "under", "above", "below",
@@ -211,7 +212,8 @@ def load_bank_file(path: str | Path) -> ConceptBank:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"concept bank {str(path)!r} is not valid YAML: {e}") from None
+            raise ConfigError(f"concept bank {str(path)!r} is not valid YAML "
+                              f"({yaml_error_summary(e)})") from None
         if isinstance(data, list):
             data = {"concepts": data}
         if not isinstance(data, dict) or "concepts" not in data:

@@ -32,13 +32,13 @@ CLASS_NAMES = tuple(name for name, _ in CLASSES)
 DETAILS: tuple[tuple[str, ...], ...] = (
     ("with short sleeves", "with a round neck", "with a v-neck", "with a logo print",
      "with a small chest print", "cut straight at the hem", "in soft jersey"),
-    ("with a straight leg", "with wide legs", "with side pockets", "with a belt loop waist",
-     "with sharp creases", "cropped at the ankle", "in light denim"),
+    ("with a straight leg", "with flared legs", "with side pockets", "with a belt loop waist",
+     "with sharp creases", "cropped at the ankle", "in washed denim"),
     ("with long sleeves", "with a crew neck", "with ribbed cuffs", "with a cable knit",
      "with a high collar", "in chunky wool", "with dropped shoulders"),
     ("with a flared skirt", "with thin straps", "without sleeves", "cut at the knee",
      "with a fitted waist", "with a long hem", "with cap sleeves"),
-    ("with a hood", "with big buttons", "with a full zip", "with a wide collar",
+    ("with a hood", "with big buttons", "with a full zip", "with a broad collar",
      "with deep pockets", "with a tied belt", "cut below the hip"),
     ("with thin straps", "with a flat sole", "with a low heel", "with a side buckle",
      "with crossed straps", "with an open toe", "with a cork sole"),
@@ -73,12 +73,12 @@ PHRASES: dict[str, list[str]] = {
                   "everyday", "minimalist", "stylish", "basic", "trendy", "retro", "timeless",
                   "comfortable", "lightweight", "brand-new", "second-hand", "designer",
                   "budget", "women's", "men's", "unisex", "kids'", "summer", "winter"],
-    "tails": ["on a plain background", "against a black background", "centred in the frame",
+    "tails": ["on an empty background", "against a black background", "centred in the frame",
               "photographed from the front", "laid flat", "in grayscale", "at low resolution",
               "isolated on black", "shot from above", "for an online shop", "in a catalogue",
-              "with nothing else in view", "in soft studio light", "under bright studio lights",
+              "with nothing else in view", "in soft studio lighting", "under bright studio lights",
               "seen straight on", "filling the frame", "in a small square image",
-              "on a dark backdrop"],
+              "on a black backdrop"],
 }
 
 
@@ -88,12 +88,14 @@ def _mentions_any(text: str, names: list[str]) -> bool:
 
 def fashion_bank() -> ConceptBank:
     """The ``fashion`` bank. Relation objects that name a class (say, "a tote bag") are left out
-    so that every caption names exactly one Fashion-MNIST class."""
+    so that every caption names exactly one Fashion-MNIST class, and phrases that use an
+    attribute word (say, "a dark hallway") so that attribute words only ever mean attributes."""
     concepts = [Concept(name=name, synonyms=syn, cid=name, label=i, plural=name == "trousers",
                         details=DETAILS[i])
                 for i, (name, syn) in enumerate(CLASSES)]
-    all_names = [n for c in concepts for n in c.names] + ["shoe", "sweaters", "t-shirts"]
-    objects = [o for o in vocab()["fashion_objects"] if not _mentions_any(o, all_names)]
-    backgrounds = [b for b in vocab()["fashion_backgrounds"] if not _mentions_any(b, all_names)]
+    banned = [n for c in concepts for n in c.names] + ["shoe", "sweaters", "t-shirts"]
+    banned += [v for values in ATTRIBUTES.values() for v in values]
+    objects = [o for o in vocab()["fashion_objects"] if not _mentions_any(o, banned)]
+    backgrounds = [b for b in vocab()["fashion_backgrounds"] if not _mentions_any(b, banned)]
     return ConceptBank("fashion", concepts, backgrounds, objects, dict(ATTRIBUTES),
                        {k: list(v) for k, v in PHRASES.items()})
