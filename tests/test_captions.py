@@ -385,8 +385,7 @@ def test_grammar_rewrites(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from _tiny_lm import build_tiny_lm
+    from synrep.testing import build_tiny_lm
 
     return build_tiny_lm(tmp_path_factory.mktemp("lm") / "tiny-gpt2")
 

@@ -30,8 +30,10 @@ _PUNCT = str.maketrans({c: " " for c in string.punctuation if c != "-"})
 def first_line(text: str) -> str:
     """The completion's first line, whitespace collapsed and control characters (and the
     replacement character of undecodable bytes) removed; leading blanks are skipped, lines not."""
-    text = text.lstrip(" \t")
-    return _WS.sub(" ", _CONTROL.sub("", text.split("\n", 1)[0])).strip()
+    line = text.lstrip(" \t").split("\n", 1)[0]
+    if not line.isprintable() or "\ufffd" in line:
+        line = _CONTROL.sub("", line)
+    return " ".join(line.split())
 
 
 def normalise(text: str) -> str:

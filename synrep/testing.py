@@ -1,4 +1,5 @@
-"""A tiny random causal LM and a tokenizer built offline, saved like a hub checkpoint."""
+"""Tiny random models built offline and saved like hub checkpoints, for tests, benchmarks and
+smoke tests of the real loading code (nothing is downloaded)."""
 
 from __future__ import annotations
 
