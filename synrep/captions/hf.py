@@ -60,8 +60,8 @@ class TransformersBackend(CaptionBackend):
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
             self.lm = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
         except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot load the language model {cfg.model!r}: {e}".strip()
-                              ) from None
+            detail = " ".join(str(e).split())  # one line
+            raise ConfigError(f"cannot load the language model {cfg.model!r}: {detail}") from None
         self.lm.to(self.device).eval()
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
