@@ -3,6 +3,7 @@
     synrep run   CONFIG [key.sub=value ...]   run the configured stages into the run directory
     synrep captions CONFIG [key.sub=value ...] write caption shards from the concept banks
     synrep rewrite  CONFIG [key.sub=value ...] write LaCLIP rewrites of the run's captions
+    synrep images   CONFIG [key.sub=value ...] render k images per caption into WebDataset shards
     synrep train CONFIG [key.sub=value ...]   pretrain (resumes from the last checkpoint)
     synrep eval  CONFIG [key.sub=value ...]   evaluate the run's (or --checkpoint's) encoder
     synrep embed --checkpoint PATH --dataset NAME --split SPLIT --out FILE.npz
@@ -40,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     with_config("captions", "write caption shards (concept banks -> prompts -> backend -> "
                 "cleaned, deduplicated JSONL) into RUN/captions")
     with_config("rewrite", "write k rewrites of every caption (LaCLIP) into RUN/rewrites")
+    with_config("images", "render k images per caption with a diffusers pipeline into "
+                "WebDataset shards (RUN/images)")
     with_config("train", "pretrain the encoder; resumes from the run's last checkpoint")
     ev = with_config("eval", "evaluate an encoder with frozen-feature protocols")
     ev.add_argument("--checkpoint", help="checkpoint to evaluate (default: the run's final one)")
@@ -110,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             run_stages(cfg, ["captions"])
         elif args.command == "rewrite":
             run_stages(cfg, ["rewrites"])
+        elif args.command == "images":
+            run_stages(cfg, ["images"])
         elif args.command == "train":
             run_stages(cfg, ["train"])
         elif args.command == "eval":

@@ -171,6 +171,27 @@ class CaptionsConfig:
 
 
 @dataclass
+class ImagesConfig:
+    """The images stage: k images per caption from a diffusers text-to-image pipeline."""
+
+    pipeline: str = "fashion-mini"  # a shipped pipeline, a local diffusers folder or a hub id
+    captions: str = ""  # caption shards to render; "" = this run's captions stage output
+    images_per_caption: int = 4
+    guidance_scale: float = 2.5
+    scheduler: Literal["dpmsolver++", "ddim", "pipeline"] = "dpmsolver++"  # pipeline: as saved
+    steps: int = 20
+    resolution: int | None = None  # generation size in pixels; None = the pipeline's default
+    output_size: int | None = None  # stored size (antialiased resize); None = as generated
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # half precision on GPUs
+    batch_size: int = 32  # images per pipeline call
+    shard_size: int = 1000  # captions per image shard
+    compile: bool = False  # torch.compile the denoiser; batches are padded to one shape
+    executor: Literal["local", "pool", "ranks", "ray"] = "local"
+    devices: list[str] = field(default_factory=list)  # pool/ray workers; [] = [run.device]
+    max_retries: int = 2  # re-draws (new seeds) of NaN or blank images before giving up
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -181,6 +202,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     captions: CaptionsConfig = field(default_factory=CaptionsConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -85,10 +85,26 @@ def _rewrites_done(cfg: Config) -> bool:
     return rewrites_complete(cfg)
 
 
+def _images(cfg: Config) -> None:
+    from synrep.images.stage import run_images
+
+    # under the ranks executor every process renders its share; otherwise the main one does
+    if cfg.images.executor == "ranks" or dist.is_main():
+        run_images(cfg)
+    dist.barrier()
+
+
+def _images_done(cfg: Config) -> bool:
+    from synrep.images.stage import images_complete
+
+    return images_complete(cfg)
+
+
 # name -> (run, is_complete), in the order `synrep run` would use them
 STAGES: dict[str, tuple[Callable[[Config], None], Callable[[Config], bool]]] = {
     "captions": (_captions, _captions_done),
     "rewrites": (_rewrites, _rewrites_done),
+    "images": (_images, _images_done),
     "train": (_train, _train_done),
     "eval": (_eval, _eval_done),
 }

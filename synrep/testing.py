@@ -86,7 +86,7 @@ def build_tiny_sd(path: Path, seed: int = 0, image_size: int = 32, channels: int
         pad_token_id=1))
     tokenizer = build_clip_tokenizer()
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False)
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)

@@ -150,11 +150,13 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_shard(path: str | Path, groups: Iterable[CaptionGroup]) -> dict[str, Any]:
+def write_shard(path: str | Path, groups: Iterable[CaptionGroup],
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``groups`` to the shard ``path`` (``*.tar``) atomically, then its completion marker.
 
     Members are written in the order given. Returns the marker's contents: ``shard`` (file name),
-    ``samples``, ``images``, ``bytes`` and ``sha256`` of the tar.
+    ``samples``, ``images``, ``bytes`` and ``sha256`` of the tar, plus ``extra`` (the writer's
+    own statistics, say render time).
 
     Raises:
         ValueError: a bad key (contains '.' or '/', or repeated) or an image that is not uint8
@@ -211,6 +213,7 @@ def write_shard(path: str | Path, groups: Iterable[CaptionGroup]) -> dict[str, A
         "images": images,
         "bytes": out.size,
         "sha256": out.sha256.hexdigest(),
+        **(extra or {}),
     }
     _atomic_write_json(marker, stats)
     return stats

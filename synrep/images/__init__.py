@@ -1,0 +1,1 @@
+"""Text-to-image synthesis: the images stage, its executors and the shipped mini model."""

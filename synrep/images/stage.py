@@ -1,0 +1,189 @@
+"""The images stage: caption shards -> k images per caption -> WebDataset shards.
+
+The unit of work is an image shard: ``images.shard_size`` consecutive captions of one caption
+shard, a pure function of those captions and the config, written atomically with its completion
+marker (:func:`synrep.data.shards.write_shard`). Executors (:mod:`synrep.images.executors`) only
+decide which process renders which shard, so every executor writes the same bytes. A rerun
+skips complete shards and redoes partial ones; ``sizes.json`` and ``stats.json`` are written once
+every shard is complete.
+
+Each sample holds ``{key}.txt`` (the caption), ``{key}.json`` (the caption row's provenance, the
+per-image seeds and the generator settings) and ``{key}.0.png ... {key}.{k-1}.png``; the key is
+the caption id, zero-padded to 9 digits.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from synrep.captions.stage import caption_shards, captions_dir, read_caption_shard
+from synrep.config import Config
+from synrep.data.shards import (
+    CaptionGroup,
+    complete_shards,
+    marker_path,
+    write_shard,
+    write_sizes,
+)
+from synrep.errors import ConfigError, DataError
+from synrep.utils import ensure_writable_dir, write_json_atomic
+
+CONFIG_FILE = "config.json"
+STATS_FILE = "stats.json"
+# settings that do not change a shard's bytes (executors write identical shards)
+_NOT_IN_FINGERPRINT = ("executor", "devices")
+
+
+@dataclass(frozen=True)
+class Job:
+    """Image shard ``index``: captions ``[start, stop)`` of the caption shard ``source``."""
+
+    index: int
+    source: str
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:06d}.tar"
+
+
+def images_dir(cfg: Config) -> Path:
+    return cfg.run_dir / "images"
+
+
+def _fingerprint(cfg: Config) -> dict[str, Any]:
+    d = {k: v for k, v in asdict(cfg.images).items() if k not in _NOT_IN_FINGERPRINT}
+    return {"seed": cfg.run.seed, **d}
+
+
+def _check_config(cfg: Config) -> None:
+    c = cfg.images
+    if c.images_per_caption < 1 or c.steps < 1 or c.batch_size < 1 or c.shard_size < 1:
+        raise ConfigError("images.images_per_caption, steps, batch_size and shard_size must be "
+                          ">= 1")
+    for key in ("resolution", "output_size"):
+        v = getattr(c, key)
+        if v is not None and v < 8:
+            raise ConfigError(f"images.{key} must be >= 8 pixels or null, got {v}")
+    if c.max_retries < 0:
+        raise ConfigError(f"images.max_retries must be >= 0, got {c.max_retries}")
+
+
+def plan_jobs(cfg: Config) -> list[Job]:
+    """Image shards over the complete caption set, in caption order. Every caption shard is read
+    and validated first (a small cost next to rendering), so a malformed one stops the stage
+    before any image is drawn."""
+    src = Path(cfg.images.captions) if cfg.images.captions else captions_dir(cfg)
+    jobs: list[Job] = []
+    for shard in caption_shards(src):
+        n = len(read_caption_shard(shard))
+        for start in range(0, n, cfg.images.shard_size):
+            jobs.append(Job(len(jobs), str(shard), start, min(n, start + cfg.images.shard_size)))
+    return jobs
+
+
+def check_same_config(cfg: Config, out: Path) -> None:
+    """Refuse to add shards to an images folder made with another config."""
+    path = out / CONFIG_FILE
+    current = _fingerprint(cfg)
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored != current:
+            changed = sorted(k for k in set(stored) | set(current)
+                             if stored.get(k) != current.get(k))
+            raise ConfigError(
+                f"{str(out)!r} holds images made with a different config (changed: "
+                f"{', '.join('images.' + k if k != 'seed' else 'run.seed' for k in changed)}); "
+                "use the same config, or start a new run with run.dir=<new folder>")
+    else:
+        write_json_atomic(path, current)
+
+
+def render_job(cfg: Config, job: Job, renderer) -> dict[str, Any]:
+    """Render and write one image shard; return its marker."""
+    rows = read_caption_shard(job.source)[job.start:job.stop]
+    if len(rows) != job.stop - job.start:
+        raise DataError(f"caption shard {job.source!r} has {len(rows)} rows in [{job.start}, "
+                        f"{job.stop}); it changed after it was marked complete: regenerate it")
+    k = cfg.images.images_per_caption
+    prompts = [r["caption"] for r in rows for _ in range(k)]
+    ids = [r["caption_id"] for r in rows for _ in range(k)]
+    ks = [j for _ in rows for j in range(k)]
+    t0 = time.perf_counter()
+    out = renderer.render(prompts, ids, ks, cfg.run.seed)
+    seconds = time.perf_counter() - t0
+    groups = []
+    for i, row in enumerate(rows):
+        meta = {**{key: v for key, v in row.items() if key != "caption"},
+                "image_seeds": out.seeds[i * k:(i + 1) * k], "generator": renderer.provenance}
+        groups.append(CaptionGroup(f"{row['caption_id']:09d}", row["caption"], meta,
+                                   list(out.images[i * k:(i + 1) * k])))
+    return write_shard(images_dir(cfg) / job.name, groups, {
+        "render_seconds": round(seconds, 3), "retried": out.retried, "source": job.source,
+        "captions": [job.start, job.stop]})
+
+
+def images_complete(cfg: Config) -> bool:
+    out = images_dir(cfg)
+    if not (out / STATS_FILE).exists() or not (out / CONFIG_FILE).exists():
+        return False
+    if json.loads((out / CONFIG_FILE).read_text()) != _fingerprint(cfg):
+        return False  # the stage reports which keys changed
+    stats = json.loads((out / STATS_FILE).read_text())
+    return all(marker_path(out / name).exists() for name in stats.get("shards", []))
+
+
+def run_images(cfg: Config) -> dict[str, Any] | None:
+    """Render every caption of the run (or of ``images.captions``); resumable.
+
+    Returns the stage's stats once every shard is complete (None on a rank that finished its
+    own shards while others still work)."""
+    from synrep.images.executors import EXECUTORS
+
+    _check_config(cfg)
+    out = ensure_writable_dir(images_dir(cfg), "run.dir")
+    check_same_config(cfg, out)
+    jobs = plan_jobs(cfg)
+    done = {p.name for p in complete_shards(out)}
+    pending = [j for j in jobs if j.name not in done]
+    for j in pending:  # a killed writer's leftovers
+        (out / (j.name + ".tmp")).unlink(missing_ok=True)
+    threads = torch.get_num_threads()
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
+    t0 = time.perf_counter()
+    try:
+        EXECUTORS.get(cfg.images.executor)(cfg, pending)
+    finally:
+        torch.set_num_threads(threads)
+    seconds = time.perf_counter() - t0
+    done = {p.name for p in complete_shards(out)}
+    if any(j.name not in done for j in jobs):
+        return None  # other ranks still rendering; their last one writes the stats
+    return finish(cfg, jobs, seconds, {j.name for j in pending})
+
+
+def finish(cfg: Config, jobs: list[Job], seconds: float, rendered: set[str]) -> dict[str, Any]:
+    out = images_dir(cfg)
+    sizes = write_sizes(out)
+    markers = {j.name: json.loads(marker_path(out / j.name).read_text()) for j in jobs}
+    n_images = sum(m["images"] for m in markers.values())
+    new_images = sum(markers[name]["images"] for name in rendered)
+    stats = {"shards": [j.name for j in jobs], "samples": sum(sizes.values()),
+             "images": n_images, "retried": sum(m.get("retried", 0) for m in markers.values()),
+             "render_seconds": round(sum(m.get("render_seconds", 0.0)
+                                         for m in markers.values()), 3),
+             "config": _fingerprint(cfg)}
+    write_json_atomic(out / STATS_FILE, stats)
+    rate = f"; {new_images / seconds:,.1f} images/s" if rendered and seconds > 0 else ""
+    print(f"images: {stats['samples']:,} captions x {cfg.images.images_per_caption} = "
+          f"{n_images:,} images in {len(jobs)} shards, {stats['retried']} re-drawn{rate} -> "
+          f"{out}")
+    return stats
