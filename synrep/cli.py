@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     with_config("rewrite", "write k rewrites of every caption (LaCLIP) into RUN/rewrites")
     with_config("images", "render k images per caption with a diffusers pipeline into "
                 "WebDataset shards (RUN/images)")
+    with_config("train-generator", "train the mini text-to-image model on Fashion-MNIST "
+                "(resumable); writes a diffusers pipeline")
+    with_config("eval-generator", "measure a text-to-image pipeline (images.pipeline) on the "
+                "fashion bank: class consistency, attribute adherence, diversity, Frechet "
+                "distance")
     with_config("train", "pretrain the encoder; resumes from the run's last checkpoint")
     ev = with_config("eval", "evaluate an encoder with frozen-feature protocols")
     ev.add_argument("--checkpoint", help="checkpoint to evaluate (default: the run's final one)")
@@ -115,6 +120,18 @@ def main(argv: list[str] | None = None) -> int:
             run_stages(cfg, ["rewrites"])
         elif args.command == "images":
             run_stages(cfg, ["images"])
+        elif args.command == "train-generator":
+            from synrep.config import save_config
+            from synrep.images.mini import train_generator
+            from synrep.utils import ensure_writable_dir
+
+            ensure_writable_dir(cfg.run_dir, "run.dir")
+            save_config(cfg, cfg.run_dir / "config.yaml")
+            train_generator(cfg)
+        elif args.command == "eval-generator":
+            from synrep.images.evaluate import evaluate_generator
+
+            evaluate_generator(cfg)
         elif args.command == "train":
             run_stages(cfg, ["train"])
         elif args.command == "eval":

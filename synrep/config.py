@@ -179,7 +179,7 @@ class ImagesConfig:
     images_per_caption: int = 4
     guidance_scale: float = 2.5
     scheduler: Literal["dpmsolver++", "ddim", "pipeline"] = "dpmsolver++"  # pipeline: as saved
-    steps: int = 20
+    steps: int | None = None  # None = the pipeline's recommended steps (fashion-mini: 10), else 25
     resolution: int | None = None  # generation size in pixels; None = the pipeline's default
     output_size: int | None = None  # stored size (antialiased resize); None = as generated
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # half precision on GPUs
@@ -189,6 +189,27 @@ class ImagesConfig:
     executor: Literal["local", "pool", "ranks", "ray"] = "local"
     devices: list[str] = field(default_factory=list)  # pool/ray workers; [] = [run.device]
     max_retries: int = 2  # re-draws (new seeds) of NaN or blank images before giving up
+
+
+@dataclass
+class GeneratorConfig:
+    """`synrep train-generator`: the mini text-to-image model on Fashion-MNIST."""
+
+    out: str = ""  # folder for the trained pipeline; "" = RUN/generator/pipeline
+    vae_steps: int = 1500
+    vae_batch_size: int = 128
+    vae_lr: float = 2e-3
+    vae_kl: float = 1e-3  # weight of the KL term per pixel
+    steps: int = 6000
+    batch_size: int = 256
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    ema: float = 0.999
+    attr_p: float = 0.6  # probability that a training caption names each measured attribute
+    cond_drop: float = 0.1  # probability of an empty caption (classifier-free guidance)
+    ckpt_every: int = 250
+    sample_steps: int = 10  # the pipeline's recommended sampling steps (DPM-Solver++)
+    train_limit: int | None = None  # train on a seeded subset of this many images (smoke tests)
 
 
 @dataclass
@@ -203,6 +224,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     captions: CaptionsConfig = field(default_factory=CaptionsConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

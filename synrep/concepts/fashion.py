@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import re
 
+import torch
+import torch.nn.functional as F
+
 from synrep.concepts.banks import Concept, ConceptBank, vocab
 
 # Fashion-MNIST label order. Names are what prompts use; synonyms are what captions may say.
@@ -80,6 +83,51 @@ PHRASES: dict[str, list[str]] = {
               "seen straight on", "filling the frame", "in a small square image",
               "on a black backdrop"],
 }
+
+
+def measure_attributes(images: torch.Tensor) -> torch.Tensor:
+    """Measured tone, fill and texture of garment images, batched.
+
+    Args:
+        images: (N, H, W) or (N, 1, H, W), uint8 or float in [0, 1]; garment bright on black,
+            as in Fashion-MNIST.
+
+    Returns:
+        (N, 3) float: tone = mean brightness of the garment's pixels, fill = share of the frame
+        they cover, texture = mean absolute difference from a 3x3 local mean inside the garment,
+        relative to its tone (so dark and light garments compare).
+    """
+    x = images.float()
+    if images.dtype == torch.uint8:
+        x = x / 255.0
+    if x.dim() == 4:
+        x = x[:, 0]
+    fg = (x > 0.1).float()
+    n = fg.sum((1, 2)).clamp(min=1.0)
+    tone = (x * fg).sum((1, 2)) / n
+    fill = fg.mean((1, 2))
+    local = F.avg_pool2d(x[:, None], 3, 1, 1, count_include_pad=False)[:, 0]
+    texture = ((x - local).abs() * fg).sum((1, 2)) / n / tone.clamp(min=0.05)
+    return torch.stack([tone, fill, texture], 1)
+
+
+def attribute_thresholds(measures: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-class tertiles of each measure: (10, 3 attributes, 2 cut points). Cutting per class
+    gives every class all three values of every attribute."""
+    cuts = torch.zeros(len(CLASSES), len(ATTRIBUTES), 2)
+    q = torch.tensor([1 / 3, 2 / 3])
+    for c in range(len(CLASSES)):
+        m = measures[labels == c]
+        if len(m):
+            cuts[c] = torch.quantile(m, q, dim=0).T
+    return cuts
+
+
+def attribute_levels(measures: torch.Tensor, labels: torch.Tensor,
+                     thresholds: torch.Tensor) -> torch.Tensor:
+    """(N, 3) value index of each attribute (0 = first word of ``ATTRIBUTES[attr]``)."""
+    cuts = thresholds[labels]  # (N, 3, 2)
+    return (measures[:, :, None] > cuts).sum(-1)
 
 
 def _mentions_any(text: str, names: list[str]) -> bool:

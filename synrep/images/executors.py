@@ -133,7 +133,11 @@ def run_ray(cfg: Config, jobs: list) -> None:
     @ray.remote
     class Worker:
         def __init__(self, cfg_json: str, device: str) -> None:
+            import torch
+
             self.cfg = config_from_dict(json.loads(cfg_json), "ray worker")
+            if self.cfg.run.threads > 0:
+                torch.set_num_threads(self.cfg.run.threads)
             self.renderer = _renderer(self.cfg, "cuda" if device.startswith("cuda") else device)
 
         def run(self, job) -> str:

@@ -9,6 +9,7 @@ back NaN or blank are drawn again with the next attempt's seed, up to ``images.m
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,12 @@ class Renderer:
             pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(self.device)
+        # a pipeline saved by synrep declares its sampling defaults and the crop that undoes the
+        # padding of its training images (fashion-mini: 32 px generated, centre 28 px kept)
+        meta = Path(source) / "synrep.json"
+        self.defaults = json.loads(meta.read_text()) if meta.is_file() else {}
+        self.steps = cfg.steps or int(self.defaults.get("steps", 25))
+        self.crop = self.defaults.get("crop")
         if cfg.compile:
             pipe.unet = torch.compile(pipe.unet, dynamic=False)
         self.pipe = pipe
@@ -106,8 +113,9 @@ class Renderer:
         self.provenance = {
             "pipeline": cfg.pipeline, "pipeline_class": type(pipe).__name__,
             "diffusers": diffusers.__version__, "scheduler": type(pipe.scheduler).__name__,
-            "steps": cfg.steps, "guidance_scale": cfg.guidance_scale, "dtype": cfg.dtype,
-            "resolution": self.resolution, "size": cfg.output_size or self.resolution}
+            "steps": self.steps, "guidance_scale": cfg.guidance_scale, "dtype": cfg.dtype,
+            "resolution": self.resolution, "crop": self.crop,
+            "size": cfg.output_size or self.crop or self.resolution}
 
     @property
     def resolution(self) -> int:
@@ -128,11 +136,14 @@ class Renderer:
             if self.cfg.compile and n < bs:  # one batch shape for the compiled denoiser
                 p, sd = p + [p[-1]] * (bs - n), sd + [sd[-1]] * (bs - n)
             gens = [torch.Generator("cpu").manual_seed(x) for x in sd]
-            res = self.pipe(prompt=p, num_inference_steps=self.cfg.steps,
+            res = self.pipe(prompt=p, num_inference_steps=self.steps,
                             guidance_scale=self.cfg.guidance_scale, generator=gens,
                             height=self.resolution, width=self.resolution, output_type="pt")
             out.append(res.images[:n].float().cpu())  # (n, C, H, W)
         images = torch.cat(out)
+        if self.crop and self.crop < images.shape[-1]:
+            o = (images.shape[-1] - self.crop) // 2
+            images = images[..., o:o + self.crop, o:o + self.crop]
         if self.cfg.output_size and self.cfg.output_size != images.shape[-1]:
             images = F.interpolate(images, size=(self.cfg.output_size,) * 2, mode="bilinear",
                                    antialias=True, align_corners=False)

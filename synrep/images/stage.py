@@ -65,7 +65,8 @@ def _fingerprint(cfg: Config) -> dict[str, Any]:
 
 def _check_config(cfg: Config) -> None:
     c = cfg.images
-    if c.images_per_caption < 1 or c.steps < 1 or c.batch_size < 1 or c.shard_size < 1:
+    if (c.images_per_caption < 1 or (c.steps is not None and c.steps < 1) or c.batch_size < 1
+            or c.shard_size < 1):
         raise ConfigError("images.images_per_caption, steps, batch_size and shard_size must be "
                           ">= 1")
     for key in ("resolution", "output_size"):
