@@ -182,6 +182,7 @@ class ImagesConfig:
     steps: int | None = None  # None = the pipeline's recommended steps (fashion-mini: 10), else 25
     resolution: int | None = None  # generation size in pixels; None = the pipeline's default
     output_size: int | None = None  # stored size (antialiased resize); None = as generated
+    format: Literal["png", "jpg", "webp"] = "png"  # stored format (webp is lossless)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # half precision on GPUs
     batch_size: int = 32  # images per pipeline call
     shard_size: int = 1000  # captions per image shard

@@ -193,6 +193,39 @@ def test_error_pipeline_returns_nan(tmp_path, capsys, captions):
     _fails(capsys, _over(path, captions, run), "unusable images (6 NaN, 0 blank)", run)
 
 
+@pytest.mark.parametrize("fmt", ["jpg", "webp"])
+def test_stored_formats(tmp_path, tiny_sd, captions, fmt):
+    import io
+    import tarfile
+
+    import webdataset as wds
+    from PIL import Image
+
+    from synrep.data.shards import flatten_wds
+
+    over = _over(tiny_sd, captions, tmp_path / "png")
+    run_images(load_config(CONFIG, over))
+    run_images(load_config(CONFIG, [*over[1:], f"run.dir={tmp_path / fmt}",
+                                    f"images.format={fmt}"]))
+    a = list(iter_groups(tmp_path / "png" / "images", verify=True))
+    b = list(iter_groups(tmp_path / fmt / "images", verify=True))
+    with tarfile.open(tmp_path / fmt / "images" / "000000.tar") as tar:
+        names = tar.getnames()
+    assert f"000000000.0.{fmt}" in names and not any(n.endswith(".png") for n in names)
+    for ga, gb in zip(a, b):
+        for x, y in zip(ga.images, gb.images):
+            diff = np.abs(x.astype(int) - y.astype(int))
+            assert diff.max() == 0 if fmt == "webp" else diff.mean() < 6  # lossless vs JPEG 95
+    # byte-deterministic, and flattened for CLIP-style readers under the format's own key
+    run_images(load_config(CONFIG, [*over[1:], f"run.dir={tmp_path / 'again'}",
+                                    f"images.format={fmt}"]))
+    assert _tars(tmp_path / "again") == _tars(tmp_path / fmt)
+    urls = [str(p) for p in sorted((tmp_path / fmt / "images").glob("*.tar"))]
+    flat = list(wds.WebDataset(urls, shardshuffle=False).compose(flatten_wds))
+    assert len(flat) == 28 and all(fmt in s for s in flat)
+    Image.open(io.BytesIO(flat[0][fmt])).load()
+
+
 def test_shard_reader_sees_the_renders(tmp_path, tiny_sd, captions):
     run_images(load_config(CONFIG, _over(tiny_sd, captions, tmp_path / "run")))
     first = next(read_shard(tmp_path / "run" / "images" / "000000.tar", verify=True))

@@ -36,7 +36,9 @@ SIZES_FILE = "sizes.json"
 MARKER_SUFFIX = "_stats.json"
 # zlib level 6 is PIL's default; fixing it (and never writing tIME/pHYs chunks) keeps PNGs stable.
 PNG_COMPRESS_LEVEL = 6
-_IMAGE_EXT = re.compile(r"^(\d+)\.png$")
+IMAGE_FORMATS = ("png", "jpg", "webp")
+_IMAGE_EXT = re.compile(r"^(\d+)\.(?:png|jpg|webp)$")
+JPEG_QUALITY = 95
 _BLOCK = tarfile.BLOCKSIZE
 
 
@@ -89,14 +91,25 @@ def _check_key(key: str) -> None:
         raise ValueError(f"shard sample key {key!r} must be a non-empty string without '.' or '/'")
 
 
-def _encode_png(img: np.ndarray, key: str, i: int) -> bytes:
+def _encode_image(img: np.ndarray, key: str, i: int, fmt: str = "png") -> bytes:
+    """Encode with fixed settings, so the same pixels always give the same bytes: PNG (zlib 6),
+    JPEG (quality 95, 4:4:4, baseline) or lossless WebP."""
     if img.dtype != np.uint8 or not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)):
         raise ValueError(
             f"image {i} of sample {key!r} must be uint8 (H, W) or (H, W, 3), got {img.dtype} "
             f"{img.shape}"
         )
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False)
+    pil = Image.fromarray(img)
+    if fmt == "png":
+        pil.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False)
+    elif fmt == "jpg":
+        pil.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0, optimize=False,
+                 progressive=False)
+    elif fmt == "webp":
+        pil.save(buf, format="WEBP", lossless=True, method=4, exact=True)
+    else:
+        raise ValueError(f"image format {fmt!r} is unknown; choose one of {IMAGE_FORMATS}")
     return buf.getvalue()
 
 
@@ -151,12 +164,12 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def write_shard(path: str | Path, groups: Iterable[CaptionGroup],
-                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                extra: dict[str, Any] | None = None, image_format: str = "png") -> dict[str, Any]:
     """Write ``groups`` to the shard ``path`` (``*.tar``) atomically, then its completion marker.
 
     Members are written in the order given. Returns the marker's contents: ``shard`` (file name),
     ``samples``, ``images``, ``bytes`` and ``sha256`` of the tar, plus ``extra`` (the writer's
-    own statistics, say render time).
+    own statistics, say render time). Images are stored as ``image_format`` (png, jpg, webp).
 
     Raises:
         ValueError: a bad key (contains '.' or '/', or repeated) or an image that is not uint8
@@ -166,6 +179,9 @@ def write_shard(path: str | Path, groups: Iterable[CaptionGroup],
     path = Path(path)
     if path.suffix != ".tar":
         raise ValueError(f"shard path {path} must end in .tar")
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image format {image_format!r} is unknown; choose one of "
+                         f"{IMAGE_FORMATS}")
     directory = path.parent
     marker = marker_path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -197,7 +213,8 @@ def write_shard(path: str | Path, groups: Iterable[CaptionGroup],
                     _add(tar, f"{g.key}.txt", g.caption.encode("utf-8"))
                     _add(tar, f"{g.key}.json", meta.encode("utf-8"))
                     for i, img in enumerate(g.images):
-                        _add(tar, f"{g.key}.{i}.png", _encode_png(img, g.key, i))
+                        _add(tar, f"{g.key}.{i}.{image_format}",
+                             _encode_image(img, g.key, i, image_format))
                     samples += 1
                     images += len(g.images)
             f.flush()
@@ -266,7 +283,8 @@ def _decode_group(path: Path, key: str, members: dict[str, bytes]) -> CaptionGro
                 img.load()
                 images.append(np.asarray(img if img.mode in ("L", "RGB") else img.convert("RGB")))
         except (OSError, SyntaxError, ValueError) as e:
-            raise _corrupt(path, f"{key}.{indexed[i]} is not a decodable PNG: {e}") from None
+            kind = {"png": "PNG", "jpg": "JPEG", "webp": "WebP"}[indexed[i].rsplit(".", 1)[1]]
+            raise _corrupt(path, f"{key}.{indexed[i]} is not a decodable {kind}: {e}") from None
     return CaptionGroup(key, caption, meta, images)
 
 
@@ -406,7 +424,8 @@ def iter_flat(
 
 
 def flatten_wds(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """A webdataset pipeline stage: one ``{"__key__", "png", "txt"}`` sample per image.
+    """A webdataset pipeline stage: one ``{"__key__", "png", "txt"}`` sample per image (``jpg``
+    or ``webp`` in place of ``png`` for shards written in those formats).
 
     Plain webdataset consumers (open_clip's ``to_tuple("png", "txt")``) expect one image per
     sample; our samples hold ``0.png ... {k-1}.png``. Use as
@@ -415,11 +434,11 @@ def flatten_wds(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """
     for sample in samples:
         n = 0
-        while f"{n}.png" in sample:
+        while ext := next((e for e in IMAGE_FORMATS if f"{n}.{e}" in sample), None):
             yield {
                 "__key__": f"{sample['__key__']}_{n}",
                 "__url__": sample.get("__url__"),
-                "png": sample[f"{n}.png"],
+                ext: sample[f"{n}.{ext}"],
                 "txt": sample["txt"],
             }
             n += 1

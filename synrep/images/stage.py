@@ -128,7 +128,7 @@ def render_job(cfg: Config, job: Job, renderer) -> dict[str, Any]:
                                    list(out.images[i * k:(i + 1) * k])))
     return write_shard(images_dir(cfg) / job.name, groups, {
         "render_seconds": round(seconds, 3), "retried": out.retried, "source": job.source,
-        "captions": [job.start, job.stop]})
+        "captions": [job.start, job.stop]}, image_format=cfg.images.format)
 
 
 def images_complete(cfg: Config) -> bool:
