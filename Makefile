@@ -42,6 +42,8 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/fashion_simclr.py
+	$(PY) benchmarks/captions.py --json benchmarks/results/captions.json
+	$(PY) benchmarks/images.py --json benchmarks/results/images.json
 
 clean:
 	rm -rf runs
