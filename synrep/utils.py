@@ -46,3 +46,17 @@ def yaml_error_summary(e: Exception) -> str:
     mark = getattr(e, "problem_mark", None)
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
+def check_same_settings(stored: dict[str, Any], current: dict[str, Any], what: str,
+                        prefix: str = "") -> None:
+    """Refuse to continue ``what`` (say, "'runs/x/captions' was made") with settings other than
+    those it was made with, naming the changed keys."""
+    if stored == current:
+        return
+    from synrep.errors import ConfigError
+
+    changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+    names = ", ".join("run.seed" if k == "seed" else f"{prefix}{k}" for k in changed)
+    raise ConfigError(f"{what} with a different config (changed: {names}); use the same "
+                      "config, or start a new run with run.dir=<new folder>")

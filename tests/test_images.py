@@ -265,3 +265,11 @@ def test_ray_executor_writes_the_same_bytes(tmp_path, tiny_sd, captions):
                                          "images.executor=ray", "images.devices=[cpu]",
                                          "run.threads=1")))
     assert _tars(tmp_path / "ray") == _tars(tmp_path / "local")
+
+
+def test_changed_config_on_the_same_run_is_refused(tmp_path, capsys, tiny_sd, captions):
+    over = _over(tiny_sd, captions, tmp_path / "run")
+    assert main(["images", CONFIG, *over]) == 0
+    assert main(["images", CONFIG, *over, "images.guidance_scale=3.0"]) == 2
+    assert "changed: images.guidance_scale" in capsys.readouterr().err
+    assert main(["images", CONFIG, *over, "images.executor=pool"]) == 0  # same bytes: allowed

@@ -34,7 +34,12 @@ from synrep.captions.templates import CAPTION_TEMPLATES, get_template, query_tex
 from synrep.concepts import RELATIONS, BankMixture, load_bank
 from synrep.config import Config
 from synrep.errors import ConfigError, DataError, SynrepError
-from synrep.utils import derive_seed, ensure_writable_dir, write_json_atomic
+from synrep.utils import (
+    check_same_settings,
+    derive_seed,
+    ensure_writable_dir,
+    write_json_atomic,
+)
 
 SIZES_FILE = "sizes.json"
 STATS_FILE = "stats.json"
@@ -126,14 +131,7 @@ def _complete_shard(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] |
         info = json.loads(marker.read_text())
     except (OSError, json.JSONDecodeError):
         return None  # a marker cut short: redo the shard
-    if info.get("config") != fingerprint:
-        stored = info.get("config", {})
-        changed = sorted(k for k in set(stored) | set(fingerprint)
-                         if stored.get(k) != fingerprint.get(k))
-        raise ConfigError(
-            f"{str(path)!r} was made with a different captions config (changed: "
-            f"{', '.join(changed)}); use the same config, or start a new run with "
-            "run.dir=<new folder>")
+    check_same_settings(info.get("config", {}), fingerprint, f"{str(path)!r} was made")
     if _sha256(path.read_bytes()) != info.get("sha256"):
         raise DataError(f"caption shard {str(path)!r} does not match its marker (edited or "
                         f"corrupted); delete it and {marker.name}, then run again to redo it")

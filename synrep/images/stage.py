@@ -32,7 +32,7 @@ from synrep.data.shards import (
     write_sizes,
 )
 from synrep.errors import ConfigError, DataError
-from synrep.utils import ensure_writable_dir, write_json_atomic
+from synrep.utils import check_same_settings, ensure_writable_dir, write_json_atomic
 
 CONFIG_FILE = "config.json"
 STATS_FILE = "stats.json"
@@ -95,14 +95,8 @@ def check_same_config(cfg: Config, out: Path) -> None:
     path = out / CONFIG_FILE
     current = _fingerprint(cfg)
     if path.exists():
-        stored = json.loads(path.read_text())
-        if stored != current:
-            changed = sorted(k for k in set(stored) | set(current)
-                             if stored.get(k) != current.get(k))
-            raise ConfigError(
-                f"{str(out)!r} holds images made with a different config (changed: "
-                f"{', '.join('images.' + k if k != 'seed' else 'run.seed' for k in changed)}); "
-                "use the same config, or start a new run with run.dir=<new folder>")
+        check_same_settings(json.loads(path.read_text()), current,
+                            f"{str(out)!r} holds images made", prefix="images.")
     else:
         write_json_atomic(path, current)
 
