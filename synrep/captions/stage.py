@@ -33,6 +33,7 @@ from synrep.captions.clean import REASONS, CaptionFilter, first_line, normalise
 from synrep.captions.templates import CAPTION_TEMPLATES, get_template, query_text
 from synrep.concepts import RELATIONS, BankMixture, load_bank
 from synrep.config import Config
+from synrep.data.shards import MARKER_SUFFIX, SIZES_FILE
 from synrep.errors import ConfigError, DataError, SynrepError
 from synrep.utils import (
     check_same_settings,
@@ -41,9 +42,7 @@ from synrep.utils import (
     write_json_atomic,
 )
 
-SIZES_FILE = "sizes.json"
 STATS_FILE = "stats.json"
-MARKER_SUFFIX = "_stats.json"
 _WINDOW = 256  # candidates over which the acceptance rate is judged
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-from collections.abc import Callable
 
 from tqdm import tqdm
 
@@ -156,5 +155,3 @@ def run_ray(cfg: Config, jobs: list) -> None:
             ray.get(ready)  # raises the worker's error here
             bar.update()
 
-
-Executor = Callable[[Config, list], None]
