@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/synrep run configs/fashion_simclr.yaml
+	$(VENV)/bin/synrep run configs/quickstart.yaml
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -38,7 +38,7 @@ class DataConfig:
     dataset: str = "fashion-mnist"  # a registered dataset, used when source = "dataset"
     root: str | None = None  # dataset folder; None uses the dataset's default location
     split: str = "train"
-    shards: str = ""  # a folder of caption-group shards, used when source = "shards"
+    shards: str = ""  # caption-group shards for source = "shards"; "" = this run's images stage
     image_size: int | None = None  # resize on load; None keeps the stored size
 
 
@@ -70,13 +70,18 @@ class AugConfig:
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
+    sharpen_p: float = 0.0  # unsharp masking x + a * (x - blur(x)), a uniform in sharpen_amount
+    sharpen_amount: tuple[float, float] = (0.5, 2.0)
+    sharpen_sigma: float = 1.0  # blur width in pixels at 28 px (scaled with aug.size)
+    noise_p: float = 0.0  # additive Gaussian pixel noise
+    noise_std: float = 0.05
     erase_p: float = 0.0
     erase_scale: tuple[float, float] = (0.02, 0.2)
 
 
 @dataclass
 class MethodConfig:
-    name: str = "simclr"  # a registered method: simclr, multipos, supervised
+    name: str = "simclr"  # a registered method: synclr, stablerep, simclr, supervised
     temperature: float = 0.2
     proj_layers: int = 2  # projection MLP depth (1 = linear)
     proj_hidden_dim: int = 1024
@@ -87,6 +92,24 @@ class MethodConfig:
     images_per_caption: int = 2  # m images of each caption per batch (caption-group methods)
     num_classes: int = 10  # supervised method only
     label_smoothing: float = 0.0
+    # SynCLR (METHODS.md section 1): EMA teacher keys, multi-crop queries, iBOT masked modelling.
+    global_crops: int = 1  # global views per image (queries and keys)
+    teacher: bool = True  # keys from an EMA teacher; False = keys are the student's own features
+    ema_momentum: float = 0.994  # teacher momentum at step 0, cosine-annealed to ema_momentum_end
+    ema_momentum_end: float = 1.0
+    contrastive_weight: float = 1.0  # multi-positive contrastive term; 0 removes it
+    ibot_weight: float = 1.0  # iBOT masked-token term; 0 removes it (and the iBOT head)
+    ibot_prototypes: int = 1024  # prototypes of the iBOT head (the paper: 65,536)
+    ibot_hidden_dim: int = 512
+    ibot_bottleneck_dim: int = 128
+    ibot_mask: Literal["block", "random"] = "block"  # block-wise (BEiT) or uniformly random tokens
+    ibot_mask_prob: float = 0.5  # share of global crops that are masked
+    ibot_mask_ratio: tuple[float, float] = (0.1, 0.5)  # share of tokens masked, uniform per crop
+    ibot_student_temp: float = 0.1
+    ibot_teacher_temp: float = 0.07  # teacher temperature after warm-up
+    ibot_teacher_temp_start: float = 0.04
+    ibot_teacher_temp_warmup: int = 0  # steps of linear teacher-temperature warm-up
+    sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations for the teacher's token targets
 
 
 @dataclass
@@ -96,6 +119,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 100
     min_lr_ratio: float = 0.01
+    weight_decay_end: float | None = None  # cosine weight-decay schedule to this value (SynCLR)
     grad_clip: float = 1.0  # 0 disables clipping
 
 
@@ -119,6 +143,7 @@ class EvalConfig:
     protocols: list[str] = field(default_factory=lambda: ["linear", "knn"])
     pool: Literal["cls", "avg", "cls+avg"] = "cls+avg"  # ViT probe features (CNNs: pooled)
     n_last_blocks: int = 1  # concatenate features of the last n blocks (DINOv2 linear eval)
+    weights: Literal["teacher", "student"] = "teacher"  # EMA teacher's encoder when there is one
     linear_cs: list[float] = field(default_factory=lambda: [10.0**e for e in range(-3, 4)])
     linear_max_iter: int = 200
     sgd_lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1])

@@ -142,6 +142,20 @@ class BatchAugment:
             # sigma is given for 224 px images (SimCLR's 0.1-2.0) and scaled to this size.
             x = torch.where(bm, _gaussian_blur(x, sigma.clamp(min=1e-3)), x)
 
+        if cfg.sharpen_p > 0:
+            # Unsharp masking, x + a * (x - blur(x)): restores edge and texture energy, which
+            # images from small generators lack next to real photographs.
+            amount = _uniform(g, b, *cfg.sharpen_amount, dev)
+            sm = (torch.rand(b, generator=g, device=dev) < cfg.sharpen_p).view(-1, 1, 1, 1)
+            sigma = torch.full((b,), cfg.sharpen_sigma * cfg.size / 28, device=dev)
+            detail = x - _gaussian_blur(x, sigma)
+            x = torch.where(sm, (x + amount.view(-1, 1, 1, 1) * detail).clamp(0, 1), x)
+
+        if cfg.noise_p > 0:
+            nm = (torch.rand(b, generator=g, device=dev) < cfg.noise_p).view(-1, 1, 1, 1)
+            noise = torch.randn(x.shape, generator=g, device=dev) * cfg.noise_std
+            x = torch.where(nm, (x + noise).clamp(0, 1), x)
+
         if cfg.solarize_p > 0:
             sm = (torch.rand(b, generator=g, device=dev) < cfg.solarize_p).view(-1, 1, 1, 1)
             x = torch.where(sm & (x >= 0.5), 1 - x, x)

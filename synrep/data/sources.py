@@ -53,8 +53,11 @@ class ArraySource:
         images = self.images[idx]
         if self.m is not None and self.m < images.shape[1]:
             # Choose m of the k images of each group, seeded by (seed, step): (B, m, C, H, W).
+            # Drawn for the global batch and sliced, so N ranks pick what one process would.
             g = torch.Generator().manual_seed(self.seed * 7919 + step)
-            pick = torch.rand(len(idx), images.shape[1], generator=g).argsort(dim=1)[:, : self.m]
+            scores = torch.rand(self.batch_size, images.shape[1], generator=g)
+            scores = scores[self.rank * local : (self.rank + 1) * local]
+            pick = scores.argsort(dim=1)[:, : self.m]
             images = images[torch.arange(len(idx))[:, None], pick]
         out: dict[str, Any] = {"images": images, "index": idx}
         if self.labels is not None:

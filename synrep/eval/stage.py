@@ -30,12 +30,21 @@ PROTOCOLS = ("linear", "sgd", "knn")
 TOP1_KEYS = {"linear": "linear_probe_top1", "sgd": "sgd_probe_top1", "knn": "knn_top1"}
 
 
-def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[Encoder, Config]:
-    """The encoder in a synrep checkpoint (eval mode) and the config it was trained with."""
+def load_encoder(path: str | Path, device: str | torch.device = "cpu",
+                 weights: str = "teacher") -> tuple[Encoder, Config]:
+    """The encoder in a synrep checkpoint (eval mode) and the config it was trained with.
+
+    ``weights="teacher"`` takes the EMA teacher's encoder when the checkpoint has one (as DINO
+    and iBOT evaluate), else the student's; ``"student"`` always takes the student's.
+    """
+    if weights not in ("teacher", "student"):
+        raise ConfigError(f"eval.weights={weights!r}: choose teacher or student")
     ck = Checkpoint(path)
     cfg = config_from_dict(ck.config, f"checkpoint {str(path)!r}")
     encoder = build_encoder(cfg.model)
-    state = ck.submodule_state("encoder.")
+    has_teacher = any(k.startswith("teacher.encoder.") for k in ck.model_state)
+    prefix = "teacher.encoder." if weights == "teacher" and has_teacher else "encoder."
+    state = ck.submodule_state(prefix)
     try:
         encoder.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -84,7 +93,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
         raise ConfigError(f"eval.protocols: unknown {unknown}; choose from {list(PROTOCOLS)}")
     out_dir = ensure_writable_dir(cfg.run_dir / "eval", "run.dir")
     device = torch.device(cfg.run.device)
-    encoder, _ = load_encoder(checkpoint, device)
+    encoder, _ = load_encoder(checkpoint, device, ecfg.weights)
     t0 = time.perf_counter()
     feats = {}
     for split in (ecfg.train_split, ecfg.test_split):
@@ -96,6 +105,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
                 "mtime": Path(checkpoint).stat().st_mtime_ns,
                 "pool": ecfg.pool,
                 "n_last_blocks": ecfg.n_last_blocks,
+                "weights": ecfg.weights,
                 "root": ecfg.root,
                 "image_size": ecfg.image_size,
                 "limit": [ecfg.limit_train, ecfg.limit_test],
@@ -134,7 +144,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
         timings[f"{name}_s"] = round(time.perf_counter() - t, 1)
     res["feature_dim"] = int(xtr.shape[1])
     res["checkpoint"] = str(checkpoint)
-    res["protocol"] = {"pool": ecfg.pool, "n_last_blocks": ecfg.n_last_blocks}
+    res["protocol"] = {"pool": ecfg.pool, "n_last_blocks": ecfg.n_last_blocks,
+                       "weights": ecfg.weights}
     res["timings"] = timings
     results = {ecfg.dataset: res}
     path = out_dir / "results.json"

@@ -1,5 +1,6 @@
 """Loss modules, one per file."""
 
-from synrep.losses.multipos import MultiPosConLoss
+from synrep.losses.ibot import ibot_loss, sinkhorn_knopp
+from synrep.losses.multipos import MultiPosConLoss, multipos_query_key_loss
 
-__all__ = ["MultiPosConLoss"]
+__all__ = ["MultiPosConLoss", "ibot_loss", "multipos_query_key_loss", "sinkhorn_knopp"]

@@ -87,3 +87,47 @@ class MultiPosConLoss(nn.Module):
             n_valid = n_valid.clone()
             dist.all_reduce(n_valid)
         return row_loss.sum() * world_size() / n_valid.clamp(min=1)
+
+
+def multipos_query_key_loss(queries: torch.Tensor, query_labels: torch.Tensor,
+                            keys: torch.Tensor, key_labels: torch.Tensor,
+                            exclude: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The multi-positive loss of queries against a separate set of keys (SynCLR, MoCo-style).
+
+    Every query is scored against the keys of the *global* batch; its target is uniform over the
+    keys that share its label, except ``exclude[i]`` (the local index of a key to drop from both
+    target and softmax, e.g. the key computed from the very same crop; -1 drops none). Keys are
+    gathered with gradient when they carry one (the student's own features) and without when
+    they do not (an EMA teacher's). Labels are per-rank caption ids, offset by rank.
+
+    With ``keys = queries`` and ``exclude = arange(n)`` this is :class:`MultiPosConLoss`.
+
+    Shapes: queries [n, d], query_labels [n], keys [k, d], key_labels [k], exclude [n]. Scalar.
+    """
+    q = F.normalize(queries.float(), dim=1)
+    k = F.normalize(keys.float(), dim=1)
+    k_all = gather_with_grad(k) if k.requires_grad else gather_no_grad(k.detach())
+    query_labels, key_labels = query_labels.long(), key_labels.long()
+    if world_size() > 1:
+        span = torch.maximum(query_labels.max(), key_labels.max()).detach().clone() + 1
+        dist.all_reduce(span, op=dist.ReduceOp.MAX)
+        query_labels = query_labels + rank() * span
+        key_labels = key_labels + rank() * span
+    labels_all = gather_no_grad(key_labels)  # (K,)
+
+    logits = q @ k_all.T / temperature  # (n, K)
+    rows = torch.arange(q.shape[0], device=q.device)
+    drop = torch.zeros_like(logits, dtype=torch.bool)
+    has = exclude >= 0
+    drop[rows[has], exclude[has] + rank() * k.shape[0]] = True
+    logits = logits - _BIG * drop
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    pos = (query_labels[:, None] == labels_all[None, :]) & ~drop
+    n_pos = pos.sum(dim=1)
+    target = pos.float() / n_pos.clamp(min=1)[:, None]
+    row_loss = -(target * F.log_softmax(logits, dim=1)).sum(dim=1)
+    n_valid = (n_pos > 0).sum().float()
+    if world_size() > 1:
+        n_valid = n_valid.clone()
+        dist.all_reduce(n_valid)
+    return row_loss.sum() * world_size() / n_valid.clamp(min=1)

@@ -31,5 +31,11 @@ class Method(nn.Module):
         super().__init__()
         self.encoder = encoder
 
+    def set_step(self, step: int) -> None:
+        """Called before each step's forward, for per-step schedules (teacher temperature)."""
+
+    def after_step(self) -> None:
+        """Called after each optimizer step, for updates outside autograd (an EMA teacher)."""
+
     def forward(self, batch: dict[str, Any], g: torch.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError

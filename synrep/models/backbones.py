@@ -101,11 +101,39 @@ class Encoder(nn.Module):
         feats = self.backbone.forward_features(self.normalize(x))
         return self.backbone.forward_head(feats, pre_logits=True)
 
-    def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """ViT token sequence after the final norm: (B, prefix + patches, D)."""
+    def tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+               mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """ViT token sequence after the final norm: (B, prefix + patches, D).
+
+        With ``mask`` (B, h, w) bool over the patch grid, the embeddings of masked patches are
+        replaced by ``mask_token`` (D,) before the position embedding is added (BEiT / iBOT).
+        """
         if not self.is_vit:
             raise ConfigError("patch tokens need a ViT backbone")
-        return self.backbone.forward_features(self.normalize(x))
+        if mask is None:
+            return self.backbone.forward_features(self.normalize(x))
+        vit = self.backbone
+        t = vit.patch_embed(self.normalize(x))  # (B, h, w, D) with dynamic_img_size, else (B, L, D)
+        m = mask if t.ndim == 4 else mask.flatten(1)
+        if m.shape != t.shape[:-1]:
+            raise ValueError(
+                f"mask {tuple(mask.shape)} does not fit the patch grid {tuple(t.shape[:-1])}")
+        t = torch.where(m.unsqueeze(-1), mask_token.to(t.dtype), t)
+        t = vit.norm_pre(vit.patch_drop(vit._pos_embed(t)))
+        return vit.norm(vit.blocks(t))
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The pooled feature of :meth:`tokens`' output (CLS or mean of patches): (B, D)."""
+        return self.backbone.forward_head(tokens, pre_logits=True)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.backbone.num_prefix_tokens if self.is_vit else 0
+
+    def grid(self, size: int) -> tuple[int, int]:
+        """The patch grid (h, w) of a ``size`` x ``size`` input."""
+        p = self.backbone.patch_embed.patch_size
+        return size // p[0], size // p[1]
 
     def probe_dim(self, pool: Literal["cls", "avg", "cls+avg"], n_last_blocks: int) -> int:
         if not self.is_vit:

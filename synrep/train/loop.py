@@ -64,9 +64,16 @@ def build_source(cfg: Config, batch_kind: str) -> ArraySource:
     else:
         from synrep.data.shards import load_groups
 
-        if not d.shards:
-            raise ConfigError("data.source=shards needs data.shards=<folder of shards>")
-        groups = load_groups(d.shards)
+        shards = d.shards
+        if not shards:  # this run's images stage output
+            from synrep.images.stage import images_dir
+
+            shards = str(images_dir(cfg))
+            if not Path(shards).is_dir():
+                raise ConfigError(
+                    f"data.source=shards: no images at {shards!r}; run the images stage first "
+                    "(add it to run.stages) or set data.shards=<folder of shards>")
+        groups = load_groups(shards)
         images = groups.images
         labels = None
         if all("label" in meta for meta in groups.metas):
@@ -92,8 +99,8 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay, "decay": True},
+            {"params": no_decay, "weight_decay": 0.0, "decay": False}]
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -181,8 +188,15 @@ def train(cfg: Config) -> Path:
     step = start
     for step in range(start, cfg.train.steps):
         lr = warmup_cosine(step, cfg.train.steps, lr_peak, cfg.optim.warmup_steps, final_lr)
+        wd = cfg.optim.weight_decay
+        if cfg.optim.weight_decay_end is not None:  # cosine from weight_decay to weight_decay_end
+            wd = warmup_cosine(step, cfg.train.steps, cfg.optim.weight_decay, 0,
+                               cfg.optim.weight_decay_end)
         for group in optimizer.param_groups:
             group["lr"] = lr
+            if group["decay"]:
+                group["weight_decay"] = wd
+        method.set_step(step)
         seed = _step_seed(cfg.run.seed, step, dist.rank())
         torch.manual_seed(seed)  # dropout / drop-path
         g = torch.Generator(device=device).manual_seed(seed)
@@ -206,6 +220,7 @@ def train(cfg: Config) -> Path:
             grad_norm = torch.zeros(())
         scaler.step(optimizer)
         scaler.update()
+        method.after_step()
         seen += batch["images"].shape[0] * dist.world_size()
         done = step + 1
 

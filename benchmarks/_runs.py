@@ -1,0 +1,39 @@
+"""Shared by the benchmarks that train and evaluate synrep runs: run one, read its results."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from synrep.cli import main as synrep
+
+
+def run(config: str, run_dir: Path, overrides: list[str]) -> dict:
+    """``synrep run config run.dir=run_dir *overrides``; returns the eval entry plus timings.
+
+    Completed stages are skipped, so a benchmark killed half-way resumes where it stopped.
+    """
+    t = time.perf_counter()
+    code = synrep(["run", config, f"run.dir={run_dir}", *overrides])
+    if code != 0:
+        raise SystemExit(f"synrep run {config} {' '.join(overrides)} failed with exit code {code}")
+    res = json.loads((run_dir / "eval" / "results.json").read_text())["fashion-mnist"]
+    res = dict(res, wall_minutes=(time.perf_counter() - t) / 60)
+    metrics = run_dir / "train" / "metrics.jsonl"
+    if metrics.exists():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        if rows:
+            res["train_samples_per_s"] = rows[-1].get("samples_per_s")
+    return res
+
+
+def table(rows: list[tuple[str, dict]], extra: tuple[str, ...] = ()) -> str:
+    """A Markdown table of linear-probe and kNN top-1 per named run."""
+    head = "| run | linear probe top-1 | kNN top-1 |" + "".join(f" {e} |" for e in extra)
+    sep = "|---|---|---|" + "---|" * len(extra)
+    lines = [head, sep]
+    for name, r in rows:
+        cells = "".join(f" {r.get(e, '')} |" for e in extra)
+        lines.append(f"| {name} | {r['linear_probe_top1']:.2f} % | {r['knn_top1']:.2f} % |{cells}")
+    return "\n".join(lines)
