@@ -25,6 +25,9 @@ def run(config: str, run_dir: Path, overrides: list[str]) -> dict:
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         if rows:
             res["train_samples_per_s"] = rows[-1].get("samples_per_s")
+    summary = run_dir / "train" / "summary.json"
+    res["train_minutes"] = (json.loads(summary.read_text())["seconds"] / 60
+                            if summary.exists() else float("nan"))
     return res
 
 

@@ -118,3 +118,20 @@ def test_multicrop_sizes():
 def test_bad_aug_config():
     with pytest.raises(ValueError, match="aug.scale"):
         BatchAugment(AugConfig(scale=(0.5, 0.2)))
+
+
+def test_sharpen_is_unsharp_masking():
+    x = 0.2 + torch.rand(4, 1, 28, 28) * 0.6
+    g = torch.Generator().manual_seed(0)
+    out = BatchAugment(_plain(sharpen_p=1.0, sharpen_amount=(0.5, 0.5), sharpen_sigma=1.0))(x, g)
+    expected = (x + 0.5 * (x - _gaussian_blur(x, torch.full((4,), 1.0)))).clamp(0, 1)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    none = BatchAugment(_plain(sharpen_p=1.0, sharpen_amount=(0.0, 0.0)))(x, g)
+    torch.testing.assert_close(none, x, atol=1e-5, rtol=0)
+
+
+def test_noise_has_the_configured_std():
+    x = torch.full((16, 1, 28, 28), 0.5)
+    out = BatchAugment(_plain(noise_p=1.0, noise_std=0.05))(x, torch.Generator().manual_seed(0))
+    assert (out - x).std().item() == pytest.approx(0.05, rel=0.05)
+    assert torch.equal(BatchAugment(_plain(noise_p=0.0))(x, torch.Generator()), x)

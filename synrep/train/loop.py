@@ -27,7 +27,7 @@ from synrep.models import build_encoder
 from synrep.train import dist
 from synrep.train.checkpoint import Checkpoint, save_checkpoint
 from synrep.train.schedule import warmup_cosine
-from synrep.utils import ensure_writable_dir
+from synrep.utils import ensure_writable_dir, write_json_atomic
 
 # Config sections that define the weights' shapes and the trajectory: a checkpoint is resumed
 # only into a run whose sections match.
@@ -244,6 +244,9 @@ def train(cfg: Config) -> Path:
         save_checkpoint(final_checkpoint(cfg), method, cfg.to_dict(), cfg.train.steps)
         writer.close()
         elapsed = time.perf_counter() - t0
+        write_json_atomic(run_dir / "train" / "summary.json", {
+            "steps": cfg.train.steps - start, "seconds": elapsed,
+            "samples_per_s": seen / max(elapsed, 1e-9)})
         print(f"trained {cfg.train.steps - start} steps in {elapsed:.0f}s "
               f"({seen / max(elapsed, 1e-9):.0f} samples/s); checkpoint: {final_checkpoint(cfg)}")
     dist.barrier()
