@@ -58,47 +58,24 @@ class MultiPosConLoss(nn.Module):
                 f"labels must be [N] = [{features.shape[0]}], got shape {tuple(labels.shape)}"
             )
         n = features.shape[0]
-        z = F.normalize(features.float(), dim=1)  # (n, d)
-        labels = labels.long()
-        z_all = gather_with_grad(z)  # (N, d), N = world * n
-
-        if world_size() > 1 and not self.cross_rank_positives:
-            # Offset local ids by rank so equal ids on different ranks are different groups.
-            span = labels.max().detach().clone() + 1
-            dist.all_reduce(span, op=dist.ReduceOp.MAX)
-            labels = labels + rank() * span
-        labels_all = gather_no_grad(labels)  # (N,)
-
-        logits = z @ z_all.T / self.temperature  # (n, N)
-        self_idx = torch.arange(n, device=z.device) + rank() * n
-        self_mask = torch.zeros_like(logits, dtype=torch.bool)
-        self_mask[torch.arange(n, device=z.device), self_idx] = True
-        logits = logits - _BIG * self_mask
-        logits = logits - logits.max(dim=1, keepdim=True).values.detach()
-
-        pos = (labels[:, None] == labels_all[None, :]) & ~self_mask  # (n, N)
-        n_pos = pos.sum(dim=1)
-        target = pos.float() / n_pos.clamp(min=1)[:, None]
-        row_loss = -(target * F.log_softmax(logits, dim=1)).sum(dim=1)  # (n,), 0 without positives
-
-        # Normalise by the number of anchors with a positive in the *global* batch.
-        n_valid = (n_pos > 0).sum().float()
-        if world_size() > 1:
-            n_valid = n_valid.clone()
-            dist.all_reduce(n_valid)
-        return row_loss.sum() * world_size() / n_valid.clamp(min=1)
+        self_idx = torch.arange(n, device=features.device)  # an anchor is not its own positive
+        return multipos_query_key_loss(features, labels, features, labels, self_idx,
+                                       self.temperature,
+                                       offset_by_rank=not self.cross_rank_positives)
 
 
 def multipos_query_key_loss(queries: torch.Tensor, query_labels: torch.Tensor,
                             keys: torch.Tensor, key_labels: torch.Tensor,
-                            exclude: torch.Tensor, temperature: float) -> torch.Tensor:
+                            exclude: torch.Tensor, temperature: float,
+                            offset_by_rank: bool = True) -> torch.Tensor:
     """The multi-positive loss of queries against a separate set of keys (SynCLR, MoCo-style).
 
     Every query is scored against the keys of the *global* batch; its target is uniform over the
     keys that share its label, except ``exclude[i]`` (the local index of a key to drop from both
     target and softmax, e.g. the key computed from the very same crop; -1 drops none). Keys are
     gathered with gradient when they carry one (the student's own features) and without when
-    they do not (an EMA teacher's). Labels are per-rank caption ids, offset by rank.
+    they do not (an EMA teacher's). Labels are per-rank caption ids, offset by rank unless
+    ``offset_by_rank`` is False (global labels that match across ranks).
 
     With ``keys = queries`` and ``exclude = arange(n)`` this is :class:`MultiPosConLoss`.
 
@@ -108,7 +85,7 @@ def multipos_query_key_loss(queries: torch.Tensor, query_labels: torch.Tensor,
     k = F.normalize(keys.float(), dim=1)
     k_all = gather_with_grad(k) if k.requires_grad else gather_no_grad(k.detach())
     query_labels, key_labels = query_labels.long(), key_labels.long()
-    if world_size() > 1:
+    if world_size() > 1 and offset_by_rank:
         span = torch.maximum(query_labels.max(), key_labels.max()).detach().clone() + 1
         dist.all_reduce(span, op=dist.ReduceOp.MAX)
         query_labels = query_labels + rank() * span
