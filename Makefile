@@ -7,9 +7,11 @@ PIP := $(VENV)/bin/pip
 # Torch wheels this machine serves from disk; users with other set-ups may pass TORCH_SPEC="torch".
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+# headless Chromium and its driver: the report test renders the HTML report in a real browser
+CHROMEDRIVER := /usr/bin/chromedriver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data demo test test-fast lint bench clean
+.PHONY: setup data browser demo test test-fast lint bench clean
 
 setup: $(VENV)/.installed data
 
@@ -18,6 +20,12 @@ data: $(FASHION_MNIST)
 $(FASHION_MNIST):
 	$(SUDO) apt-get install -y dataset-fashion-mnist || \
 	  ($(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist)
+
+browser: $(CHROMEDRIVER)
+
+$(CHROMEDRIVER):
+	$(SUDO) apt-get install -y chromium chromium-driver || \
+	  ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium chromium-driver)
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,9 +37,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/synrep run configs/quickstart.yaml
 
-test: setup
+test: setup browser
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	SYNREP_REQUIRE_BROWSER=1 $(PY) -m pytest -q
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

@@ -7,6 +7,8 @@
     synrep train CONFIG [key.sub=value ...]   pretrain (resumes from the last checkpoint)
     synrep eval  CONFIG [key.sub=value ...]   evaluate the run's (or --checkpoint's) encoder
     synrep embed --checkpoint PATH --dataset NAME --split SPLIT --out FILE.npz
+    synrep scale CONFIG [key.sub=value ...]   train at several data sizes, fit a power law
+    synrep report RUN [--out FILE] [--screenshot PNG]  write the run's HTML report
     synrep config CONFIG [key.sub=value ...]  print the resolved config
 
 ``main(argv)`` takes a list so tests run the real CLI in-process. Errors caused by input print one
@@ -51,7 +53,18 @@ def _parser() -> argparse.ArgumentParser:
     with_config("train", "pretrain the encoder; resumes from the run's last checkpoint")
     ev = with_config("eval", "evaluate an encoder with frozen-feature protocols")
     ev.add_argument("--checkpoint", help="checkpoint to evaluate (default: the run's final one)")
+    with_config("scale", "pretrain at several data sizes (scale.captions x "
+                "scale.images_per_caption) and fit a power law of test error against data size")
     with_config("config", "print the resolved config")
+
+    rp = sub.add_parser("report", help="write one static HTML report of a run folder",
+                        description="write one static HTML report of a run folder (captions and "
+                        "images, generator settings, training curves, evaluation, PCA maps, "
+                        "scaling fit)")
+    rp.add_argument("run", help="run folder (run.dir), e.g. runs/quickstart")
+    rp.add_argument("--out", default=None, help="HTML file to write (default: RUN/report.html)")
+    rp.add_argument("--screenshot", default=None,
+                    help="also render the report in headless Chromium and save a PNG screenshot")
 
     em = sub.add_parser("embed", help="write frozen features of a dataset split to .npz",
                         description="write frozen features (features, labels) to an .npz file")
@@ -89,6 +102,21 @@ def _cmd_embed(args: argparse.Namespace) -> None:
     print(f"wrote {tuple(feats.shape)} features of {args.dataset}/{args.split} to {out}")
 
 
+def _cmd_report(args: argparse.Namespace) -> None:
+    from synrep.report import write_report
+
+    path = write_report(args.run, args.out)
+    print(f"report: {path}")
+    if args.screenshot:
+        from synrep.browser import render_in_browser
+
+        shown = render_in_browser(path, screenshot=Path(args.screenshot))
+        if shown["errors"] or shown["broken_images"]:
+            raise SynrepError(f"the report renders with console errors {shown['errors']} or "
+                              f"broken images {shown['broken_images']}")
+        print(f"screenshot: {args.screenshot}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may also follow options (`eval CONFIG --checkpoint X key=value`).
@@ -101,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "embed":
             _cmd_embed(args)
+            return 0
+        if args.command == "report":
+            _cmd_report(args)
             return 0
         from synrep.config import load_config
         from synrep.pipeline import run_stages
@@ -134,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_generator(cfg)
         elif args.command == "train":
             run_stages(cfg, ["train"])
+        elif args.command == "scale":
+            from synrep.scaling import run_scaling
+
+            run_scaling(cfg)
         elif args.command == "eval":
             if args.checkpoint:
                 from synrep.config import save_config

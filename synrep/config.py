@@ -39,6 +39,8 @@ class DataConfig:
     root: str | None = None  # dataset folder; None uses the dataset's default location
     split: str = "train"
     shards: str = ""  # caption-group shards for source = "shards"; "" = this run's images stage
+    max_captions: int | None = None  # train on the first n caption groups only (data scaling)
+    max_images_per_caption: int | None = None  # and on the first k images of each
     image_size: int | None = None  # resize on load; None keeps the stored size
 
 
@@ -140,7 +142,10 @@ class EvalConfig:
     train_split: str = "train"
     test_split: str = "test"
     image_size: int | None = None
-    protocols: list[str] = field(default_factory=lambda: ["linear", "knn"])
+    # frozen-feature protocols: linear, sgd, knn, fewshot, zeroshot (text-tower checkpoints only);
+    # finetune trains the whole encoder (minutes per epoch on a CPU), so it is opt-in
+    protocols: list[str] = field(
+        default_factory=lambda: ["linear", "sgd", "knn", "fewshot", "zeroshot"])
     pool: Literal["cls", "avg", "cls+avg"] = "cls+avg"  # ViT probe features (CNNs: pooled)
     n_last_blocks: int = 1  # concatenate features of the last n blocks (DINOv2 linear eval)
     weights: Literal["teacher", "student"] = "teacher"  # EMA teacher's encoder when there is one
@@ -150,6 +155,19 @@ class EvalConfig:
     sgd_epochs: int = 20
     knn_k: int = 20
     knn_temperature: float = 0.07
+    fewshot_shots: list[int] = field(default_factory=lambda: [1, 5, 10])
+    fewshot_seeds: int = 5  # draws per shot count; the report gives mean and spread
+    fewshot_c: float = 0.1
+    # prompt templates of zero-shot classification ("{}" = class name); [] = built-in ones
+    zeroshot_templates: list[str] = field(default_factory=list)
+    finetune_epochs: float = 1.0
+    finetune_batch_size: int = 256
+    finetune_lr: float = 1e-3
+    finetune_layer_decay: float = 0.75
+    finetune_weight_decay: float = 0.05
+    finetune_warmup_epochs: float = 0.1
+    finetune_label_smoothing: float = 0.1
+    pca_images: int = 16  # test images shown with PCA maps of their patch features; 0 = none
     val_fraction: float = 0.1
     batch_size: int = 512
     limit_train: int | None = None  # evaluate on a seeded subset of this many train images
@@ -239,6 +257,23 @@ class GeneratorConfig:
 
 
 @dataclass
+class ScaleConfig:
+    """``synrep scale``: pretrain at several data sizes and fit test error against data size.
+
+    Every size trains on the first ``captions`` caption groups of the run's image shards with the
+    first ``images_per_caption`` images of each, then evaluates; the test error of ``protocol`` is
+    fitted with ``error(n) = a * n^-b (+ c)`` over n = captions x images per caption (the data
+    scaling of METHODS.md section 3).
+    """
+
+    captions: list[int] = field(default_factory=lambda: [625, 1250, 2500, 5000])
+    images_per_caption: list[int] = field(default_factory=lambda: [4])
+    steps: int | None = None  # pretraining steps at every size; None keeps train.steps
+    protocol: Literal["linear", "sgd", "knn"] = "linear"
+    fit: Literal["power", "power+offset"] = "power"
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -251,6 +286,7 @@ class Config:
     captions: CaptionsConfig = field(default_factory=CaptionsConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -46,7 +46,7 @@ def _eval(cfg: Config) -> None:
 
 
 def _eval_done(cfg: Config) -> bool:
-    from synrep.eval.stage import TOP1_KEYS
+    from synrep.eval.stage import PROTOCOLS, protocol_done
     from synrep.train.loop import final_checkpoint
 
     path = cfg.run_dir / "eval" / "results.json"
@@ -54,7 +54,7 @@ def _eval_done(cfg: Config) -> bool:
         return False
     entry = json.loads(path.read_text()).get(cfg.eval.dataset, {})
     return entry.get("checkpoint") == str(final_checkpoint(cfg)) and all(
-        TOP1_KEYS[p] in entry for p in cfg.eval.protocols if p in TOP1_KEYS)
+        protocol_done(entry, p) for p in cfg.eval.protocols if p in PROTOCOLS)
 
 
 def _captions(cfg: Config) -> None:
@@ -100,6 +100,18 @@ def _images_done(cfg: Config) -> bool:
     return images_complete(cfg)
 
 
+def _report(cfg: Config) -> None:
+    from synrep.report import write_report
+
+    if dist.is_main():
+        print(f"report: {write_report(cfg.run_dir)}")
+    dist.barrier()
+
+
+def _report_done(cfg: Config) -> bool:
+    return False  # cheap, and its inputs change whenever another stage runs: always rewritten
+
+
 # name -> (run, is_complete), in the order `synrep run` would use them
 STAGES: dict[str, tuple[Callable[[Config], None], Callable[[Config], bool]]] = {
     "captions": (_captions, _captions_done),
@@ -107,14 +119,21 @@ STAGES: dict[str, tuple[Callable[[Config], None], Callable[[Config], bool]]] = {
     "images": (_images, _images_done),
     "train": (_train, _train_done),
     "eval": (_eval, _eval_done),
+    "report": (_report, _report_done),
 }
 
 
 def print_summary(cfg: Config, results: dict) -> None:
+    entry = results.get(cfg.eval.dataset, {})
     print(f"\nevaluation on {cfg.eval.dataset} ({cfg.eval.test_split} split):")
-    for key, value in results.get(cfg.eval.dataset, {}).items():
+    for key, value in entry.items():
         if key.endswith("_top1"):
-            print(f"  {key:>20s}: {value:6.2f} %")
+            spread = entry.get("fewshot", {}).get(key[len("fewshot_"):-len("shot_top1")], {})
+            extra = f" (+/- {spread['std']:.2f} over {len(spread['runs'])} draws)" \
+                if key.startswith("fewshot_") and spread else ""
+            print(f"  {key:>22s}: {value:6.2f} %{extra}")
+    for protocol, why in entry.get("skipped", {}).items():
+        print(f"  {protocol:>22s}: skipped, {why}")
     print(f"results: {Path(cfg.run_dir) / 'eval' / 'results.json'}")
 
 

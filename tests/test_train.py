@@ -14,7 +14,7 @@ import torch
 
 from synrep.cli import main
 from synrep.config import load_config
-from synrep.errors import CheckpointError
+from synrep.errors import CheckpointError, ConfigError
 from synrep.train.checkpoint import Checkpoint, save_checkpoint
 from tests.conftest import TINY, needs_fashion
 
@@ -158,11 +158,24 @@ def test_missing_fashion_mnist_is_a_clear_error(tmp_path, capsys):
 @needs_fashion
 def test_train_eval_embed_end_to_end(tmp_path):
     run = tmp_path / "run"
-    assert main(["run", CONFIG, *TINY, f"run.dir={run}", "eval.protocols=[linear,sgd,knn]",
-                 "eval.sgd_epochs=20"]) == 0
+    assert main(["run", CONFIG, *TINY, f"run.dir={run}", "eval.sgd_epochs=20",
+                 "eval.protocols=[linear,sgd,knn,fewshot,zeroshot]", "eval.fewshot_seeds=2",
+                 "eval.fewshot_shots=[1,10]", "eval.pca_images=6"]) == 0
     results = json.loads((run / "eval/results.json").read_text())["fashion-mnist"]
     for key in ("linear_probe_top1", "sgd_probe_top1", "knn_top1"):
         assert 50.0 < results[key] <= 100.0  # chance is 10 %
+    assert 20.0 < results["fewshot_1shot_top1"] < results["fewshot_10shot_top1"] < 90.0
+    assert len(results["fewshot"]["1"]["runs"]) == 2
+    # the SGD grid tried every pooling held in the cached cls+avg features of the last 4 blocks
+    assert results["sgd_probe_best_pool"] in ("cls", "avg", "cls+avg", "cls/4", "avg/4",
+                                              "cls+avg/4")
+    assert results["skipped"] == {"zeroshot": "the checkpoint has no text tower"}
+    assert results["pca_maps"] == "pca.png" and (run / "eval/pca.png").stat().st_size > 0
+    assert set(results["timings"]) >= {"features_s", "linear_s", "sgd_s", "knn_s", "fewshot_s"}
+    # a second run finds every protocol done and skips the stage
+    assert main(["run", CONFIG, *TINY, f"run.dir={run}", "eval.sgd_epochs=20",
+                 "eval.protocols=[linear,sgd,knn,fewshot,zeroshot]", "eval.fewshot_seeds=2",
+                 "eval.fewshot_shots=[1,10]", "eval.pca_images=6", "run.stages=[eval]"]) == 0
     assert (run / "config.yaml").exists()
     assert (run / "train/tb").is_dir()
     ck = Checkpoint(run / "train/checkpoints/final.safetensors")
@@ -197,6 +210,17 @@ def test_stablerep_trains_on_caption_group_shards(tmp_path):
     rows = [json.loads(x) for x in (run / "train/metrics.jsonl").open()]
     # 8 captions x 2 images, one view each: the loss starts near log(15), the uniform value.
     assert rows[-1]["step"] == 2 and 1.0 < rows[0]["loss"] < 4.0
+
+    # a data-size prefix of the shards (what `synrep scale` trains on), and clear errors past it
+    from synrep.train.loop import build_source
+
+    cfg = load_config(CONFIG, [*args[2:], "data.max_captions=10", "data.max_images_per_caption=2"])
+    src = build_source(cfg, "groups")
+    assert src.images.shape[:2] == (10, 2)
+    with pytest.raises(ConfigError, match="max_captions=17 but .* holds only 16 caption groups"):
+        build_source(load_config(CONFIG, [*args[2:], "data.max_captions=17"]), "groups")
+    with pytest.raises(ConfigError, match="max_images_per_caption=4 but .* has 3 images"):
+        build_source(load_config(CONFIG, [*args[2:], "data.max_images_per_caption=4"]), "groups")
 
 
 @needs_fashion

@@ -15,13 +15,13 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["fit_logreg", "lbfgs_probe", "sgd_probe_grid", "stratified_split"]
+__all__ = ["fit_logreg", "lbfgs_probe", "pool_columns", "sgd_probe_grid", "stratified_split"]
 
 log = logging.getLogger(__name__)
 
@@ -369,6 +369,7 @@ def _train_linear_heads(
     batch_size: int,
     weight_decay: float,
     generator: torch.Generator,
+    feature_masks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Train one linear head per lr on ``x [N, D]``, ``y [N]``, all heads per step at once.
 
@@ -377,6 +378,10 @@ def _train_linear_heads(
     ``lr * (1 + cos(pi t / T)) / 2`` before step t of T. ``generator`` (CPU) draws the init
     ``N(0, 0.01^2)`` of ``W [H, D, K]`` first, then one permutation of the samples per epoch.
 
+    ``feature_masks [H, D]`` (bool) restricts head h to the features where its mask is true: its
+    other weights start at 0 and never receive gradient, so it equals a head trained on those
+    columns alone (used for the pooling axis of the grid: CLS, patch mean, last block or last n).
+
     Returns:
         weights ``[H, D, K]`` and biases ``[H, K]``; a diverged head has non-finite entries (heads
         never mix, so it cannot spoil the others).
@@ -384,6 +389,14 @@ def _train_linear_heads(
     n, d = x.shape
     h, k, device = len(lrs), num_classes, x.device
     w = torch.randn(h, d, k, generator=generator) * 0.01  # (H, D, K)
+    grad_mask = None
+    if feature_masks is not None:
+        if feature_masks.shape != (h, d) or feature_masks.dtype != torch.bool:
+            raise ValueError(f"feature_masks must be bool [{h}, {d}], got "
+                             f"{feature_masks.dtype} {tuple(feature_masks.shape)}")
+        w *= feature_masks[:, :, None]
+        # (D, H*K) in the layout of the stacked weight below
+        grad_mask = feature_masks.T.repeat_interleave(k, dim=1).to(device, x.dtype)
     # Stored as one (D, H*K) matrix: every head sees the same batch, so the forward and backward
     # of all heads are one GEMM each (a batched matmul over H would copy the batch H times).
     w = (
@@ -407,6 +420,8 @@ def _train_linear_heads(
                 g[torch.arange(len(yb), device=device), :, yb] -= 1.0  # dCE/dlogits = p - onehot
                 g = g.view(len(yb), h * k) / len(yb)  # (B, H*K), mean over the batch
                 gw = xb.T @ g  # (D, H*K)
+                if grad_mask is not None:
+                    gw *= grad_mask
                 if weight_decay:
                     gw += weight_decay * w
                 mom_w.mul_(0.9).add_(gw)
@@ -429,6 +444,42 @@ def _heads_accuracy(x: Tensor, y: Tensor, w: Tensor, b: Tensor, chunk: int = 409
     return 100.0 * correct / len(x)
 
 
+def pool_columns(pool: str, n_last_blocks: int, dim: int) -> dict[str, Tensor]:
+    """Column indices of every pooling contained in probe features of ``pool`` over n blocks.
+
+    :meth:`synrep.models.Encoder.probe_features` concatenates, for each of the last
+    ``n_last_blocks`` blocks (oldest first), the CLS token and/or the mean of the patch tokens, each
+    ``dim`` wide. The SGD grid trains heads on each pooling found here without recomputing features:
+    ``"cls"``, ``"avg"`` and ``"cls+avg"`` of the last block and, when ``n_last_blocks > 1``, of the
+    last n blocks (named ``"cls/4"`` etc.).
+
+    Returns:
+        ``{name: int64 column indices}``, in a fixed order.
+    """
+    parts = {"cls": ["cls"], "avg": ["avg"], "cls+avg": ["cls", "avg"]}
+    if pool not in parts:
+        raise ValueError(f"pool must be one of {list(parts)}, got {pool!r}")
+    if n_last_blocks < 1 or dim < 1:
+        raise ValueError(f"n_last_blocks and dim must be >= 1, got {n_last_blocks} and {dim}")
+    have = parts[pool]
+    width = len(have) * dim  # features per block
+
+    def cols(kinds: list[str], blocks: int) -> Tensor:
+        out = []
+        for b in range(n_last_blocks - blocks, n_last_blocks):
+            for kind in kinds:
+                start = b * width + have.index(kind) * dim
+                out.append(torch.arange(start, start + dim))
+        return torch.cat(out)
+
+    pools = {}
+    for blocks in sorted({1, n_last_blocks}):
+        for name, kinds in parts.items():
+            if set(kinds) <= set(have):
+                pools[name if blocks == 1 else f"{name}/{blocks}"] = cols(kinds, blocks)
+    return pools
+
+
 def sgd_probe_grid(
     train_x: Tensor,
     train_y: Tensor,
@@ -436,6 +487,7 @@ def sgd_probe_grid(
     test_y: Tensor,
     *,
     lrs: Sequence[float],
+    pools: Mapping[str, Tensor] | None = None,
     epochs: int = 10,
     batch_size: int = 1024,
     weight_decay: float = 0.0,
@@ -444,20 +496,23 @@ def sgd_probe_grid(
     standardize: bool = True,
     device: str | torch.device = "cpu",
 ) -> dict:
-    """DINOv2-style linear probe: one linear head per learning rate, all trained in one pass.
+    """DINOv2-style linear probe: a grid of linear heads (lr x pooling), all trained in one pass.
 
-    The H heads are one weight tensor ``W [H, D, K]`` (init N(0, 0.01), bias 0, as DINOv2) updated
+    The heads are one weight tensor ``W [H, D, K]`` (init N(0, 0.01), bias 0, as DINOv2) updated
     with batched matmuls: each minibatch is read once for every head. Each head runs SGD with
     momentum 0.9 (PyTorch semantics: ``buf = 0.9 buf + g``) and a cosine schedule from its lr to 0
-    over all steps; ``weight_decay`` is L2 on the weights (not biases). The heads train on train
-    minus a stratified validation split; the head with the best validation top-1 is chosen (ties:
-    earlier in ``lrs``) and its test top-1 is reported (no retraining on train + val). A head that
-    diverged (non-finite weights) counts as 0 % so it can never be chosen by accident.
+    over all steps; ``weight_decay`` is L2 on the weights (not biases). With ``pools``, there is one
+    head per (pooling, lr), each seeing only its pooling's feature columns (see
+    :func:`pool_columns`). The heads train on train minus a stratified validation split; the head
+    with the best validation top-1 is chosen (ties: the earlier one) and its test top-1 is reported
+    (no retraining on train + val). A head that diverged (non-finite weights) counts as 0 % so it
+    can never be chosen by accident.
 
     Args:
         train_x: ``[N, D]`` float features; train_y: ``[N]`` labels in ``0..K-1``.
         test_x: ``[M, D]``; test_y: ``[M]``.
         lrs: one learning rate per head (> 0, no duplicates); used as given (no batch-size scaling).
+        pools: ``{name: column indices}`` of the poolings to try; ``None`` uses all features.
         epochs: passes over the fit split.
         batch_size: samples per step.
         weight_decay: L2 coefficient on the weights.
@@ -468,7 +523,9 @@ def sgd_probe_grid(
         device: where the heads train.
 
     Returns:
-        ``{"top1": test top-1 % of the chosen head, "best_lr": its lr, "val_top1": {lr: %}}``.
+        ``{"top1": test top-1 % of the chosen head, "best_lr": its lr, "val_top1": {lr: %}}``;
+        with ``pools`` also ``"best_pool"``, and ``val_top1`` / ``test_top1`` are keyed
+        ``"<pool>@<lr>"``.
     """
     k = _check_probe_inputs(train_x, train_y, test_x, test_y, val_fraction)
     lr_list = _check_grid("lrs", lrs)
@@ -476,6 +533,23 @@ def sgd_probe_grid(
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     if not (math.isfinite(weight_decay) and weight_decay >= 0):
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    d = train_x.shape[1]
+    masks = None
+    if pools is not None:
+        if not pools:
+            raise ValueError("pools is empty; give at least one pooling or None")
+        pool_masks = []
+        for name, cols in pools.items():
+            cols = torch.as_tensor(cols, dtype=torch.long)
+            if cols.ndim != 1 or len(cols) == 0 or int(cols.min()) < 0 or int(cols.max()) >= d:
+                raise ValueError(f"pool {name!r}: columns must be indices in [0, {d})")
+            mask = torch.zeros(d, dtype=torch.bool)
+            mask[cols] = True
+            pool_masks.append(mask)
+        heads = [(name, lr) for name in pools for lr in lr_list]
+        masks = torch.stack([m for m in pool_masks for _ in lr_list])  # (H, D)
+    else:
+        heads = [(None, lr) for lr in lr_list]
 
     fit_idx, val_idx = stratified_split(train_y, val_fraction, seed)
     train_x = train_x.to(device, torch.float32)
@@ -488,14 +562,15 @@ def sgd_probe_grid(
     w, b = _train_linear_heads(
         xf,
         yf,
-        lr_list,
+        [lr for _, lr in heads],
         k,
         epochs=epochs,
         batch_size=batch_size,
         weight_decay=weight_decay,
         generator=gen,
+        feature_masks=masks,
     )
-    h = len(lr_list)
+    h = len(heads)
     finite = torch.isfinite(w).flatten(1).all(1) & torch.isfinite(b).all(1)  # (H,)
 
     def head_accuracy(x: Tensor, y: Tensor) -> list[float]:  # top-1 % of every head
@@ -505,16 +580,27 @@ def sgd_probe_grid(
     val_acc = head_accuracy(xv, yv)
     test_acc = head_accuracy(xs, test_y.to(device))
     best = max(range(h), key=lambda i: (val_acc[i], -i))  # ties: the earlier head
+    best_pool, best_lr = heads[best]
     log.info(
-        "sgd probe: best lr=%g (val %.2f%%), test top-1 %.2f%%; %d/%d heads diverged",
-        lr_list[best],
+        "sgd probe: best %slr=%g (val %.2f%%), test top-1 %.2f%%; %d/%d heads diverged",
+        "" if best_pool is None else f"pool={best_pool} ",
+        best_lr,
         val_acc[best],
         test_acc[best],
         h - int(finite.sum()),
         h,
     )
+    if pools is None:
+        return {
+            "top1": test_acc[best],
+            "best_lr": best_lr,
+            "val_top1": dict(zip(lr_list, val_acc, strict=True)),
+        }
+    names = [f"{p}@{lr:g}" for p, lr in heads]
     return {
         "top1": test_acc[best],
-        "best_lr": lr_list[best],
-        "val_top1": dict(zip(lr_list, val_acc, strict=True)),
+        "best_lr": best_lr,
+        "best_pool": best_pool,
+        "val_top1": dict(zip(names, val_acc, strict=True)),
+        "test_top1": dict(zip(names, test_acc, strict=True)),
     }

@@ -1,9 +1,13 @@
 """The evaluation stage: frozen features of a checkpoint's encoder, then the configured protocols.
 
 Features of the train and test splits are computed once, cached in ``RUN/eval/features_*.npz``, and
-fed to every protocol: L-BFGS logistic regression with C chosen on a validation split (SynCLR's
-fine-grained protocol), a grid of SGD linear heads trained in one pass (DINOv2), and weighted kNN
-(DINO). Results go to ``RUN/eval/results.json`` as ``{dataset: {protocol_top1: percent}}``.
+fed to every frozen-feature protocol (METHODS.md section 1): L-BFGS logistic regression with C
+chosen on a validation split (SynCLR's fine-grained protocol), a grid of SGD linear heads over
+learning rates x poolings trained in one pass (DINOv2), weighted kNN (DINO), few-shot logistic
+regression (mean and spread over seeded draws) and, for checkpoints with a text tower, zero-shot
+classification (CLIP). ``finetune`` trains the whole encoder with layer-wise lr decay (opt-in). PCA
+maps of patch features are drawn for a few test images. Results go to ``RUN/eval/results.json`` as
+``{dataset: {key: value}}``; keys ending in ``_top1`` are top-1 accuracies in percent.
 """
 
 from __future__ import annotations
@@ -19,15 +23,17 @@ from synrep.config import Config, EvalConfig, config_from_dict
 from synrep.data.datasets import load_dataset
 from synrep.errors import ConfigError
 from synrep.eval.features import extract_features, load_features, save_features
+from synrep.eval.fewshot import fewshot_probe
 from synrep.eval.knn import knn_classify
-from synrep.eval.linear import lbfgs_probe, sgd_probe_grid
+from synrep.eval.linear import lbfgs_probe, pool_columns, sgd_probe_grid
 from synrep.models import Encoder, build_encoder
 from synrep.train.checkpoint import Checkpoint
 from synrep.utils import ensure_writable_dir, write_json_atomic
 
-PROTOCOLS = ("linear", "sgd", "knn")
-#: The results.json key each protocol's top-1 accuracy is written under.
-TOP1_KEYS = {"linear": "linear_probe_top1", "sgd": "sgd_probe_top1", "knn": "knn_top1"}
+PROTOCOLS = ("linear", "sgd", "knn", "fewshot", "zeroshot", "finetune")
+#: The results.json key that shows a protocol has run (zero-shot: or was skipped, see "skipped").
+DONE_KEYS = {"linear": "linear_probe_top1", "sgd": "sgd_probe_top1", "knn": "knn_top1",
+             "fewshot": "fewshot", "zeroshot": "zeroshot_top1", "finetune": "finetune_top1"}
 
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu",
@@ -85,16 +91,31 @@ def embed_split(
     return feats, ds.labels
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
-    """Run ``cfg.eval``'s protocols on the encoder in ``checkpoint``; write results.json."""
+def protocol_done(entry: dict[str, Any], protocol: str) -> bool:
+    """Whether ``entry`` (one dataset of results.json) holds ``protocol``'s result."""
+    return DONE_KEYS[protocol] in entry or protocol in entry.get("skipped", {})
+
+
+def _load_text_model(checkpoint: str | Path, device: torch.device) -> Any | None:
+    """The checkpoint's whole method when it trained a text tower (for zero-shot), else None."""
+    from synrep.methods import METHODS
+    from synrep.train.loop import build_method
+
+    ck = Checkpoint(checkpoint)
+    cfg = config_from_dict(ck.config, f"checkpoint {str(checkpoint)!r}")
+    if cfg.method.name not in METHODS:
+        return None
+    method = build_method(cfg)
+    if not method.has_text_tower:
+        return None
+    ck.load_model(method)
+    return method.to(device).eval()
+
+
+def _cached_features(cfg: Config, encoder: Encoder, checkpoint: str | Path, out_dir: Path,
+                     device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Train and test features, from ``out_dir``'s cache when it was made the same way."""
     ecfg = cfg.eval
-    unknown = [p for p in ecfg.protocols if p not in PROTOCOLS]
-    if unknown:
-        raise ConfigError(f"eval.protocols: unknown {unknown}; choose from {list(PROTOCOLS)}")
-    out_dir = ensure_writable_dir(cfg.run_dir / "eval", "run.dir")
-    device = torch.device(cfg.run.device)
-    encoder, _ = load_encoder(checkpoint, device, ecfg.weights)
-    t0 = time.perf_counter()
     feats = {}
     for split in (ecfg.train_split, ecfg.test_split):
         cache = out_dir / f"features_{ecfg.dataset.replace(':', '_')}_{split}.npz"
@@ -117,32 +138,131 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
             feats[split] = embed_split(encoder, ecfg, split, cfg.model.img_size, device)
             save_features(cache, *feats[split])
             stamp.write_text(key)
-    (xtr, ytr), (xte, yte) = feats[ecfg.train_split], feats[ecfg.test_split]
-    t_feat = time.perf_counter() - t0
+    return feats
 
-    # name -> (probe call, {result key: key in the probe's output})
+
+def _eval_images(cfg: Config, split: str, limit: int | None):
+    ecfg = cfg.eval
+    ds = load_dataset(ecfg.dataset, split, root=ecfg.root,
+                      image_size=ecfg.image_size or cfg.model.img_size)
+    if limit is not None and limit < len(ds):
+        g = torch.Generator().manual_seed(0)
+        ds = ds.subset(torch.randperm(len(ds), generator=g)[:limit].sort().values)
+    return ds
+
+
+def _pca_figure(cfg: Config, encoder: Encoder, out_dir: Path, device: torch.device) -> str | None:
+    """PCA maps of ``eval.pca_images`` test images (spread over the classes) -> ``pca.png``."""
+    from synrep.eval.pca import pca_maps, save_pca_figure
+
+    n = cfg.eval.pca_images
+    if n <= 0 or not encoder.is_vit:
+        return None
+    ds = _eval_images(cfg, cfg.eval.test_split, None)
+    # Round-robin over the classes, first images of each: the same images for every checkpoint.
+    order = torch.argsort(ds.labels * len(ds) + torch.arange(len(ds)))
+    per_class = torch.bincount(ds.labels)
+    starts = torch.cumsum(per_class, 0) - per_class
+    picks = [int(starts[c] + i) for i in range(n) for c in range(len(per_class))
+             if i < per_class[c]][:n]
+    images = ds.images[order[picks]]
+    save_pca_figure(images, pca_maps(encoder, images, device=device), out_dir / "pca.png")
+    return "pca.png"
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
+    """Run ``cfg.eval``'s protocols on the encoder in ``checkpoint``; write results.json."""
+    ecfg = cfg.eval
+    unknown = [p for p in ecfg.protocols if p not in PROTOCOLS]
+    if unknown:
+        raise ConfigError(f"eval.protocols: unknown {unknown}; choose from {list(PROTOCOLS)}")
+    out_dir = ensure_writable_dir(cfg.run_dir / "eval", "run.dir")
+    device = torch.device(cfg.run.device)
+    encoder, _ = load_encoder(checkpoint, device, ecfg.weights)
     seed, vf = cfg.run.seed, ecfg.val_fraction
-    protocols = {
-        "linear": (lambda: lbfgs_probe(xtr, ytr, xte, yte, cs=ecfg.linear_cs, val_fraction=vf,
-                                       seed=seed, max_iter=ecfg.linear_max_iter, device=device),
-                   {TOP1_KEYS["linear"]: "top1", "linear_probe_best_c": "best_c"}),
-        "sgd": (lambda: sgd_probe_grid(xtr, ytr, xte, yte, lrs=ecfg.sgd_lrs,
-                                       epochs=ecfg.sgd_epochs, val_fraction=vf, seed=seed,
-                                       device=device),
-                {TOP1_KEYS["sgd"]: "top1", "sgd_probe_best_lr": "best_lr"}),
-        "knn": (lambda: knn_classify(xtr, ytr, xte, yte, k=ecfg.knn_k,
-                                     temperature=ecfg.knn_temperature, device=device),
-                {TOP1_KEYS["knn"]: "top1"}),
-    }
     res: dict[str, Any] = {}
-    timings = {"features_s": round(t_feat, 1)}
+    timings: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+
+    frozen = [p for p in ecfg.protocols if p not in ("zeroshot", "finetune")]
+    xtr = ytr = xte = yte = None
+    if frozen:
+        t0 = time.perf_counter()
+        feats = _cached_features(cfg, encoder, checkpoint, out_dir, device)
+        (xtr, ytr), (xte, yte) = feats[ecfg.train_split], feats[ecfg.test_split]
+        timings["features_s"] = round(time.perf_counter() - t0, 1)
+        res["feature_dim"] = int(xtr.shape[1])
+
+    def linear() -> dict[str, Any]:
+        out = lbfgs_probe(xtr, ytr, xte, yte, cs=ecfg.linear_cs, val_fraction=vf, seed=seed,
+                          max_iter=ecfg.linear_max_iter, device=device)
+        return {"linear_probe_top1": out["top1"], "linear_probe_best_c": out["best_c"]}
+
+    def sgd() -> dict[str, Any]:
+        pools = None
+        if encoder.is_vit:
+            pools = pool_columns(ecfg.pool, ecfg.n_last_blocks, encoder.embed_dim)
+        out = sgd_probe_grid(xtr, ytr, xte, yte, lrs=ecfg.sgd_lrs, pools=pools,
+                             epochs=ecfg.sgd_epochs, val_fraction=vf, seed=seed, device=device)
+        r = {"sgd_probe_top1": out["top1"], "sgd_probe_best_lr": out["best_lr"]}
+        if "best_pool" in out:
+            r["sgd_probe_best_pool"] = out["best_pool"]
+        return r
+
+    def knn() -> dict[str, Any]:
+        out = knn_classify(xtr, ytr, xte, yte, k=ecfg.knn_k, temperature=ecfg.knn_temperature,
+                           device=device)
+        return {"knn_top1": out["top1"]}
+
+    def fewshot() -> dict[str, Any]:
+        out = fewshot_probe(xtr, ytr, xte, yte, shots=ecfg.fewshot_shots,
+                            seeds=range(seed, seed + ecfg.fewshot_seeds), c=ecfg.fewshot_c,
+                            device=device)
+        r: dict[str, Any] = {f"fewshot_{n}shot_top1": v["mean"] for n, v in out.items()}
+        r["fewshot"] = out
+        return r
+
+    def zeroshot() -> dict[str, Any]:
+        from synrep.eval.zeroshot import FASHION_TEMPLATES, class_embeddings, zero_shot_classify
+
+        model = _load_text_model(checkpoint, device)
+        if model is None:
+            skipped["zeroshot"] = "the checkpoint has no text tower"
+            return {}
+        ds = _eval_images(cfg, ecfg.test_split, ecfg.limit_test)
+        img = extract_features(model.encode_image, ds.images, batch_size=ecfg.batch_size,
+                               device=device, desc="image embeddings")
+        with torch.inference_mode():
+            cls = class_embeddings(model.encode_text, ds.classes,
+                                   ecfg.zeroshot_templates or FASHION_TEMPLATES)
+        return {"zeroshot_top1": zero_shot_classify(img, cls.cpu(), ds.labels)["top1"]}
+
+    def finetune() -> dict[str, Any]:
+        from synrep.eval.finetune import finetune as run_finetune
+
+        out = run_finetune(
+            encoder, _eval_images(cfg, ecfg.train_split, ecfg.limit_train),
+            _eval_images(cfg, ecfg.test_split, ecfg.limit_test),
+            epochs=ecfg.finetune_epochs, batch_size=ecfg.finetune_batch_size, lr=ecfg.finetune_lr,
+            layer_decay=ecfg.finetune_layer_decay, weight_decay=ecfg.finetune_weight_decay,
+            warmup_epochs=ecfg.finetune_warmup_epochs,
+            label_smoothing=ecfg.finetune_label_smoothing, seed=seed, device=device)
+        return {"finetune_top1": out["top1"], "finetune_train_loss": out["train_loss"]}
+
+    protocols = {"linear": linear, "sgd": sgd, "knn": knn, "fewshot": fewshot,
+                 "zeroshot": zeroshot, "finetune": finetune}
     for name in ecfg.protocols:
-        call, keys = protocols[name]
         t = time.perf_counter()
-        out = call()
-        res.update({key: out[src] for key, src in keys.items()})
+        res.update(protocols[name]())
         timings[f"{name}_s"] = round(time.perf_counter() - t, 1)
-    res["feature_dim"] = int(xtr.shape[1])
+    if ecfg.pca_images > 0:
+        t = time.perf_counter()
+        pca = _pca_figure(cfg, encoder, out_dir, device)
+        if pca is not None:
+            res["pca_maps"] = pca
+            timings["pca_s"] = round(time.perf_counter() - t, 1)
+    if skipped:
+        res["skipped"] = skipped
     res["checkpoint"] = str(checkpoint)
     res["protocol"] = {"pool": ecfg.pool, "n_last_blocks": ecfg.n_last_blocks,
                        "weights": ecfg.weights}

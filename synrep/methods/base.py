@@ -31,6 +31,18 @@ class Method(nn.Module):
         super().__init__()
         self.encoder = encoder
 
+    #: True for methods that train a text tower (CLIP-style); they implement
+    #: :meth:`encode_image` and :meth:`encode_text`, and evaluation adds zero-shot classification.
+    has_text_tower: bool = False
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [0, 1] -> (B, D) embeddings in the space shared with the text tower."""
+        raise NotImplementedError(f"{type(self).__name__} has no text tower")
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """T texts -> (T, D) embeddings in the space shared with the image tower."""
+        raise NotImplementedError(f"{type(self).__name__} has no text tower")
+
     def set_step(self, step: int) -> None:
         """Called before each step's forward, for per-step schedules (teacher temperature)."""
 

@@ -73,8 +73,21 @@ def build_source(cfg: Config, batch_kind: str) -> ArraySource:
                 raise ConfigError(
                     f"data.source=shards: no images at {shards!r}; run the images stage first "
                     "(add it to run.stages) or set data.shards=<folder of shards>")
-        groups = load_groups(shards)
-        images = groups.images
+        for key in ("max_captions", "max_images_per_caption"):
+            if getattr(d, key) is not None and getattr(d, key) < 1:
+                raise ConfigError(f"data.{key} must be >= 1 or null, got {getattr(d, key)}")
+        groups = load_groups(shards, max_groups=d.max_captions)
+        if d.max_captions is not None and len(groups) < d.max_captions:
+            raise ConfigError(
+                f"data.max_captions={d.max_captions} but {shards!r} holds only {len(groups)} "
+                "caption groups; render more images or lower it")
+        images = groups.images  # (G, k, C, H, W)
+        if d.max_images_per_caption is not None:
+            if images.shape[1] < d.max_images_per_caption:
+                raise ConfigError(
+                    f"data.max_images_per_caption={d.max_images_per_caption} but {shards!r} has "
+                    f"{images.shape[1]} images per caption")
+            images = images[:, : d.max_images_per_caption]
         labels = None
         if all("label" in meta for meta in groups.metas):
             labels = torch.tensor([int(meta["label"]) for meta in groups.metas])

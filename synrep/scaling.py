@@ -1,0 +1,205 @@
+"""Data scaling: pretrain at several data sizes, fit a power law of test error (METHODS.md s. 3).
+
+``synrep scale CONFIG`` renders the run's captions and images once (at the largest size), then for
+every (captions, images per caption) pair of ``scale`` trains on the first caption groups and
+images of the shards, evaluates on the real test set, and fits
+
+    error(n) = a * n^(-b)            (``scale.fit = power``)
+    error(n) = a * n^(-b) + c        (``scale.fit = power+offset``: c is the irreducible error)
+
+over n = captions x images per caption, as the scaling studies of synthetic data do (Fan et al.
+2023, "Scaling Laws of Synthetic Images for Model Training"). Every size is an ordinary run folder
+under ``RUN/scale/``, so a killed sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from synrep.config import Config, config_from_dict, save_config
+from synrep.errors import ConfigError
+from synrep.utils import ensure_writable_dir, write_json_atomic
+
+__all__ = ["fit_power_law", "plot_fit", "run_scaling"]
+
+
+def _loglog_fit(n: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Least squares of ``log y = log a - b log n``: (a, b, sum of squared log residuals)."""
+    x = np.log(n)
+    A = np.stack([np.ones_like(x), -x], axis=1)  # noqa: N806
+    coef, *_ = np.linalg.lstsq(A, np.log(y), rcond=None)
+    resid = np.log(y) - A @ coef
+    return float(np.exp(coef[0])), float(coef[1]), float(resid @ resid)
+
+
+def fit_power_law(sizes: Any, errors: Any, form: str = "power") -> dict[str, float | str]:
+    """Fit ``error = a * size^-b (+ c)`` by least squares in log space.
+
+    ``power`` is a straight line in log-log coordinates. ``power+offset`` also fits ``c`` in
+    ``[0, min(error))``: for a given c the rest is the straight-line fit of ``log(error - c)``, so c
+    is found by a dense grid followed by golden-section refinement of the log-space residual.
+
+    Args:
+        sizes: data sizes (> 0), at least 2 distinct (3 for ``power+offset``).
+        errors: test errors at those sizes, in ``(0, 1]`` or percent (> 0).
+        form: ``"power"`` or ``"power+offset"``.
+
+    Returns:
+        ``{"form", "a", "b", "c", "r2"}``; ``r2`` is the coefficient of determination of
+        ``log error`` (1 = a perfect power law).
+    """
+    n = np.asarray(sizes, dtype=np.float64)
+    y = np.asarray(errors, dtype=np.float64)
+    if n.ndim != 1 or n.shape != y.shape:
+        raise ValueError(f"sizes and errors must be 1-D and equally long, got {n.shape}, {y.shape}")
+    if not (np.all(np.isfinite(n)) and np.all(n > 0) and np.all(np.isfinite(y)) and np.all(y > 0)):
+        raise ValueError("sizes and errors must be positive finite numbers")
+    need = {"power": 2, "power+offset": 3}
+    if form not in need:
+        raise ValueError(f"form must be one of {list(need)}, got {form!r}")
+    if len(np.unique(n)) < need[form]:
+        raise ValueError(
+            f"a {form} fit needs at least {need[form]} distinct sizes, got {n.tolist()}")
+
+    c = 0.0
+    if form == "power+offset":
+        top = float(y.min())
+
+        def sse(t: float) -> float:  # t = c / min(error), in [0, 1)
+            return _loglog_fit(n, y - t * top)[2]
+
+        grid = np.linspace(0.0, 0.999, 1000)
+        i = int(np.argmin([sse(t) for t in grid]))
+        lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+        ratio = (math.sqrt(5) - 1) / 2
+        for _ in range(60):  # golden section on the bracket around the best grid point
+            m1, m2 = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+            if sse(m1) <= sse(m2):
+                hi = m2
+            else:
+                lo = m1
+        c = (lo + hi) / 2 * top
+    a, b, resid = _loglog_fit(n, y - c)
+    ly = np.log(y - c)
+    total = float(((ly - ly.mean()) ** 2).sum())
+    r2 = 1.0 - resid / total if total > 0 else 1.0
+    return {"form": form, "a": a, "b": b, "c": c, "r2": r2}
+
+
+def plot_fit(points: list[dict[str, Any]], fit: dict[str, Any], path: str | Path,
+             title: str = "") -> Path:
+    """Log-log plot of measured test error against data size with the fitted curve, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = np.array([p["images"] for p in points], dtype=np.float64)
+    err = np.array([p["error"] for p in points], dtype=np.float64)
+    grid = np.geomspace(n.min() / 1.5, n.max() * 1.5, 200)
+    curve = fit["a"] * grid ** (-fit["b"]) + fit["c"]
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
+    ax.loglog(n, err, "o", color="C0", label="measured")
+    label = f"fit: {fit['a']:.3g} n^-{fit['b']:.3f}"
+    if fit["c"]:
+        label += f" + {fit['c']:.3g}"
+    ax.loglog(grid, curve, "-", color="C1", label=label)
+    ax.set_xlabel("synthetic training images (captions x images per caption)")
+    ax.set_ylabel("test error (%)")
+    ax.set_title(title or "data scaling")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _size_config(cfg: Config, shards: str, captions: int, k: int) -> Config:
+    """The config of one data size: the base run on a prefix of the shards, in its own folder."""
+    sub = config_from_dict(cfg.to_dict(), "scale")
+    sub.run.dir = str(cfg.run_dir / "scale" / f"c{captions}_k{k}")
+    sub.run.stages = ["train", "eval"]
+    sub.data.source = "shards"
+    sub.data.shards = shards
+    sub.data.max_captions = captions
+    sub.data.max_images_per_caption = k
+    sub.method.images_per_caption = min(cfg.method.images_per_caption, k)
+    if cfg.scale.steps is not None:
+        sub.train.steps = cfg.scale.steps
+        sub.optim.warmup_steps = min(cfg.optim.warmup_steps, cfg.scale.steps // 10)
+    sub.eval.protocols = [cfg.scale.protocol]
+    sub.eval.pca_images = 0
+    return sub
+
+
+def run_scaling(cfg: Config) -> dict[str, Any]:
+    """Train and evaluate at every data size of ``cfg.scale``; fit, plot and save the power law.
+
+    Writes ``RUN/scale/results.json`` (points and fit) and ``RUN/scale/fit.png``.
+    """
+    from synrep.eval.stage import DONE_KEYS
+    from synrep.pipeline import run_stages
+
+    s = cfg.scale
+    sizes = list(itertools.product(s.captions, s.images_per_caption))
+    if any(c < 1 for c in s.captions) or any(k < 1 for k in s.images_per_caption):
+        raise ConfigError(f"scale.captions and scale.images_per_caption must be >= 1, got "
+                          f"{s.captions} and {s.images_per_caption}")
+    if len({c * k for c, k in sizes}) < (3 if s.fit == "power+offset" else 2):
+        raise ConfigError(f"scale: {len(sizes)} data sizes are too few for a {s.fit} fit; give "
+                          "more values in scale.captions or scale.images_per_caption")
+    if s.steps is not None and s.steps < 1:
+        raise ConfigError(f"scale.steps must be >= 1 or null, got {s.steps}")
+    out_dir = ensure_writable_dir(cfg.run_dir / "scale", "run.dir")
+    save_config(cfg, cfg.run_dir / "config.yaml")
+
+    shards = cfg.data.shards
+    if not shards:  # generate the run's own captions and images once, at the largest size
+        from synrep.images.stage import images_dir
+
+        if cfg.captions.num < max(s.captions):
+            raise ConfigError(f"scale.captions goes up to {max(s.captions)} but captions.num is "
+                              f"{cfg.captions.num}; raise captions.num")
+        if cfg.images.images_per_caption < max(s.images_per_caption):
+            raise ConfigError(
+                f"scale.images_per_caption goes up to {max(s.images_per_caption)} but "
+                f"images.images_per_caption is {cfg.images.images_per_caption}; raise it")
+        run_stages(cfg, ["captions", "images"])
+        shards = str(images_dir(cfg).resolve())
+
+    points = []
+    for i, (captions, k) in enumerate(sizes):
+        sub = _size_config(cfg, shards, captions, k)
+        print(f"\n[scale {i + 1}/{len(sizes)}] {captions} captions x {k} images "
+              f"= {captions * k:,} images -> {sub.run.dir}")
+        run_stages(sub, ["train", "eval"])
+        entry = json.loads((sub.run_dir / "eval" / "results.json").read_text())[sub.eval.dataset]
+        top1 = float(entry[DONE_KEYS[s.protocol]])
+        points.append({"captions": captions, "images_per_caption": k, "images": captions * k,
+                       "top1": top1, "error": 100.0 - top1, "run": sub.run.dir})
+    fit = fit_power_law([p["images"] for p in points], [p["error"] for p in points], s.fit)
+    results = {"protocol": s.protocol, "dataset": cfg.eval.dataset, "points": points, "fit": fit}
+    write_json_atomic(out_dir / "results.json", results)
+    plot_fit(points, fit, out_dir / "fit.png",
+             f"{cfg.method.name} on synthetic data, {s.protocol} probe on {cfg.eval.dataset}")
+
+    print(f"\ndata scaling ({s.protocol} probe on {cfg.eval.dataset}):")
+    print(f"  {'captions':>9s} {'imgs/cap':>8s} {'images':>8s} {'top-1 %':>8s} {'error %':>8s}")
+    for p in points:
+        print(f"  {p['captions']:9d} {p['images_per_caption']:8d} {p['images']:8d} "
+              f"{p['top1']:8.2f} {p['error']:8.2f}")
+    offset = f" + {fit['c']:.3g}" if fit["c"] else ""
+    print(f"fit: error = {fit['a']:.4g} * n^-{fit['b']:.4f}{offset}  (R^2 of log error "
+          f"{fit['r2']:.3f})")
+    print(f"results: {out_dir / 'results.json'}, plot: {out_dir / 'fit.png'}")
+    return results
