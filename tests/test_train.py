@@ -172,6 +172,13 @@ def test_train_eval_embed_end_to_end(tmp_path):
     assert results["skipped"] == {"zeroshot": "the checkpoint has no text tower"}
     assert results["pca_maps"] == "pca.png" and (run / "eval/pca.png").stat().st_size > 0
     assert set(results["timings"]) >= {"features_s", "linear_s", "sgd_s", "knn_s", "fewshot_s"}
+    # fine-tuning with layer decay through the same stage, on the trained checkpoint
+    ck = str(run / "train/checkpoints/final.safetensors")
+    assert main(["eval", CONFIG, *TINY, f"run.dir={tmp_path / 'ft'}", "--checkpoint", ck,
+                 "eval.protocols=[finetune]", "eval.finetune_batch_size=50",
+                 "eval.finetune_lr=1e-3", "eval.pca_images=0"]) == 0
+    ft = json.loads((tmp_path / "ft/eval/results.json").read_text())["fashion-mnist"]
+    assert 30.0 < ft["finetune_top1"] <= 100.0 and len(ft["finetune_train_loss"]) == 1
     # a second run finds every protocol done and skips the stage
     assert main(["run", CONFIG, *TINY, f"run.dir={run}", "eval.sgd_epochs=20",
                  "eval.protocols=[linear,sgd,knn,fewshot,zeroshot]", "eval.fewshot_seeds=2",

@@ -60,7 +60,7 @@ def fewshot_probe(
     *,
     shots: Sequence[int] = (1, 5, 10),
     seeds: Sequence[int] = (0, 1, 2, 3, 4),
-    c: float = 0.1,
+    c: float = 0.01,
     max_iter: int = 200,
     device: str | torch.device = "cpu",
 ) -> dict:

@@ -1,0 +1,707 @@
+"""JEST: joint example selection by learnability (Evans et al. 2024, arXiv 2406.17711).
+
+Each step draws a super-batch of ``B`` examples and keeps ``b = (1 - f) B`` of them (filter ratio
+``f``). For a contrastive loss the loss of a sub-batch is (exactly or approximately) a sum of
+pairwise terms, so a model's losses on the super-batch form a ``[B, B]`` matrix ``S`` and a
+sub-batch ``A`` scores ``sum_{i,j in A} S_ij``. The score matrix is the learner's minus the frozen
+reference's (*learnability*, the default), the learner's alone (*hard learner*) or minus the
+reference's (*easy reference*). Selection is blocked and sequential (METHODS.md section 5): the
+first chunk is drawn from the diagonal, every later chunk from the conditional scores
+
+    g_k = S_kk + sum_{j in sel} (S_kj + S_jk),      g_k = -inf for k already selected,
+
+which is the exact gain ``sum_{A+k} S - sum_A S`` of adding ``k``. A chunk is drawn without
+replacement from ``softmax(g / temperature)`` by Gumbel-top-k: the top entries of ``g / temperature
++ Gumbel noise`` follow the Plackett-Luce (sequential softmax) law, so no probabilities are formed.
+
+At scale ``S`` is never built: the pair-loss objects (:class:`SigmoidPairs`, :class:`MultiposPairs`,
+:class:`SoftmaxPairs`) hold the super-batch embeddings and compute only the columns and rows of
+the chunk just selected, keeping a running ``(B,)`` conditional sum: memory ``O(B d + B b)``.
+The dense functions (``*_pair_loss``, :func:`joint_sample`) are for small super-batches and tests.
+
+Pairwise decomposition, per loss:
+
+* SigLIP (sigmoid): exact. ``sum_{i,j in A} S_ij = |A| * L_sigmoid(A)``.
+* Multi-positive (StableRep/SynCLR): approximate, see :class:`MultiposPairs`.
+* CLIP softmax: not decomposable (negatives enter a log-sum-exp); :class:`SoftmaxPairs` recomputes
+  the exact conditional gain against the selected set for every chunk instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from synrep.train.dist import gather_no_grad, rank, world_size
+
+Score = Literal["learnability", "hard_learner", "easy_reference"]
+PerExample = Literal["diagonal", "row_sum"]
+
+# Rows of a similarity matrix computed at once when a full row statistic (log-sum-exp over the
+# super-batch) is needed: bounds that memory to O(B * _ROW_BLOCK).
+_ROW_BLOCK = 1024
+
+# (learner, reference) coefficients of each score: score = c_l * S_learner + c_r * S_reference.
+_COEFFICIENTS: dict[str, tuple[float, float]] = {
+    "learnability": (1.0, -1.0),
+    "hard_learner": (1.0, 0.0),
+    "easy_reference": (0.0, -1.0),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation helpers
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _check_temperature(name: str, value: float) -> float:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_counts(size: int, b: int, n_chunks: int) -> None:
+    _check_positive_int("b (examples to select)", b)
+    _check_positive_int("n_chunks", n_chunks)
+    if b > size:
+        raise ValueError(f"b = {b} examples cannot be selected from a super-batch of B = {size}; "
+                         f"b must be in [1, {size}]")
+    if n_chunks > b:
+        raise ValueError(f"n_chunks = {n_chunks} is more chunks than selected examples b = {b}; "
+                         f"n_chunks must be in [1, {b}]")
+
+
+def _check_score(score: str) -> tuple[float, float]:
+    if score not in _COEFFICIENTS:
+        raise ValueError(f"score must be one of {sorted(_COEFFICIENTS)}, got {score!r}")
+    return _COEFFICIENTS[score]
+
+
+def _check_matrix(name: str, s: Tensor) -> None:
+    if s.ndim != 2 or s.shape[0] != s.shape[1] or s.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty square [B, B] matrix, got shape "
+                         f"{tuple(s.shape)}")
+    if not torch.isfinite(s).all():
+        raise ValueError(f"{name} contains NaN or infinite entries")
+
+
+def _check_embeddings(names: tuple[str, ...], *xs: Tensor) -> None:
+    for name, x in zip(names, xs):
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise ValueError(f"{name} must be a non-empty [B, d] matrix, got shape "
+                             f"{tuple(x.shape)}")
+    shapes = {tuple(x.shape) for x in xs}
+    if len(shapes) > 1:
+        got = ", ".join(f"{n} {tuple(x.shape)}" for n, x in zip(names, xs))
+        raise ValueError(f"embeddings must all have the same shape [B, d], got {got}")
+
+
+def _as_float(x: Tensor) -> Tensor:
+    """Detached, at least float32 (float64 stays float64), L2-normalised rows."""
+    x = x.detach()
+    if not x.is_floating_point() or x.element_size() < 4:
+        x = x.float()
+    return F.normalize(x, dim=1)
+
+
+def selected_count(super_batch: int, filter_ratio: float) -> int:
+    """``b = (1 - f) B`` rounded half up: how many of a super-batch of ``B`` examples to keep.
+
+    ``f`` must lie in [0, 1) (JEST uses 0.5, 0.8, 0.9) and the result must be at least 1.
+    """
+    _check_positive_int("super-batch size B", super_batch)
+    if not (isinstance(filter_ratio, (int, float)) and 0 <= filter_ratio < 1):
+        raise ValueError(f"filter ratio f must be in [0, 1), got {filter_ratio!r}")
+    b = math.floor((1 - filter_ratio) * super_batch + 0.5)
+    if b < 1:
+        raise ValueError(f"filter ratio f = {filter_ratio} keeps b = round({1 - filter_ratio:g} * "
+                         f"{super_batch}) = 0 examples; use f <= {1 - 0.5 / super_batch:g} or a "
+                         f"larger super-batch")
+    return b
+
+
+def chunk_sizes(b: int, n_chunks: int) -> list[int]:
+    """Sizes of the ``n_chunks`` chunks of ``b``: the first ``b % n_chunks`` get one extra."""
+    _check_positive_int("b (examples to select)", b)
+    _check_positive_int("n_chunks", n_chunks)
+    if n_chunks > b:
+        raise ValueError(f"n_chunks = {n_chunks} is more chunks than selected examples b = {b}; "
+                         f"n_chunks must be in [1, {b}]")
+    base, extra = divmod(b, n_chunks)
+    return [base + 1] * extra + [base] * (n_chunks - extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores
+
+
+def learnability(learner: Tensor, reference: Tensor) -> Tensor:
+    """``learner - reference`` (pair matrices [B, B] or per-example [B]): the default JEST score."""
+    if learner.shape != reference.shape:
+        raise ValueError(f"learner and reference scores must have the same shape, got "
+                         f"{tuple(learner.shape)} and {tuple(reference.shape)}")
+    return learner - reference
+
+
+def hard_learner(learner: Tensor) -> Tensor:
+    """The learner's own loss: prefers what the learner gets wrong (noisy data included)."""
+    return learner
+
+
+def easy_reference(reference: Tensor) -> Tensor:
+    """Minus the reference's loss: prefers what the curated reference finds easy."""
+    return -reference
+
+
+def score_matrix(score: Score, learner: Tensor | None, reference: Tensor | None) -> Tensor:
+    """The named score from the learner's and reference's losses (the unused one may be None)."""
+    c_learner, c_reference = _check_score(score)
+    if c_learner and learner is None or c_reference and reference is None:
+        missing = "learner" if c_learner and learner is None else "reference"
+        raise ValueError(f"score {score!r} needs the {missing}'s losses, got None")
+    if reference is None or score == "hard_learner":
+        assert learner is not None
+        return hard_learner(learner)
+    if learner is None or score == "easy_reference":
+        return easy_reference(reference)
+    return learnability(learner, reference)
+
+
+def per_example_scores(scores: Tensor, form: PerExample = "diagonal") -> Tensor:
+    """[B, B] -> [B] for independent selection (RHO-LOSS style prioritisation).
+
+    ``"diagonal"``: ``S_ii`` (the positive pair alone, SigLIP); ``"row_sum"``: ``sum_j S_ij``,
+    example ``i``'s loss as an anchor against the whole super-batch (exact for
+    :class:`MultiposPairs`, whose diagonal is 0).
+    """
+    _check_matrix("scores", scores)
+    if form == "diagonal":
+        return scores.diagonal().clone()
+    if form == "row_sum":
+        return scores.sum(dim=1)
+    raise ValueError(f"form must be 'diagonal' or 'row_sum', got {form!r}")
+
+
+def conditional_scores(scores: Tensor, selected: Tensor) -> Tensor:
+    """``g_k = S_kk + sum_{j in sel} (S_kj + S_jk)``, ``-inf`` on ``selected``. [B, B] -> [B].
+
+    The gain in the sub-batch score ``sum_{i,j} S_ij`` from adding ``k`` to ``selected``.
+    """
+    _check_matrix("scores", scores)
+    sel = selected.long()
+    g = scores.diagonal() + scores[:, sel].sum(dim=1) + scores[sel, :].sum(dim=0)  # (B,)
+    return g.index_fill(0, sel, -math.inf)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pair losses held as embeddings
+
+
+class Tracker(Protocol):
+    """Conditional gains of every candidate against a growing selected set."""
+
+    def scores(self) -> Tensor:
+        """(B,) gain of adding each example; entries of selected examples are meaningless."""
+        ...
+
+    def add(self, chunk: Tensor) -> None:
+        """Extend the selected set by ``chunk`` (c,)."""
+        ...
+
+
+class PairScores(Protocol):
+    """One model's losses on a super-batch, evaluated on demand (never densely)."""
+
+    size: int
+    device: torch.device
+
+    def tracker(self) -> Tracker: ...
+
+    def gather(self) -> PairScores:
+        """The same object over the super-batch concatenated from every rank (rank-major)."""
+        ...
+
+
+def _arange_or(idx: Tensor | None, size: int, device: torch.device) -> Tensor:
+    return torch.arange(size, device=device) if idx is None else idx
+
+
+def _take(x: Tensor, idx: Tensor | None) -> Tensor:
+    return x if idx is None else x[idx]
+
+
+class _AdditivePairs:
+    """A pair loss whose sub-batch score is ``sum_{i,j in A} S_ij``: only blocks are needed."""
+
+    size: int
+    device: torch.device
+
+    def diagonal(self) -> Tensor:  # (B,)
+        raise NotImplementedError
+
+    def block(self, rows: Tensor | None, cols: Tensor | None) -> Tensor:
+        """``S[rows][:, cols]``; ``None`` means every example. (r, c)."""
+        raise NotImplementedError
+
+    def dense(self) -> Tensor:
+        """The full [B, B] matrix (small super-batches and tests only)."""
+        return self.block(None, None)
+
+    def tracker(self) -> Tracker:
+        return _AdditiveTracker(self)
+
+
+class _AdditiveTracker:
+    """Running ``g = diag + sum over selected of (column + row)``: O(B * chunk) per chunk."""
+
+    def __init__(self, pairs: _AdditivePairs) -> None:
+        self.pairs = pairs
+        self.g = pairs.diagonal().clone()  # (B,)
+
+    def scores(self) -> Tensor:
+        return self.g
+
+    def add(self, chunk: Tensor) -> None:
+        self.g += self.pairs.block(None, chunk).sum(dim=1)  # S[:, chunk]: (B, c) -> (B,)
+        self.g += self.pairs.block(chunk, None).sum(dim=0)  # S[chunk, :]: (c, B) -> (B,)
+
+
+class _DensePairs(_AdditivePairs):
+    def __init__(self, scores: Tensor) -> None:
+        _check_matrix("scores", scores)
+        self.s = scores
+        self.size, self.device = scores.shape[0], scores.device
+
+    def diagonal(self) -> Tensor:
+        return self.s.diagonal()
+
+    def block(self, rows: Tensor | None, cols: Tensor | None) -> Tensor:
+        return _take(_take(self.s, rows).T, cols).T
+
+    def gather(self) -> PairScores:
+        raise ValueError("a dense score matrix cannot be gathered; pass embeddings instead")
+
+
+class SigmoidPairs(_AdditivePairs):
+    """SigLIP pair losses ``S_ij = -log sigmoid(z_ij (t x_i.y_j + b))``, ``z = +1`` iff i = j.
+
+    Exact: the SigLIP loss of a sub-batch ``A`` is ``sum_{i,j in A} S_ij / |A|``.
+
+    Shapes: img [B, d], txt [B, d] (L2-normalised inside); ``t`` the logit scale (not its log),
+    ``b`` the bias of the model being scored.
+    """
+
+    def __init__(self, img: Tensor, txt: Tensor, t: float, b: float) -> None:
+        _check_embeddings(("img", "txt"), img, txt)
+        _check_temperature("t (sigmoid logit scale)", t)
+        if not math.isfinite(b):
+            raise ValueError(f"b (sigmoid bias) must be finite, got {b!r}")
+        self.img, self.txt = _as_float(img), _as_float(txt)
+        self.t, self.bias = float(t), float(b)
+        self.size, self.device = img.shape[0], img.device
+
+    def diagonal(self) -> Tensor:
+        return -F.logsigmoid(self.t * (self.img * self.txt).sum(dim=1) + self.bias)  # (B,)
+
+    def block(self, rows: Tensor | None, cols: Tensor | None) -> Tensor:
+        logits = self.t * _take(self.img, rows) @ _take(self.txt, cols).T + self.bias  # (r, c)
+        r = _arange_or(rows, self.size, logits.device)
+        c = _arange_or(cols, self.size, logits.device)
+        sign = (r[:, None] == c[None, :]).to(logits.dtype) * 2 - 1  # (r, c) +1 positive, -1 not
+        return -F.logsigmoid(sign * logits)
+
+    def gather(self) -> SigmoidPairs:
+        _check_same_size_on_ranks(self.size)
+        return SigmoidPairs(gather_no_grad(self.img), gather_no_grad(self.txt), self.t, self.bias)
+
+
+def _row_logsumexp(q: Tensor, k: Tensor, scale: float, exclude_self: bool) -> Tensor:
+    """``logsumexp_j (q_i . k_j) * scale`` for every row i, in row blocks. (B,)."""
+    out = q.new_empty(q.shape[0])
+    for start in range(0, q.shape[0], _ROW_BLOCK):
+        s = q[start:start + _ROW_BLOCK] @ k.T * scale  # (blk, B)
+        if exclude_self:
+            rows = torch.arange(s.shape[0], device=s.device)
+            s[rows, rows + start] = -math.inf
+        out[start:start + s.shape[0]] = torch.logsumexp(s, dim=1)
+    return out
+
+
+class MultiposPairs(_AdditivePairs):
+    """Multi-positive (StableRep/SynCLR) pair losses with the super-batch's softmax frozen.
+
+    The loss of a batch ``A`` is the mean over anchors ``i`` with a positive of
+    ``1/|P_A(i)| sum_{p in P_A(i)} -log softmax_{A - i}(s_i / tau)_p``, ``P_A(i)`` the other
+    images of ``i``'s caption group in ``A``, ``s_ij = z_i . z_j``. The log-sum-exp couples every
+    pair of the batch, so no pair matrix reproduces it on every sub-batch. This one freezes the
+    two batch-dependent quantities at their super-batch values ``D``:
+
+        S_ij = (LSE_{k in D, k != i} s_ik / tau - s_ij / tau) / (m_i - 1)   i != j, same group
+        S_ij = 0                                                             otherwise (and i = j)
+
+    with ``m_i`` the size of ``i``'s group in ``D``. Exact on the super-batch:
+    ``sum_{i,j in D} S_ij = n_valid * L(D)`` and the row sums are the per-anchor losses. On a
+    sub-batch ``A`` it is an approximation: (1) the denominator still runs over ``D``, not ``A``;
+    since ``LSE_D >= LSE_A`` every positive term is an over-estimate, by ``-log`` of the share of
+    the anchor's softmax mass that ``A`` retains (about ``log(B / b)`` when that mass is spread
+    evenly, a constant that does not change the ranking); (2) positives are weighted by
+    ``1/(m_i - 1)`` instead of ``1/(|P_A(i)|)``, equal when ``A`` keeps whole groups. Hence for a
+    sub-batch of whole groups ``sum_{i,j in A} S_ij >= n_valid(A) * L(A)``. Negatives enter only
+    through the frozen denominator, so the joint selection couples an image to its positives
+    (choosing one makes its group-mates' terms count), not to its hard negatives. The zero
+    diagonal means the first chunk of a pure multi-positive score is drawn uniformly.
+
+    Shapes: z [B, d] (L2-normalised inside), group_ids [B] integer caption ids.
+    ``cross_rank_positives`` is as in :class:`synrep.losses.MultiPosConLoss`: if False, ids are
+    local to each rank and are offset by rank when gathered.
+    """
+
+    def __init__(self, z: Tensor, group_ids: Tensor, temperature: float,
+                 cross_rank_positives: bool = False) -> None:
+        _check_embeddings(("z",), z)
+        if group_ids.shape != z.shape[:1] or group_ids.is_floating_point():
+            raise ValueError(f"group_ids must be an integer [B] = [{z.shape[0]}] tensor, got "
+                             f"{group_ids.dtype} of shape {tuple(group_ids.shape)}")
+        self.temperature = _check_temperature("temperature", temperature)
+        self.cross_rank_positives = cross_rank_positives
+        self.z, self.ids = _as_float(z), group_ids.long()
+        self.size, self.device = z.shape[0], z.device
+        _, inverse, counts = torch.unique(self.ids, return_inverse=True, return_counts=True)
+        m = counts[inverse].to(self.z.dtype)  # (B,) group size of each example
+        self.weight = torch.where(m > 1, 1 / (m - 1).clamp(min=1), torch.zeros_like(m))  # (B,)
+        self.lse = _row_logsumexp(self.z, self.z, 1 / self.temperature, exclude_self=True)  # (B,)
+
+    @property
+    def n_valid(self) -> int:
+        """Anchors with at least one positive in the super-batch."""
+        return int((self.weight > 0).sum())
+
+    def diagonal(self) -> Tensor:
+        return self.z.new_zeros(self.size)
+
+    def block(self, rows: Tensor | None, cols: Tensor | None) -> Tensor:
+        s = _take(self.z, rows) @ _take(self.z, cols).T / self.temperature  # (r, c)
+        r = _arange_or(rows, self.size, s.device)
+        c = _arange_or(cols, self.size, s.device)
+        pos = (self.ids[r][:, None] == self.ids[c][None, :]) & (r[:, None] != c[None, :])
+        loss = self.weight[r][:, None] * (self.lse[r][:, None] - s)  # (r, c)
+        return torch.where(pos, loss, torch.zeros_like(loss))
+
+    def gather(self) -> MultiposPairs:
+        _check_same_size_on_ranks(self.size)
+        ids = self.ids
+        if world_size() > 1 and not self.cross_rank_positives:
+            if ids.min() < 0:
+                raise ValueError("group_ids must be >= 0 to be offset by rank when gathered")
+            span = (ids.max() + 1).clone()
+            dist.all_reduce(span, op=dist.ReduceOp.MAX)
+            ids = ids + rank() * span
+        return MultiposPairs(gather_no_grad(self.z), gather_no_grad(ids), self.temperature,
+                             self.cross_rank_positives)
+
+
+class SoftmaxPairs:
+    """CLIP softmax losses: the conditional gain is recomputed exactly against the selected set.
+
+    The score of a sub-batch ``A`` is its summed loss ``T(A) = |A| * L_clip(A)``, with
+    ``l_i(A) = 1/2 [(LSE_{j in A} s_ij - s_ii) + (LSE_{j in A} s_ji - s_ii)]`` and
+    ``s_ij = x_i . y_j / tau``. It is not a sum of pair terms (negatives sit inside the LSE), so
+    the tracker returns for every candidate ``k`` the exact gain ``T(A + k) - T(A)``:
+
+        1/2 [LSE(s_kA, s_kk) - s_kk + LSE(s_Ak, s_kk) - s_kk]                 (k's own loss)
+      + 1/2 sum_{i in A} [logaddexp(r_i, s_ik) - r_i + logaddexp(c_i, s_ki) - c_i]   (k as negative)
+
+    where ``r_i, c_i`` are the row and column LSEs of ``i`` within ``A``. It keeps ``s[:, A]`` and
+    ``s[A, :]`` ((B, |A|) each) and recomputes the gain from them per chunk: O(B b) memory. A
+    singleton has zero CLIP loss, so the first chunk is drawn instead from each example's loss
+    against the whole super-batch (RHO-LOSS style; the diagonal of :func:`softmax_pair_loss`).
+
+    Shapes: img [B, d], txt [B, d] (L2-normalised inside).
+    """
+
+    def __init__(self, img: Tensor, txt: Tensor, temperature: float) -> None:
+        _check_embeddings(("img", "txt"), img, txt)
+        self.temperature = _check_temperature("temperature", temperature)
+        self.img, self.txt = _as_float(img), _as_float(txt)
+        self.size, self.device = img.shape[0], img.device
+        scale = 1 / self.temperature
+        self.diag_logits = (self.img * self.txt).sum(dim=1) * scale  # (B,) s_ii
+        row = _row_logsumexp(self.img, self.txt, scale, exclude_self=False)  # image -> texts
+        col = _row_logsumexp(self.txt, self.img, scale, exclude_self=False)  # text -> images
+        self.per_example = 0.5 * (row + col) - self.diag_logits  # (B,)
+
+    def logits(self, rows: Tensor | None, cols: Tensor | None) -> Tensor:
+        """``s[rows][:, cols]`` (r, c)."""
+        return _take(self.img, rows) @ _take(self.txt, cols).T / self.temperature
+
+    def tracker(self) -> Tracker:
+        return _SoftmaxTracker(self)
+
+    def gather(self) -> SoftmaxPairs:
+        _check_same_size_on_ranks(self.size)
+        return SoftmaxPairs(gather_no_grad(self.img), gather_no_grad(self.txt), self.temperature)
+
+
+class _SoftmaxTracker:
+    def __init__(self, pairs: SoftmaxPairs) -> None:
+        self.pairs = pairs
+        self.sel = torch.empty(0, dtype=torch.long, device=pairs.img.device)  # (a,)
+        self.p = pairs.img.new_empty(pairs.size, 0)  # (B, a): p[k, j] = s[k, A_j]
+        self.q = pairs.img.new_empty(pairs.size, 0)  # (B, a): q[k, j] = s[A_j, k]
+
+    def scores(self) -> Tensor:
+        if self.sel.numel() == 0:
+            return self.pairs.per_example
+        d, p, q = self.pairs.diag_logits, self.p, self.q
+        own = (torch.logaddexp(torch.logsumexp(p, dim=1), d)
+               + torch.logaddexp(torch.logsumexp(q, dim=1), d) - 2 * d)  # (B,)
+        r = torch.logsumexp(p[self.sel], dim=1)  # (a,) r_i = LSE_{j in A} s[A_i, A_j]
+        c = torch.logsumexp(q[self.sel], dim=1)  # (a,) c_i = LSE_{j in A} s[A_j, A_i]
+        # Adding k puts s[A_i, k] = q[k, i] into row i's LSE, s[k, A_i] = p[k, i] into column i's.
+        others = ((torch.logaddexp(r[None, :], q) - r[None, :]).sum(dim=1)
+                  + (torch.logaddexp(c[None, :], p) - c[None, :]).sum(dim=1))  # (B,)
+        return 0.5 * (own + others)
+
+    def add(self, chunk: Tensor) -> None:
+        self.p = torch.cat([self.p, self.pairs.logits(None, chunk)], dim=1)
+        self.q = torch.cat([self.q, self.pairs.logits(chunk, None).T], dim=1)
+        self.sel = torch.cat([self.sel, chunk])
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense pair matrices
+
+
+@torch.no_grad()
+def sigmoid_pair_loss(img: Tensor, txt: Tensor, t: float, b: float) -> Tensor:
+    """[B, B] SigLIP pair losses; see :class:`SigmoidPairs` (exactly decomposable)."""
+    return SigmoidPairs(img, txt, t, b).dense()
+
+
+@torch.no_grad()
+def multipos_pair_loss(z: Tensor, group_ids: Tensor, temperature: float) -> Tensor:
+    """[B, B] multi-positive pair losses; see :class:`MultiposPairs` for the approximation."""
+    return MultiposPairs(z, group_ids, temperature).dense()
+
+
+@torch.no_grad()
+def softmax_pair_loss(img: Tensor, txt: Tensor, temperature: float) -> Tensor:
+    """[B, B] frozen-denominator CLIP pair losses: diagonal, each example's super-batch loss.
+
+    With the softmax denominators frozen at the super-batch, a CLIP loss has positive terms only
+    on the diagonal, so this matrix carries no interaction between examples: joint sampling on it
+    is independent sampling. Use :class:`SoftmaxPairs` with :func:`joint_sample_from_embeddings`
+    to recompute the conditional gains on the selected set.
+    """
+    return torch.diag_embed(SoftmaxPairs(img, txt, temperature).per_example)
+
+
+def softmax_batch_loss(img: Tensor, txt: Tensor, idx: Tensor, temperature: float) -> Tensor:
+    """The symmetric CLIP loss (mean over the batch) of the examples ``idx`` (n,). Scalar."""
+    _check_embeddings(("img", "txt"), img, txt)
+    _check_temperature("temperature", temperature)
+    x, y = _as_float(img)[idx], _as_float(txt)[idx]
+    logits = x @ y.T / temperature  # (n, n)
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def _gumbel_top_k(logits: Tensor, k: int, generator: torch.Generator | None, greedy: bool,
+                  owner: Tensor | None = None, remaining: Tensor | None = None) -> Tensor:
+    """``k`` indices without replacement from ``softmax(logits)`` (Plackett-Luce). (k,).
+
+    The top ``k`` of ``logits + Gumbel noise``; ``greedy`` takes the top ``k`` of ``logits``.
+    ``-inf`` logits are never taken. With ``owner`` (B,) and ``remaining`` (W,), at most
+    ``remaining[w]`` indices with owner ``w`` are taken: walking down the sorted keys and skipping
+    full owners is sequential softmax sampling with those owners' items removed.
+    """
+    keys = logits
+    if not greedy:
+        u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype,
+                       device=logits.device)
+        keys = logits - torch.log(-torch.log(u.clamp(min=torch.finfo(u.dtype).tiny)))
+    if owner is None or remaining is None:
+        return torch.topk(keys, k).indices
+    order = torch.argsort(keys, descending=True, stable=True)  # (B,)
+    own = owner[order]
+    nth = F.one_hot(own, remaining.numel()).cumsum(dim=0).gather(1, own[:, None])[:, 0]  # (B,)
+    ok = (nth <= remaining[own]) & torch.isfinite(keys[order])
+    return order[ok][:k]
+
+
+def _blocked_sample(terms: list[tuple[float, Tracker]], size: int, b: int, n_chunks: int,
+                    generator: torch.Generator | None, temperature: float, greedy: bool,
+                    device: torch.device, owner: Tensor | None = None,
+                    quota: Tensor | None = None) -> Tensor:
+    """The JEST loop over chunks; ``terms`` are (coefficient, tracker) summed into the score.
+
+    Every chunk draws exactly B uniforms from ``generator`` whatever is already selected, so
+    the dense and block paths, and every rank, consume the generator identically.
+    """
+    _check_counts(size, b, n_chunks)
+    temperature = _check_temperature("temperature", temperature)
+    taken = torch.zeros(size, dtype=torch.bool, device=device)  # (B,)
+    remaining = None if quota is None else quota.clone()
+    picks = []
+    sizes = chunk_sizes(b, n_chunks)
+    for n, c in enumerate(sizes):
+        g = terms[0][0] * terms[0][1].scores()  # (B,) conditional gains
+        for coef, tr in terms[1:]:
+            g = g + coef * tr.scores()
+        if not torch.isfinite(g[~taken]).all():
+            raise ValueError("selection scores contain NaN or inf (check the embeddings)")
+        logits = (g / temperature).masked_fill(taken, -math.inf)
+        chunk = _gumbel_top_k(logits, c, generator, greedy, owner, remaining)
+        taken[chunk] = True
+        if remaining is not None and owner is not None:
+            remaining -= torch.bincount(owner[chunk], minlength=remaining.numel())
+        picks.append(chunk)
+        if n + 1 < len(sizes):
+            for _, tr in terms:
+                tr.add(chunk)
+    return torch.cat(picks)
+
+
+@torch.no_grad()
+def joint_sample(scores: Tensor, b: int, n_chunks: int,
+                 generator: torch.Generator | None = None, *, temperature: float = 1.0,
+                 greedy: bool = False) -> Tensor:
+    """Blocked sequential JEST sampling of ``b`` examples from a dense [B, B] score matrix.
+
+    Chunk sizes are :func:`chunk_sizes` (the first ``b % n_chunks`` chunks get one extra). Each
+    chunk is a Gumbel-top-k draw from ``softmax(g / temperature)`` over the unselected examples
+    (``greedy``: the top of ``g``), ``g`` the diagonal for the first chunk and
+    :func:`conditional_scores` after. ``n_chunks = 1`` is :func:`independent_sample` on the
+    diagonal. Returns the selected indices (b,) in the order drawn.
+    """
+    pairs = _DensePairs(scores)
+    return _blocked_sample([(1.0, pairs.tracker())], pairs.size, b, n_chunks, generator,
+                           temperature, greedy, scores.device)
+
+
+@torch.no_grad()
+def independent_sample(per_example: Tensor, b: int, generator: torch.Generator | None = None,
+                       *, temperature: float = 1.0, greedy: bool = False) -> Tensor:
+    """``b`` examples without replacement from ``softmax(per_example / temperature)`` (B,).
+
+    ``greedy`` is RHO-LOSS's top-``b``. Returns indices (b,), best key first.
+    """
+    if per_example.ndim != 1 or not torch.isfinite(per_example).all():
+        raise ValueError(f"per_example scores must be a finite [B] vector, got shape "
+                         f"{tuple(per_example.shape)}")
+    _check_counts(per_example.shape[0], b, 1)
+    temperature = _check_temperature("temperature", temperature)
+    return _gumbel_top_k(per_example / temperature, b, generator, greedy)
+
+
+def _score_terms(learner: PairScores | None, reference: PairScores | None,
+                 score: Score) -> tuple[list[tuple[float, PairScores]], int]:
+    c_learner, c_reference = _check_score(score)
+    terms = []
+    for name, coef, pairs in (("learner", c_learner, learner),
+                              ("reference", c_reference, reference)):
+        if coef == 0:
+            continue
+        if pairs is None:
+            raise ValueError(f"score {score!r} needs the {name}'s pair losses, got None")
+        terms.append((coef, pairs))
+    sizes = {p.size for _, p in terms}
+    if len(sizes) > 1:
+        raise ValueError(f"learner and reference must score the same super-batch, got sizes "
+                         f"{learner.size if learner else None} and "
+                         f"{reference.size if reference else None}")
+    return terms, sizes.pop()
+
+
+@torch.no_grad()
+def joint_sample_from_embeddings(learner: PairScores | None, reference: PairScores | None,
+                                 b: int, n_chunks: int,
+                                 generator: torch.Generator | None = None, *,
+                                 score: Score = "learnability", temperature: float = 1.0,
+                                 greedy: bool = False) -> Tensor:
+    """:func:`joint_sample` without the dense matrix: memory O(B d + B b).
+
+    ``learner`` / ``reference`` are pair-loss objects built from the super-batch embeddings of
+    each model (:class:`SigmoidPairs`, :class:`MultiposPairs`, :class:`SoftmaxPairs`; the one a
+    score does not use may be None). The score is ``c_l * learner + c_r * reference`` with
+    (1, -1) for learnability, (1, 0) hard learner, (0, -1) easy reference, applied to the
+    conditional gains (additive pairs: running sums of the selected chunks' rows and columns;
+    :class:`SoftmaxPairs`: exact gains recomputed against the selected set). With additive pairs
+    and the same generator it selects what :func:`joint_sample` selects on the dense score
+    matrix (up to rounding on exact near-ties). Returns indices (b,).
+    """
+    terms, size = _score_terms(learner, reference, score)
+    return _blocked_sample([(c, p.tracker()) for c, p in terms], size, b, n_chunks, generator,
+                           temperature, greedy, terms[0][1].device)
+
+
+class GlobalSelection(NamedTuple):
+    indices: Tensor  # (b,) into the gathered super-batch (rank-major: rank r owns [r n, (r+1) n))
+    local: Tensor  # (b_r,) this rank's selected examples as local indices, in selection order
+
+
+def _check_same_size_on_ranks(n: int) -> None:
+    if world_size() == 1:
+        return
+    sizes = torch.tensor([n, -n])
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+    if int(sizes[0]) != n or int(-sizes[1]) != n:
+        raise ValueError(f"every rank must hold the same number of super-batch examples; this "
+                         f"rank has {n}, others between {int(-sizes[1])} and {int(sizes[0])}")
+
+
+@torch.no_grad()
+def global_joint_sample(learner: PairScores | None, reference: PairScores | None, b: int,
+                        n_chunks: int, generator: torch.Generator, *,
+                        score: Score = "learnability", temperature: float = 1.0,
+                        greedy: bool = False, balance: bool = False) -> GlobalSelection:
+    """Select ``b`` examples jointly from the super-batch spread over all ranks.
+
+    ``learner`` / ``reference`` hold this rank's ``n`` examples (the same ``n`` on every rank);
+    their embeddings (and group ids) are all-gathered, and every rank runs the same selection on
+    the global ``B = world * n``, so ``generator`` must be seeded identically on every rank (for
+    example with ``seed + step``); differing choices raise ``RuntimeError``. ``b`` counts the
+    global selection. ``balance`` gives every rank exactly ``b / world`` examples (chunks skip
+    ranks that are full), which a loss gathered with :func:`~synrep.train.dist.gather_with_grad`
+    needs, as it requires equal per-rank batches. In one process this is
+    :func:`joint_sample_from_embeddings`.
+    """
+    if generator is None:
+        raise ValueError("global_joint_sample needs a generator seeded identically on every rank")
+    terms, n = _score_terms(learner, reference, score)
+    world, me = world_size(), rank()
+    gathered = [(c, p.gather()) for c, p in terms]
+    size = gathered[0][1].size
+    device = gathered[0][1].device
+    owner = quota = None
+    if balance:
+        if b % world:
+            raise ValueError(f"balance=True needs b divisible by the world size {world}, got "
+                             f"b = {b}")
+        owner = torch.arange(world, device=device).repeat_interleave(n)  # (B,)
+        quota = torch.full((world,), b // world, dtype=torch.long, device=device)
+    indices = _blocked_sample([(c, p.tracker()) for c, p in gathered], size, b, n_chunks,
+                              generator, temperature, greedy, device, owner, quota)
+    if world > 1:
+        every = gather_no_grad(indices[None, :])  # (world, b)
+        if not (every == indices[None, :]).all():
+            raise RuntimeError("ranks selected different examples: seed the selection generator "
+                               "identically on every rank")
+    mine = (indices >= me * n) & (indices < (me + 1) * n)
+    return GlobalSelection(indices, indices[mine] - me * n)
+
+
