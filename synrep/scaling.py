@@ -110,6 +110,15 @@ def plot_fit(points: list[dict[str, Any]], fit: dict[str, Any], path: str | Path
     if fit["c"]:
         label += f" + {fit['c']:.3g}"
     ax.loglog(grid, curve, "-", color="C1", label=label)
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 10 else f"{v:g}")
+    for axis in (ax.xaxis, ax.yaxis):  # plain numbers, no overlapping 10^x minor labels
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(np.unique(n))  # the measured sizes
+    ax.set_yticks(np.unique(np.round(np.geomspace(err.min(), err.max(), 4), 2)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2f}"))
     ax.set_xlabel("synthetic training images (captions x images per caption)")
     ax.set_ylabel("test error (%)")
     ax.set_title(title or "data scaling")
