@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(
@@ -21,3 +23,17 @@ TINY = [
 @pytest.fixture
 def tiny_overrides(tmp_path) -> list[str]:
     return [*TINY, f"run.dir={tmp_path / 'run'}"]
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch intra-op thread for the test, restored afterwards.
+
+    Tests on small tensors use it (``pytestmark = pytest.mark.usefixtures("one_thread")``): with 2
+    threads on a shared 2-core machine, OpenMP synchronisation made each small op up to ~100x
+    slower, and a 2 s fine-tuning test took minutes next to another job.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

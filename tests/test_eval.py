@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -28,15 +27,7 @@ from synrep.eval import (
 )
 from synrep.eval.linear import _train_linear_heads
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # These problems are tiny: with 2 threads on a shared 2-core machine, OpenMP synchronisation
-    # made each small op ~100x slower than with one thread.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest
 
 
 def gaussian_classes(

@@ -35,14 +35,7 @@ def _random_images(n: int, seed: int) -> ImageArray:
     return ImageArray(images, torch.arange(n) % 10, list(CLASSES), "random")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads competing with
-    another job made a 2 s run take minutes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest
 
 
 def _expected_layer(name: str, depth: int) -> int:

@@ -30,13 +30,7 @@ from synrep.selection import (
 )
 from tests._dist import run_gloo
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest
 
 
 def gen(seed: int) -> torch.Generator:

@@ -11,14 +11,7 @@ from synrep.config import ModelConfig
 from synrep.eval.pca import patch_features, pca_maps, pca_rgb, save_pca_figure
 from synrep.models import Encoder, build_encoder
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: spinning OpenMP threads on a shared 2-core machine are very slow."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest
 
 
 def _numpy_pca_rgb(x: np.ndarray) -> np.ndarray:
