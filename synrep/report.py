@@ -545,44 +545,12 @@ def _scaling(run_dir: Path) -> tuple[str, bool]:
     order = sorted(range(len(points)), key=lambda i: points[i]["images"])
     parts = []
     if points:
+        from synrep.scaling import draw_fit
+
         fig = _new_figure(7.5, 4.6)
         ax = fig.add_subplot(1, 1, 1)
-        n = np.array([points[i]["images"] for i in order], dtype=float)
-        err = np.array([points[i]["error"] for i in order], dtype=float)
-        ax.loglog(n, err, "o", color="C0", label="runs")
-        for i in order:
-            p = points[i]
-            ax.annotate(f"{p['captions']}x{p['images_per_caption']}", (p["images"], p["error"]),
-                        textcoords="offset points", xytext=(5, 4), fontsize=7, color="0.35")
-        if fit is not None:
-            grid = np.geomspace(n.min() / 1.5, n.max() * 1.5, 200)
-            curve = fit["a"] * grid ** (-fit["b"]) + fit["c"]
-            ok = curve > 0  # a log axis cannot show non-positive values
-            ax.loglog(grid[ok], curve[ok], "-", color="C1",
-                      label=f"fit: {fit['a']:.3g}·n^(−{fit['b']:.3f}) + {fit['c']:.3g}")
-            if fit["form"] == "power+offset" and fit["c"] > 0:
-                ax.axhline(fit["c"], color="C1", ls=":", lw=1, label=f"c = {fit['c']:.3g}")
-        from matplotlib.ticker import FuncFormatter, NullFormatter
-
-        # errors span less than a decade: label 1-2-5 steps as plain numbers (20, not 2x10^1)
-        plain = FuncFormatter(lambda v, _: f"{v:g}")
-        lo, hi = ax.get_ylim()
-        for mantissas in ((1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 8)):
-            ticks = [m * 10.0**e for e in range(math.floor(math.log10(lo)),
-                                                 math.ceil(math.log10(hi)) + 1)
-                     for m in mantissas if lo <= m * 10.0**e <= hi]
-            if len(ticks) >= 3:
-                break
-        ax.set_yticks(ticks)
-        ax.set_ylim(lo, hi)
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.xaxis.set_major_formatter(plain)
-        ax.set_xlabel("synthetic images n (log)")
-        ax.set_ylabel("top-1 error % (log)")
+        draw_fit(ax, points, fit)
         ax.set_title("error vs. training images")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
         parts.append(
             f'<figure class="plot narrow"><img src="{_png_uri(_figure_png(fig))}" '
             'alt="scaling fit"><figcaption>Top-1 error against the number of synthetic images '

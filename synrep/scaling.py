@@ -26,7 +26,7 @@ from synrep.config import Config, config_from_dict, save_config
 from synrep.errors import ConfigError
 from synrep.utils import ensure_writable_dir, write_json_atomic
 
-__all__ = ["fit_power_law", "plot_fit", "run_scaling"]
+__all__ = ["draw_fit", "fit_power_law", "plot_fit", "run_scaling"]
 
 
 def _loglog_fit(n: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
@@ -92,43 +92,69 @@ def fit_power_law(sizes: Any, errors: Any, form: str = "power") -> dict[str, flo
     return {"form": form, "a": a, "b": b, "c": c, "r2": r2}
 
 
-def plot_fit(points: list[dict[str, Any]], fit: dict[str, Any], path: str | Path,
-             title: str = "") -> Path:
-    """Log-log plot of measured test error against data size with the fitted curve, as PNG."""
-    import matplotlib
+def draw_fit(ax: Any, points: list[dict[str, Any]], fit: dict[str, Any] | None) -> None:
+    """Draw measured test error against data size, and the fitted curve, on a log-log ``ax``.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = np.array([p["images"] for p in points], dtype=np.float64)
-    err = np.array([p["error"] for p in points], dtype=np.float64)
-    grid = np.geomspace(n.min() / 1.5, n.max() * 1.5, 200)
-    curve = fit["a"] * grid ** (-fit["b"]) + fit["c"]
-    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
-    ax.loglog(n, err, "o", color="C0", label="measured")
-    label = f"fit: {fit['a']:.3g} n^-{fit['b']:.3f}"
-    if fit["c"]:
-        label += f" + {fit['c']:.3g}"
-    ax.loglog(grid, curve, "-", color="C1", label=label)
+    Each point is labelled ``captions x images per caption``; with an offset fit the asymptote c
+    is a dotted line. Used by :func:`plot_fit` and by the run report.
+    """
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    plain = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 10 else f"{v:g}")
-    for axis in (ax.xaxis, ax.yaxis):  # plain numbers, no overlapping 10^x minor labels
-        axis.set_major_formatter(plain)
-        axis.set_minor_formatter(NullFormatter())
+    order = sorted(points, key=lambda p: p["images"])
+    n = np.array([p["images"] for p in order], dtype=float)
+    err = np.array([p["error"] for p in order], dtype=float)
+    ax.loglog(n, err, "o", color="C0", label="runs")
+    for p in order:
+        ax.annotate(f"{p['captions']}x{p['images_per_caption']}", (p["images"], p["error"]),
+                    textcoords="offset points", xytext=(5, 4), fontsize=7, color="0.35")
+    if fit is not None:
+        grid = np.geomspace(n.min() / 1.5, n.max() * 1.5, 200)
+        curve = fit["a"] * grid ** (-fit["b"]) + fit["c"]
+        ok = curve > 0  # a log axis cannot show non-positive values
+        ax.loglog(grid[ok], curve[ok], "-", color="C1",
+                  label=f"fit: {fit['a']:.3g}·n^(−{fit['b']:.3f}) + {fit['c']:.3g}")
+        if fit["form"] == "power+offset" and fit["c"] > 0:
+            ax.axhline(fit["c"], color="C1", ls=":", lw=1, label=f"c = {fit['c']:.3g}")
+
+    # Errors span less than a decade: label 1-2-5 steps as plain numbers (20, not 2x10^1), or,
+    # when the errors are closer together than that, a few values across the measured range.
+    lo, hi = ax.get_ylim()
+    for mantissas in ((1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 8)):
+        ticks = [m * 10.0**e for e in range(math.floor(math.log10(lo)),
+                                             math.ceil(math.log10(hi)) + 1)
+                 for m in mantissas if lo <= m * 10.0**e <= hi]
+        if len(ticks) >= 3:
+            ytext = FuncFormatter(lambda v, _: f"{v:g}")
+            break
+    else:
+        ticks = list(np.unique(np.round(np.geomspace(err.min(), err.max(), 4), 2)))
+        ytext = FuncFormatter(lambda v, _: f"{v:.2f}")
+    ax.set_yticks(ticks)
+    ax.set_ylim(lo, hi)
     ax.set_xticks(np.unique(n))  # the measured sizes
-    ax.set_yticks(np.unique(np.round(np.geomspace(err.min(), err.max(), 4), 2)))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2f}"))
-    ax.set_xlabel("synthetic training images (captions x images per caption)")
-    ax.set_ylabel("test error (%)")
-    ax.set_title(title or "data scaling")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    for axis, text in ((ax.yaxis, ytext), (ax.xaxis, FuncFormatter(lambda v, _: f"{v:,.0f}"))):
+        axis.set_major_formatter(text)
+        axis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("synthetic images n (log)")
+    ax.set_ylabel("top-1 error % (log)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+
+
+def plot_fit(points: list[dict[str, Any]], fit: dict[str, Any], path: str | Path,
+             title: str = "") -> Path:
+    """:func:`draw_fit` as a PNG file (written under a temporary name, then renamed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.2), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    draw_fit(ax, points, fit)
+    ax.set_title(title or "data scaling", fontsize=10)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp)
-    plt.close(fig)
     tmp.replace(path)
     return path
 

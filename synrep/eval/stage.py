@@ -61,16 +61,9 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu",
     return encoder.to(device).eval(), cfg
 
 
-def embed_split(
-    encoder: Encoder,
-    ecfg: EvalConfig,
-    split: str,
-    image_size: int,
-    device: str | torch.device = "cpu",
-    dataset: str | None = None,
-    root: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probe features (N, D) and labels (N,) of one split of the evaluation dataset."""
+def _load_split(ecfg: EvalConfig, split: str, image_size: int, dataset: str | None = None,
+                root: str | None = None):
+    """One split of the evaluation dataset, cut to ``eval.limit_*`` images by a seeded draw."""
     ds = load_dataset(
         dataset or ecfg.dataset,
         split,
@@ -81,6 +74,20 @@ def embed_split(
     if limit is not None and limit < len(ds):
         g = torch.Generator().manual_seed(0)
         ds = ds.subset(torch.randperm(len(ds), generator=g)[:limit].sort().values)
+    return ds
+
+
+def embed_split(
+    encoder: Encoder,
+    ecfg: EvalConfig,
+    split: str,
+    image_size: int,
+    device: str | torch.device = "cpu",
+    dataset: str | None = None,
+    root: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probe features (N, D) and labels (N,) of one split of the evaluation dataset."""
+    ds = _load_split(ecfg, split, image_size, dataset, root)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         return encoder.probe_features(x, ecfg.pool, ecfg.n_last_blocks)
@@ -141,16 +148,6 @@ def _cached_features(cfg: Config, encoder: Encoder, checkpoint: str | Path, out_
     return feats
 
 
-def _eval_images(cfg: Config, split: str, limit: int | None):
-    ecfg = cfg.eval
-    ds = load_dataset(ecfg.dataset, split, root=ecfg.root,
-                      image_size=ecfg.image_size or cfg.model.img_size)
-    if limit is not None and limit < len(ds):
-        g = torch.Generator().manual_seed(0)
-        ds = ds.subset(torch.randperm(len(ds), generator=g)[:limit].sort().values)
-    return ds
-
-
 def _pca_figure(cfg: Config, encoder: Encoder, out_dir: Path, device: torch.device) -> str | None:
     """PCA maps of ``eval.pca_images`` test images (spread over the classes) -> ``pca.png``."""
     from synrep.eval.pca import pca_maps, save_pca_figure
@@ -158,14 +155,13 @@ def _pca_figure(cfg: Config, encoder: Encoder, out_dir: Path, device: torch.devi
     n = cfg.eval.pca_images
     if n <= 0 or not encoder.is_vit:
         return None
-    ds = _eval_images(cfg, cfg.eval.test_split, None)
+    ecfg = cfg.eval
+    ds = load_dataset(ecfg.dataset, ecfg.test_split, root=ecfg.root,
+                      image_size=ecfg.image_size or cfg.model.img_size)
     # Round-robin over the classes, first images of each: the same images for every checkpoint.
-    order = torch.argsort(ds.labels * len(ds) + torch.arange(len(ds)))
-    per_class = torch.bincount(ds.labels)
-    starts = torch.cumsum(per_class, 0) - per_class
-    picks = [int(starts[c] + i) for i in range(n) for c in range(len(per_class))
-             if i < per_class[c]][:n]
-    images = ds.images[order[picks]]
+    by_class = [torch.nonzero(ds.labels == c).flatten() for c in torch.unique(ds.labels)]
+    picks = [int(idx[i]) for i in range(n) for idx in by_class if i < len(idx)][:n]
+    images = ds.images[picks]
     save_pca_figure(images, pca_maps(encoder, images, device=device), out_dir / "pca.png")
     return "pca.png"
 
@@ -229,7 +225,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
         if model is None:
             skipped["zeroshot"] = "the checkpoint has no text tower"
             return {}
-        ds = _eval_images(cfg, ecfg.test_split, ecfg.limit_test)
+        ds = _load_split(ecfg, ecfg.test_split, cfg.model.img_size)
         img = extract_features(model.encode_image, ds.images, batch_size=ecfg.batch_size,
                                device=device, desc="image embeddings")
         with torch.inference_mode():
@@ -241,8 +237,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
         from synrep.eval.finetune import finetune as run_finetune
 
         out = run_finetune(
-            encoder, _eval_images(cfg, ecfg.train_split, ecfg.limit_train),
-            _eval_images(cfg, ecfg.test_split, ecfg.limit_test),
+            encoder, _load_split(ecfg, ecfg.train_split, cfg.model.img_size),
+            _load_split(ecfg, ecfg.test_split, cfg.model.img_size),
             epochs=ecfg.finetune_epochs, batch_size=ecfg.finetune_batch_size, lr=ecfg.finetune_lr,
             layer_decay=ecfg.finetune_layer_decay, weight_decay=ecfg.finetune_weight_decay,
             warmup_epochs=ecfg.finetune_warmup_epochs,
