@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     with_config("eval-generator", "measure a text-to-image pipeline (images.pipeline) on the "
                 "fashion bank: class consistency, attribute adherence, diversity, Frechet "
                 "distance")
+    with_config("select", "offline JEST: score the run's caption groups with the learner and "
+                "reference checkpoints (selection.*), keep (1 - f) of every super-batch, and "
+                "write the kept ids and new shards into RUN/select")
     with_config("train", "pretrain the encoder; resumes from the run's last checkpoint")
     ev = with_config("eval", "evaluate an encoder with frozen-feature protocols")
     ev.add_argument("--checkpoint", help="checkpoint to evaluate (default: the run's final one)")
@@ -163,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             from synrep.images.evaluate import evaluate_generator
 
             evaluate_generator(cfg)
+        elif args.command == "select":
+            run_stages(cfg, ["select"], force=True)
         elif args.command == "train":
             run_stages(cfg, ["train"])
         elif args.command == "scale":

@@ -131,6 +131,7 @@ class TrainConfig:
     batch_size: int = 256  # global batch (summed over ranks), in samples before augmentation
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     ckpt_every: int = 200
+    keep_every: int = 0  # also keep the weights every n steps (checkpoints/step_000100...); 0 = no
     log_every: int = 10
     compile: bool = False
 
@@ -274,6 +275,30 @@ class ScaleConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """JEST data selection (METHODS.md section 5): which examples the learner trains on.
+
+    ``online``: every step draws a super-batch of ``B = train.batch_size / (1 - filter_ratio)``
+    caption groups, scores it with the learner (and the frozen ``reference``), and trains on the
+    ``train.batch_size`` groups chosen. The ``select`` stage does the same offline over the whole
+    pool and writes the kept ids and new shards (``RUN/select``).
+    """
+
+    online: bool = False
+    score: Literal["learnability", "hard_learner", "easy_reference"] = "learnability"
+    joint: bool = True  # False: independent per-example selection (RHO-LOSS style)
+    filter_ratio: float = 0.8  # f: share of each super-batch that is dropped, in [0, 1)
+    chunks: int = 16  # N: blocks of the sequential joint sampler
+    temperature: float = 1.0  # examples are drawn from softmax(score / temperature)
+    greedy: bool = False  # take the top scores instead of sampling (deterministic)
+    reference: str = ""  # frozen reference checkpoint (needed unless score = hard_learner)
+    score_size: int | None = None  # Flexi-JEST: score at this resolution; None = aug.size
+    log_ids: bool = True  # write the selected sample ids of every step (RUN/train/selected.jsonl)
+    learner: str = ""  # select stage: learner checkpoint (needed unless score = easy_reference)
+    super_batch: int | None = None  # select stage: groups per super-batch; None = online's B
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -287,6 +312,7 @@ class Config:
     images: ImagesConfig = field(default_factory=ImagesConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -100,6 +100,20 @@ def _images_done(cfg: Config) -> bool:
     return images_complete(cfg)
 
 
+def _select(cfg: Config) -> None:
+    from synrep.selection.online import select_offline
+
+    if dist.is_main():
+        select_offline(cfg)
+    dist.barrier()
+
+
+def _select_done(cfg: Config) -> bool:
+    from synrep.selection.online import select_done
+
+    return select_done(cfg)
+
+
 def _report(cfg: Config) -> None:
     from synrep.report import write_report
 
@@ -117,6 +131,7 @@ STAGES: dict[str, tuple[Callable[[Config], None], Callable[[Config], bool]]] = {
     "captions": (_captions, _captions_done),
     "rewrites": (_rewrites, _rewrites_done),
     "images": (_images, _images_done),
+    "select": (_select, _select_done),
     "train": (_train, _train_done),
     "eval": (_eval, _eval_done),
     "report": (_report, _report_done),

@@ -51,6 +51,7 @@ class ArraySource:
         start = i * self.batch_size + self.rank * local
         idx = perm[start : start + local]
         images = self.images[idx]
+        pick = None
         if self.m is not None and self.m < images.shape[1]:
             # Choose m of the k images of each group, seeded by (seed, step): (B, m, C, H, W).
             # Drawn for the global batch and sliced, so N ranks pick what one process would.
@@ -60,6 +61,8 @@ class ArraySource:
             pick = scores.argsort(dim=1)[:, : self.m]
             images = images[torch.arange(len(idx))[:, None], pick]
         out: dict[str, Any] = {"images": images, "index": idx}
+        if self.m is not None:  # which of each group's k images were drawn: (B, m)
+            out["pick"] = pick if pick is not None else torch.arange(self.m).expand(len(idx), -1)
         if self.labels is not None:
             out["labels"] = self.labels[idx]
         return out

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from synrep.errors import ConfigError
 from synrep.registry import Registry
 
 METHODS: Registry = Registry("method")
@@ -42,6 +43,20 @@ class Method(nn.Module):
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """T texts -> (T, D) embeddings in the space shared with the image tower."""
         raise NotImplementedError(f"{type(self).__name__} has no text tower")
+
+    def score_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) in [0, 1] -> (N, d) embeddings of the space the loss compares images in.
+
+        Data selection (JEST) scores caption groups with the multi-positive loss of these
+        embeddings; the default is the contrastive projection ``self.head(self.encoder(x))``.
+        Called under ``torch.no_grad`` with the module in eval mode.
+        """
+        head = getattr(self, "head", None)
+        if self.batch_kind != "groups" or head is None:
+            raise ConfigError(
+                f"data selection scores caption groups with a contrastive head, which method "
+                f"{type(self).__name__} does not train; use method.name=synclr or stablerep")
+        return head(self.encoder(x))
 
     def set_step(self, step: int) -> None:
         """Called before each step's forward, for per-step schedules (teacher temperature)."""

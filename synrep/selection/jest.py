@@ -25,6 +25,9 @@ Pairwise decomposition, per loss:
 * Multi-positive (StableRep/SynCLR): approximate, see :class:`MultiposPairs`.
 * CLIP softmax: not decomposable (negatives enter a log-sum-exp); :class:`SoftmaxPairs` recomputes
   the exact conditional gain against the selected set for every chunk instead.
+* Multi-positive over whole caption groups: :class:`MultiposGroups` selects groups of ``m`` images
+  and, like softmax, recomputes the exact gains against the selected groups (no frozen
+  denominator, so groups are coupled through each other's negatives).
 """
 
 from __future__ import annotations
@@ -220,7 +223,11 @@ class Tracker(Protocol):
 
 
 class PairScores(Protocol):
-    """One model's losses on a super-batch, evaluated on demand (never densely)."""
+    """One model's losses on a super-batch, evaluated on demand (never densely).
+
+    ``size`` is the number of units of selection (examples, or caption groups for
+    :class:`MultiposGroups`); selected indices refer to those units.
+    """
 
     size: int
     device: torch.device
@@ -478,6 +485,116 @@ class _SoftmaxTracker:
         self.sel = torch.cat([self.sel, chunk])
 
 
+def _check_groups(name: str, z: Tensor) -> None:
+    if z.ndim != 3 or z.shape[0] == 0 or z.shape[2] == 0:
+        raise ValueError(f"{name} must be a non-empty [G, m, d] tensor (G caption groups of m "
+                         f"images), got shape {tuple(z.shape)}")
+    if z.shape[1] < 2:
+        raise ValueError(f"{name} needs m >= 2 images per caption group (a multi-positive loss "
+                         f"needs a positive), got m = {z.shape[1]}")
+    if not torch.isfinite(z).all():
+        raise ValueError(f"{name} contains NaN or infinite entries")
+
+
+def _as_float_groups(z: Tensor) -> Tensor:
+    """:func:`_as_float` on [G, m, d]: every image embedding L2-normalised."""
+    g, m, d = z.shape
+    return _as_float(z.reshape(g * m, d)).reshape(g, m, d)
+
+
+class MultiposGroups:
+    """Multi-positive (StableRep/SynCLR) losses over whole caption groups, gains recomputed exactly.
+
+    The unit of selection is a caption group of ``m`` images. With ``s_ij = z_i . z_j / tau``
+    over images, the score of a set ``A`` of groups (images ``I(A)``) is its summed loss
+
+        T(A) = sum_{i in I(A)} [LSE_{j in I(A), j != i} s_ij - mean_{p in grp(i), p != i} s_ip]
+
+    (one view per image, every anchor with its ``m - 1`` positives). Unlike :class:`MultiposPairs`
+    nothing is frozen at the super-batch: the tracker returns for every candidate group ``k`` the
+    exact gain ``T(A + k) - T(A)``
+
+        sum_{i in k} [log(D_i + O_i) - pos_mean_i] + sum_{i in I(A)} log(1 + E_ik / Z_i)
+
+    with ``O_i = sum_{j in grp(i), j != i} exp s_ij`` (own group), ``D_i`` the same sum over the
+    images of ``A`` outside ``grp(i)``, ``Z_i = D_i + O_i`` and ``E_ik = sum_{j in k} exp s_ij``:
+    ``k``'s own anchors, then ``k``'s images entering the denominators of the selected anchors
+    (the coupling between groups). All of it is kept in log space (``log D`` a running
+    ``(G, m)`` log-sum-exp, ``log E`` the ``(|A| m, G)`` rows of the selected images, filled once
+    per chunk), so it is finite for any temperature. Memory ``O(G m d + |A| m G)``: ``scores`` is
+    ``O(|A| m G)``, ``add`` of ``c`` groups ``O(c m G m d)`` time in row blocks of at most
+    ``_ROW_BLOCK`` images (``O(_ROW_BLOCK G m)`` memory). No ``(G m, G m)`` matrix is built.
+
+    ``T`` of a single group depends only on the spread of its positive similarities
+    (``m = 2``: zero), so, as for :class:`SoftmaxPairs`, the first chunk is drawn instead from
+    :meth:`example_losses`, each group's loss against the whole super-batch; with one chunk the
+    sampler is therefore independent (RHO-LOSS style) selection by that loss.
+
+    Shapes: z [G, m, d] (every image L2-normalised inside), ``m >= 2``.
+    """
+
+    def __init__(self, z: Tensor, temperature: float) -> None:
+        _check_groups("z", z)
+        self.temperature = _check_temperature("temperature", temperature)
+        self.z = _as_float_groups(z)  # (G, m, d)
+        self.size, self.m = z.shape[0], z.shape[1]
+        self.device = z.device
+        s = torch.einsum("gid,gjd->gij", self.z, self.z) / self.temperature  # (G, m, m)
+        eye = torch.eye(self.m, dtype=torch.bool, device=s.device)
+        self.pos_mean = s.masked_fill(eye, 0).sum(dim=2) / (self.m - 1)  # (G, m)
+        self.log_own = torch.logsumexp(s.masked_fill(eye, -math.inf), dim=2)  # (G, m) log O_i
+
+    @property
+    def images(self) -> Tensor:
+        """The image embeddings flattened group-major. (G m, d)."""
+        return self.z.reshape(self.size * self.m, -1)
+
+    def example_losses(self) -> Tensor:
+        """Each group's summed anchor loss with the whole super-batch as the batch. (G,)."""
+        lse = _row_logsumexp(self.images, self.images, 1 / self.temperature, exclude_self=True)
+        return (lse.view(self.size, self.m) - self.pos_mean).sum(dim=1)
+
+    def tracker(self) -> Tracker:
+        return _MultiposGroupTracker(self)
+
+    def gather(self) -> MultiposGroups:
+        _check_same_size_on_ranks(self.size)
+        return MultiposGroups(gather_no_grad(self.z), self.temperature)
+
+
+class _MultiposGroupTracker:
+    def __init__(self, groups: MultiposGroups) -> None:
+        self.groups = groups
+        self.log_den = torch.full_like(groups.log_own, -math.inf)  # (G, m) log D_i
+        self.sel = torch.empty(0, dtype=torch.long, device=groups.z.device)  # (a,) groups
+        self.log_e = groups.z.new_empty(0, groups.size)  # (a m, G) log E[A_i, k]
+
+    def scores(self) -> Tensor:
+        gr = self.groups
+        log_z = torch.logaddexp(self.log_den, gr.log_own)  # (G, m) log Z_i against A
+        own = (log_z - gr.pos_mean).sum(dim=1)  # (G,) k's anchors against A + k
+        if self.sel.numel() == 0:
+            return gr.example_losses()  # a group alone has (almost) no loss: see the class doc
+        log_z_sel = log_z[self.sel].reshape(-1, 1)  # (a m, 1), rows ordered as log_e
+        return own + F.softplus(self.log_e - log_z_sel).sum(dim=0)  # log(1 + E / Z) summed
+
+    def add(self, chunk: Tensor) -> None:
+        gr = self.groups
+        g, m = gr.size, gr.m
+        imgs = (chunk[:, None] * m + torch.arange(m, device=chunk.device)).reshape(-1)  # (c m,)
+        col_group = torch.arange(g * m, device=chunk.device) // m  # (G m,)
+        rows, den = [], torch.full((g * m,), -math.inf, dtype=gr.z.dtype, device=gr.z.device)
+        for start in range(0, imgs.numel(), _ROW_BLOCK):
+            blk = imgs[start:start + _ROW_BLOCK]
+            s = gr.images[blk] @ gr.images.T / gr.temperature  # (blk, G m) s[chunk image, j]
+            rows.append(torch.logsumexp(s.view(-1, g, m), dim=2))  # (blk, G) log E
+            same = (blk // m)[:, None] == col_group[None, :]
+            den = torch.logaddexp(den, torch.logsumexp(s.masked_fill(same, -math.inf), dim=0))
+        self.log_den = torch.logaddexp(self.log_den, den.view(g, m))
+        self.log_e = torch.cat([self.log_e, *rows], dim=0)
+        self.sel = torch.cat([self.sel, chunk])
+
+
 # ---------------------------------------------------------------------------------------------
 # Dense pair matrices
 
@@ -514,6 +631,32 @@ def softmax_batch_loss(img: Tensor, txt: Tensor, idx: Tensor, temperature: float
     logits = x @ y.T / temperature  # (n, n)
     target = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def multipos_group_loss(z: Tensor, idx: Tensor, temperature: float) -> Tensor:
+    """``T(A)`` of :class:`MultiposGroups` for the groups ``idx`` (a,), written out densely.
+
+    The multi-positive loss summed over the anchors of the selected groups' images (each anchor's
+    log-sum-exp runs over the other selected images, its positives are its group-mates). Builds
+    the ``(a m, a m)`` similarity matrix: small inputs and tests only. Scalar; 0 for no groups.
+    """
+    _check_groups("z", z)
+    temperature = _check_temperature("temperature", temperature)
+    if idx.ndim != 1 or idx.is_floating_point() or idx.unique().numel() != idx.numel():
+        raise ValueError(f"idx must be a [a] vector of distinct group indices, got "
+                         f"{idx.dtype} of shape {tuple(idx.shape)}")
+    zs = _as_float_groups(z)[idx.long()]  # (a, m, d)
+    a, m, d = zs.shape
+    if a == 0:
+        return zs.new_zeros(())
+    x = zs.reshape(a * m, d)
+    s = x @ x.T / temperature  # (a m, a m)
+    group = torch.arange(a, device=s.device).repeat_interleave(m)
+    self_mask = torch.eye(a * m, dtype=torch.bool, device=s.device)
+    pos = (group[:, None] == group[None, :]) & ~self_mask
+    lse = torch.logsumexp(s.masked_fill(self_mask, -math.inf), dim=1)
+    pos_mean = (s * pos).sum(dim=1) / (m - 1)
+    return (lse - pos_mean).sum()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -636,12 +779,13 @@ def joint_sample_from_embeddings(learner: PairScores | None, reference: PairScor
     """:func:`joint_sample` without the dense matrix: memory O(B d + B b).
 
     ``learner`` / ``reference`` are pair-loss objects built from the super-batch embeddings of
-    each model (:class:`SigmoidPairs`, :class:`MultiposPairs`, :class:`SoftmaxPairs`; the one a
-    score does not use may be None). The score is ``c_l * learner + c_r * reference`` with
-    (1, -1) for learnability, (1, 0) hard learner, (0, -1) easy reference, applied to the
-    conditional gains (additive pairs: running sums of the selected chunks' rows and columns;
-    :class:`SoftmaxPairs`: exact gains recomputed against the selected set). With additive pairs
-    and the same generator it selects what :func:`joint_sample` selects on the dense score
+    each model (:class:`SigmoidPairs`, :class:`MultiposPairs`, :class:`SoftmaxPairs`,
+    :class:`MultiposGroups`; the one a score does not use may be None; indices are groups for
+    :class:`MultiposGroups`). The score is ``c_l * learner + c_r * reference`` with (1, -1) for
+    learnability, (1, 0) hard learner, (0, -1) easy reference, applied to the conditional gains
+    (additive pairs: running sums of the selected chunks' rows and columns; :class:`SoftmaxPairs`
+    and :class:`MultiposGroups`: exact gains recomputed against the selected set). With additive
+    pairs and the same generator it selects what :func:`joint_sample` selects on the dense score
     matrix (up to rounding on exact near-ties). Returns indices (b,).
     """
     terms, size = _score_terms(learner, reference, score)
@@ -671,7 +815,8 @@ def global_joint_sample(learner: PairScores | None, reference: PairScores | None
                         greedy: bool = False, balance: bool = False) -> GlobalSelection:
     """Select ``b`` examples jointly from the super-batch spread over all ranks.
 
-    ``learner`` / ``reference`` hold this rank's ``n`` examples (the same ``n`` on every rank);
+    ``learner`` / ``reference`` hold this rank's ``n`` examples (the same ``n`` on every rank;
+    caption groups for :class:`MultiposGroups`, whose indices then count groups);
     their embeddings (and group ids) are all-gathered, and every rank runs the same selection on
     the global ``B = world * n``, so ``generator`` must be seeded identically on every rank (for
     example with ``seed + step``); differing choices raise ``RuntimeError``. ``b`` counts the

@@ -31,7 +31,7 @@ from synrep.utils import ensure_writable_dir, write_json_atomic
 
 # Config sections that define the weights' shapes and the trajectory: a checkpoint is resumed
 # only into a run whose sections match.
-_RESUME_SECTIONS = ("model", "method", "data", "aug", "optim", "train")
+_RESUME_SECTIONS = ("model", "method", "data", "aug", "optim", "train", "selection")
 
 
 class TrainingDiverged(SynrepError):
@@ -49,8 +49,50 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device(dev)
 
 
-def build_source(cfg: Config, batch_kind: str) -> ArraySource:
-    """The training batches described by ``cfg.data``."""
+def shards_dir(cfg: Config, after_select: bool = True) -> str:
+    """The caption-group shards a run trains on: ``data.shards``, else the ``select`` stage's
+    output when the run has that stage (``after_select``), else the images stage's output."""
+    if cfg.data.shards:
+        return cfg.data.shards
+    if after_select and "select" in cfg.run.stages:
+        from synrep.selection.online import select_dir
+
+        shards = select_dir(cfg) / "shards"
+        if not shards.is_dir():
+            raise ConfigError(f"no selected shards at {str(shards)!r}: run the select stage "
+                              "first, or set data.shards=<folder of shards>")
+        return str(shards)
+    from synrep.images.stage import images_dir
+
+    shards = str(images_dir(cfg))
+    if not Path(shards).is_dir():
+        raise ConfigError(
+            f"data.source=shards: no images at {shards!r}; run the images stage first "
+            "(add it to run.stages) or set data.shards=<folder of shards>")
+    return shards
+
+
+def pool_groups(cfg: Config, after_select: bool = True):
+    """(shard folder, :class:`~synrep.data.shards.GroupArray`) of the first
+    ``data.max_captions`` caption groups of :func:`shards_dir`."""
+    from synrep.data.shards import load_groups
+
+    d = cfg.data
+    for key in ("max_captions", "max_images_per_caption"):
+        if getattr(d, key) is not None and getattr(d, key) < 1:
+            raise ConfigError(f"data.{key} must be >= 1 or null, got {getattr(d, key)}")
+    shards = shards_dir(cfg, after_select)
+    groups = load_groups(shards, max_groups=d.max_captions)
+    if d.max_captions is not None and len(groups) < d.max_captions:
+        raise ConfigError(
+            f"data.max_captions={d.max_captions} but {shards!r} holds only {len(groups)} "
+            "caption groups; render more images or lower it")
+    return shards, groups
+
+
+def build_source(cfg: Config, batch_kind: str, batch_size: int | None = None) -> ArraySource:
+    """The training batches described by ``cfg.data`` (``batch_size`` overrides
+    ``train.batch_size``, for the super-batches of online selection)."""
     d = cfg.data
     if d.source == "dataset":
         from synrep.data.datasets import load_dataset
@@ -62,25 +104,7 @@ def build_source(cfg: Config, batch_kind: str) -> ArraySource:
         images, labels = ds.images, ds.labels
         m = None
     else:
-        from synrep.data.shards import load_groups
-
-        shards = d.shards
-        if not shards:  # this run's images stage output
-            from synrep.images.stage import images_dir
-
-            shards = str(images_dir(cfg))
-            if not Path(shards).is_dir():
-                raise ConfigError(
-                    f"data.source=shards: no images at {shards!r}; run the images stage first "
-                    "(add it to run.stages) or set data.shards=<folder of shards>")
-        for key in ("max_captions", "max_images_per_caption"):
-            if getattr(d, key) is not None and getattr(d, key) < 1:
-                raise ConfigError(f"data.{key} must be >= 1 or null, got {getattr(d, key)}")
-        groups = load_groups(shards, max_groups=d.max_captions)
-        if d.max_captions is not None and len(groups) < d.max_captions:
-            raise ConfigError(
-                f"data.max_captions={d.max_captions} but {shards!r} holds only {len(groups)} "
-                "caption groups; render more images or lower it")
+        shards, groups = pool_groups(cfg)
         images = groups.images  # (G, k, C, H, W)
         if d.max_images_per_caption is not None:
             if images.shape[1] < d.max_images_per_caption:
@@ -92,8 +116,8 @@ def build_source(cfg: Config, batch_kind: str) -> ArraySource:
         if all("label" in meta for meta in groups.metas):
             labels = torch.tensor([int(meta["label"]) for meta in groups.metas])
         m = cfg.method.images_per_caption if batch_kind == "groups" else 1
-    return ArraySource(images, labels, cfg.train.batch_size, cfg.run.seed, dist.rank(),
-                       dist.world_size(), images_per_group=m)
+    return ArraySource(images, labels, batch_size or cfg.train.batch_size, cfg.run.seed,
+                       dist.rank(), dist.world_size(), images_per_group=m)
 
 
 def build_method(cfg: Config) -> Method:
@@ -123,8 +147,10 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 def check_same_run(ck: Checkpoint, cfg: Config) -> None:
     """Refuse to resume or reuse a checkpoint trained with a different config."""
     stored, current = ck.config, json.loads(cfg.to_json())
+    defaults = json.loads(Config().to_json())
     for section in _RESUME_SECTIONS:
-        if stored.get(section) != current[section]:
+        # A section missing from an older checkpoint had its defaults then.
+        if stored.get(section, defaults[section]) != current[section]:
             changed = sorted(k for k in current[section]
                              if stored.get(section, {}).get(k) != current[section][k])
             raise CheckpointError(
@@ -141,6 +167,73 @@ def final_checkpoint(cfg: Config) -> Path:
     return checkpoint_dir(cfg) / "final.safetensors"
 
 
+class _Accounting:
+    """What a run spends: examples read, FLOPs of training and of scoring, and seconds of each.
+
+    FLOPs per step are counted once, on the first step this process runs (torch's
+    ``FlopCounterMode``: forward and backward matmuls and convolutions); step shapes are fixed,
+    so totals are per-step counts times steps, which stay right across resumes. The reference
+    model's one pass over the pool (cached) is reported on its own.
+    """
+
+    def __init__(self, cfg: Config, source: ArraySource, selector) -> None:
+        self.selector = selector
+        groups_read = source.batch_size
+        per = source.m or 1
+        self.images_per_step = groups_read * per
+        self.train_flops: float | None = None
+        self.enabled = not cfg.train.compile  # the counter does not see inside compiled graphs
+        self.score_seconds = self.train_seconds = 0.0
+
+    def train_counter(self):
+        if self.train_flops is None and self.enabled:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            return FlopCounterMode(display=False)
+        return nullcontext()
+
+    def counted(self, counter) -> None:
+        if self.train_flops is None and hasattr(counter, "get_total_flops"):
+            self.train_flops = float(counter.get_total_flops()) * dist.world_size()
+
+    @property
+    def score_flops(self) -> float:
+        return 0.0 if self.selector is None else (self.selector.score_flops or 0.0)
+
+    def at(self, steps: int) -> dict[str, float]:
+        row = {"examples_read": float(steps * self.images_per_step),
+               "score_seconds": self.score_seconds, "train_seconds": self.train_seconds}
+        if self.train_flops is not None:
+            row["flops"] = steps * (self.train_flops + self.score_flops)
+        return row
+
+    def summary(self, steps: int) -> dict[str, float | None]:
+        return {"images_read_per_step": self.images_per_step,
+                "images_read": steps * self.images_per_step,
+                "train_flops_per_step": self.train_flops,
+                "score_flops_per_step": self.score_flops,
+                "reference_pool_flops": 0.0 if self.selector is None
+                else self.selector.reference_flops,
+                "total_flops": None if self.train_flops is None
+                else steps * (self.train_flops + self.score_flops),
+                "score_seconds": self.score_seconds, "train_seconds": self.train_seconds}
+
+
+def _open_ids_file(cfg: Config, start: int):
+    """RUN/train/selected.jsonl, cut back to the steps before ``start`` (a resumed run)."""
+    path = cfg.run_dir / "train" / "selected.jsonl"
+    keep = []
+    if path.exists() and start > 0:
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] < start:
+                    keep.append(line)
+            except (ValueError, KeyError):
+                break  # a line cut short by a kill: everything after it is redone
+    path.write_text("".join(k + "\n" for k in keep))
+    return open(path, "a")
+
+
 def train(cfg: Config) -> Path:
     """Train ``cfg``'s method; return the final checkpoint path. Resumes from ``last``."""
     if cfg.run.threads > 0:
@@ -155,8 +248,19 @@ def train(cfg: Config) -> Path:
     dist.barrier()
 
     method = build_method(cfg)
-    source = build_source(cfg, method.batch_kind)
     method.to(device)
+    selector = None
+    if cfg.selection.online:
+        from synrep.selection.online import OnlineSelector, check_selection
+
+        if method.batch_kind != "groups" or cfg.data.source != "shards":
+            raise ConfigError("selection.online selects caption groups: it needs a caption-group "
+                              "method (synclr, stablerep) and data.source=shards")
+        big = check_selection(cfg, cfg.train.batch_size)
+        source = build_source(cfg, method.batch_kind, batch_size=big)
+        selector = OnlineSelector(cfg, method, source.images, device)
+    else:
+        source = build_source(cfg, method.batch_kind)
     lr_peak = cfg.optim.lr * cfg.train.batch_size / 256
     optimizer = torch.optim.AdamW(_param_groups(method, cfg.optim.weight_decay), lr=lr_peak,
                                   betas=cfg.optim.betas)
@@ -199,6 +303,9 @@ def train(cfg: Config) -> Path:
     model.train()
     t0, seen = time.perf_counter(), 0
     step = start
+    acct = _Accounting(cfg, source, selector)
+    ids_file = _open_ids_file(cfg, start) if is_main and selector and cfg.selection.log_ids \
+        else None
     for step in range(start, cfg.train.steps):
         lr = warmup_cosine(step, cfg.train.steps, lr_peak, cfg.optim.warmup_steps, final_lr)
         wd = cfg.optim.weight_decay
@@ -214,18 +321,30 @@ def train(cfg: Config) -> Path:
         torch.manual_seed(seed)  # dropout / drop-path
         g = torch.Generator(device=device).manual_seed(seed)
         batch = {k: v.to(device, non_blocking=True) for k, v in source.batch(step).items()}
-        with autocast:
-            out = model(batch, g)
-        loss = out["loss"]
-        if not math.isfinite(float(dist.all_reduce_mean(loss.detach().float()))):
-            bar.close()
-            where = (f"the last good checkpoint is {str(last)!r}" if last.exists()
-                     else "no checkpoint was written yet")
-            raise TrainingDiverged(
-                f"training loss became {float(loss.detach())} at step {step}; {where}. "
-                "Lower optim.lr, lengthen optim.warmup_steps, or use train.precision=fp32")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        sel_stats: dict[str, float] = {}
+        if selector is not None:
+            t_sel = time.perf_counter()
+            chosen = selector.select(method, batch, step)
+            batch, sel_stats = chosen.batch, chosen.stats
+            acct.score_seconds += time.perf_counter() - t_sel
+            if ids_file is not None:
+                ids_file.write(json.dumps({"step": step, "ids": chosen.ids.tolist()}) + "\n")
+        t_train = time.perf_counter()
+        counter = acct.train_counter()
+        with counter:  # one context over forward and backward: FLOPs of the whole step
+            with autocast:
+                out = model(batch, g)
+            loss = out["loss"]
+            if not math.isfinite(float(dist.all_reduce_mean(loss.detach().float()))):
+                bar.close()
+                where = (f"the last good checkpoint is {str(last)!r}" if last.exists()
+                         else "no checkpoint was written yet")
+                raise TrainingDiverged(
+                    f"training loss became {float(loss.detach())} at step {step}; {where}. "
+                    "Lower optim.lr, lengthen optim.warmup_steps, or use train.precision=fp32")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+        acct.counted(counter)
         if cfg.optim.grad_clip > 0:
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.grad_clip)
@@ -234,6 +353,7 @@ def train(cfg: Config) -> Path:
         scaler.step(optimizer)
         scaler.update()
         method.after_step()
+        acct.train_seconds += time.perf_counter() - t_train
         seen += batch["images"].shape[0] * dist.world_size()
         done = step + 1
 
@@ -241,6 +361,8 @@ def train(cfg: Config) -> Path:
             rate = seen / (time.perf_counter() - t0)
             row = {"step": done, "lr": lr, "grad_norm": float(grad_norm), "samples_per_s": rate}
             row.update({k: float(v.detach()) for k, v in out.items()})
+            row.update(sel_stats)
+            row.update(acct.at(done))
             for k, v in row.items():
                 if k != "step":
                     writer.add_scalar(f"train/{k}", v, done)
@@ -250,16 +372,23 @@ def train(cfg: Config) -> Path:
         bar.update(1)
         if is_main and (done % cfg.train.ckpt_every == 0 or done == cfg.train.steps):
             save_checkpoint(last, method, cfg.to_dict(), done, optimizer)
+            if ids_file is not None:
+                ids_file.flush()
+        if is_main and cfg.train.keep_every > 0 and done % cfg.train.keep_every == 0:
+            save_checkpoint(ckpt_dir / f"step_{done:06d}.safetensors", method, cfg.to_dict(), done)
         if done == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
+    if ids_file is not None:
+        ids_file.close()
     if is_main:
         save_checkpoint(final_checkpoint(cfg), method, cfg.to_dict(), cfg.train.steps)
         writer.close()
         elapsed = time.perf_counter() - t0
         write_json_atomic(run_dir / "train" / "summary.json", {
             "steps": cfg.train.steps - start, "seconds": elapsed,
-            "samples_per_s": seen / max(elapsed, 1e-9)})
+            "samples_per_s": seen / max(elapsed, 1e-9),
+            "accounting": acct.summary(cfg.train.steps)})
         print(f"trained {cfg.train.steps - start} steps in {elapsed:.0f}s "
               f"({seen / max(elapsed, 1e-9):.0f} samples/s); checkpoint: {final_checkpoint(cfg)}")
     dist.barrier()

@@ -1,0 +1,377 @@
+"""JEST wired to training: frozen scoring models, the reference-embedding cache, the per-step
+selector of online mode, and the ``select`` stage (offline mode).
+
+Selection units are caption groups (a caption and its generated images). A model scores a set of
+groups by the multi-positive loss of its embeddings (``Method.score_embeddings``) of one
+un-augmented view of each image, at ``selection.score_size`` (Flexi-JEST: lower than the training
+resolution); :class:`~synrep.selection.jest.MultiposGroups` turns those embeddings into exact
+conditional gains for the joint sampler. The reference model is frozen, so its embeddings of the
+whole pool are computed once and cached by sample id (group index, image index).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from synrep.config import Config, config_from_dict
+from synrep.errors import CheckpointError, ConfigError
+from synrep.methods import Method
+from synrep.selection import jest
+from synrep.selection.jest import MultiposGroups
+from synrep.train import dist
+
+# Coefficients (learner, reference) of each score, as in the sampler.
+_COEF = {"learnability": (1.0, -1.0), "hard_learner": (1.0, 0.0), "easy_reference": (0.0, -1.0)}
+
+
+def super_batch_size(b: int, filter_ratio: float) -> int:
+    """The super-batch ``B`` whose ``(1 - f) B`` is exactly ``b``; a ConfigError otherwise."""
+    if not (0 <= filter_ratio < 1):
+        raise ConfigError(f"selection.filter_ratio must be in [0, 1), got {filter_ratio}")
+    big = round(b / (1 - filter_ratio))
+    if abs(big - b / (1 - filter_ratio)) > 1e-6 or jest.selected_count(big, filter_ratio) != b:
+        raise ConfigError(
+            f"train.batch_size={b} with selection.filter_ratio={filter_ratio} gives no whole "
+            f"super-batch (b / (1 - f) = {b / (1 - filter_ratio):.3f}); choose them so that "
+            "b / (1 - f) is an integer")
+    return big
+
+
+def check_selection(cfg: Config, b: int) -> int:
+    """Validate ``cfg.selection`` for selecting ``b`` groups per super-batch; return ``B``."""
+    s = cfg.selection
+    big = super_batch_size(b, s.filter_ratio)
+    if s.chunks < 1 or (s.joint and s.chunks > b):
+        raise ConfigError(
+            f"selection.chunks={s.chunks} must be in [1, {b}]: each chunk adds at least one of "
+            f"the {b} selected groups (train.batch_size)")
+    if not (math.isfinite(s.temperature) and s.temperature > 0):
+        raise ConfigError(f"selection.temperature must be > 0, got {s.temperature}")
+    if s.score != "hard_learner" and not s.reference:
+        raise ConfigError(
+            f"selection.score={s.score} needs a frozen reference model: set "
+            "selection.reference=<checkpoint>, trained with `synrep train` on a small curated "
+            "set (or use selection.score=hard_learner)")
+    if s.score_size is not None and s.score_size < 1:
+        raise ConfigError(f"selection.score_size must be >= 1 or null, got {s.score_size}")
+    return big
+
+
+def scoring_view(images: Tensor, size: int) -> Tensor:
+    """uint8 (N, C, H, W) -> float (N, C, size, size) in [0, 1] (antialiased resize)."""
+    x = images.float() / 255
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                          align_corners=False)
+    return x
+
+
+@torch.no_grad()
+def score_groups(method: Method, images: Tensor, size: int) -> Tensor:
+    """Embed caption groups for scoring: uint8 (G, m, C, H, W) -> (G, m, d), eval mode."""
+    was_training = method.training
+    method.eval()
+    try:
+        z = method.score_embeddings(scoring_view(images.flatten(0, 1), size))
+    finally:
+        method.train(was_training)
+    return z.float().view(images.shape[0], images.shape[1], -1)
+
+
+def load_frozen(path: str, cfg: Config, role: str, device: torch.device) -> Method:
+    """A frozen scoring model (``role``: reference or learner) from a synrep checkpoint."""
+    from synrep.train.checkpoint import Checkpoint
+    from synrep.train.loop import build_method
+
+    key = f"selection.{role}"
+    if not Path(path).is_file():
+        raise ConfigError(f"{key}={path!r} does not exist; pass a checkpoint written by "
+                          "`synrep train` (RUN/train/checkpoints/final.safetensors)")
+    ck = Checkpoint(path)
+    try:
+        other = config_from_dict(ck.config, f"the config stored in {path}")
+    except ConfigError as e:
+        raise CheckpointError(f"{key}={path!r} was written by an incompatible synrep ({e})") \
+            from None
+    if other.model.in_chans != cfg.model.in_chans:
+        raise CheckpointError(
+            f"{key}={path!r} takes {other.model.in_chans}-channel images but this run's data has "
+            f"{cfg.model.in_chans}; train the {role} on images like these")
+    method = build_method(other)
+    ck.load_model(method)
+    return method.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def embed_pool(method: Method, images: Tensor, size: int, device: torch.device,
+               batch_groups: int = 256, desc: str = "embed") -> tuple[Tensor, float]:
+    """Scoring embeddings of every image of a pool: uint8 (G, k, C, H, W) -> ((G, k, d), FLOPs)."""
+    out, flops = [], 0.0
+    bar = tqdm(range(0, len(images), batch_groups), desc=desc, disable=not dist.is_main(),
+               dynamic_ncols=True, leave=False)
+    for start in bar:
+        chunk = images[start:start + batch_groups].to(device)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out.append(score_groups(method, chunk, size).cpu())
+        flops += counter.get_total_flops()
+    return torch.cat(out), flops
+
+
+def _cache_meta(cfg: Config, n_groups: int, k: int, size: int) -> dict[str, Any]:
+    path = Path(cfg.selection.reference)
+    if not path.is_file():
+        raise ConfigError(f"selection.reference={str(path)!r} does not exist; pass a checkpoint "
+                          "written by `synrep train` (RUN/train/checkpoints/final.safetensors)")
+    st = path.stat()
+    return {"reference": str(path.resolve()), "reference_size": st.st_size,
+            "reference_mtime_ns": st.st_mtime_ns, "groups": n_groups, "k": k, "size": size,
+            "data": json.loads(cfg.to_json())["data"]}
+
+
+def reference_embeddings(cfg: Config, images: Tensor, size: int, device: torch.device,
+                         learner_dim: int) -> tuple[Tensor, float]:
+    """The frozen reference's embeddings of the pool (G, k, d), cached in the run directory.
+
+    The cache (``RUN/train/reference_embeddings.safetensors``) is reused while the reference
+    checkpoint, the data and the scoring size are unchanged. Returns (embeddings, FLOPs spent
+    computing them).
+    """
+    path = cfg.run_dir / "train" / "reference_embeddings.safetensors"
+    meta = _cache_meta(cfg, images.shape[0], images.shape[1], size)
+    if dist.is_main():
+        cached = None
+        if path.exists():
+            with safe_open(str(path), framework="pt") as f:
+                if json.loads((f.metadata() or {}).get("synrep", "{}")).get("key") == meta:
+                    cached = f.get_tensor("embeddings")
+        if cached is None:
+            model = load_frozen(cfg.selection.reference, cfg, "reference", device)
+            emb, flops = embed_pool(model, images, size, device, desc="reference embeddings")
+            del model
+            tmp = path.with_name(path.name + ".tmp")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"embeddings": emb.contiguous()}, str(tmp),
+                      metadata={"synrep": json.dumps({"key": meta, "flops": flops})})
+            tmp.replace(path)
+    dist.barrier()
+    with safe_open(str(path), framework="pt") as f:
+        emb = f.get_tensor("embeddings")
+        flops = float(json.loads(f.metadata()["synrep"])["flops"])
+    if emb.shape[-1] != learner_dim:
+        raise CheckpointError(
+            f"selection.reference={cfg.selection.reference!r} embeds images in {emb.shape[-1]} "
+            f"dimensions but the learner in {learner_dim}; learnability subtracts the two "
+            "models' losses, so train the reference with this run's method.proj_dim "
+            f"({learner_dim})")
+    return emb, flops
+
+
+@dataclass
+class Selection:
+    """One step's choice: the training sub-batch and what to log."""
+
+    batch: dict[str, Tensor]
+    ids: Tensor  # (b,) global sample ids (group indices into the pool), in selection order
+    stats: dict[str, float]
+
+
+def _pairs(z: Tensor | None, temperature: float) -> MultiposGroups | None:
+    return None if z is None else MultiposGroups(z, temperature)
+
+
+def select_groups(learner: Tensor | None, reference: Tensor | None, b: int,
+                  generator: torch.Generator, *, score: str, joint: bool, chunks: int,
+                  temperature: float, loss_temperature: float, greedy: bool,
+                  balance: bool) -> tuple[jest.GlobalSelection, dict[str, float]]:
+    """Select ``b`` of the (global) super-batch's caption groups from scoring embeddings.
+
+    ``learner`` / ``reference`` are this rank's (n, m, d) embeddings (None where the score does
+    not use the model). Joint: blocked sequential JEST sampling with exact multi-positive gains.
+    Independent: each group's own loss against the whole super-batch (RHO-LOSS style), drawn
+    without replacement. Returns the selection and score statistics (per-image losses).
+    """
+    lp, rp = _pairs(learner, loss_temperature), _pairs(reference, loss_temperature)
+    # One chunk is independent selection: MultiposGroups draws the first chunk from each group's
+    # loss against the whole super-batch.
+    sel = jest.global_joint_sample(lp, rp, b, chunks if joint else 1, generator, score=score,
+                                   temperature=temperature, greedy=greedy, balance=balance)
+    lg = None if lp is None else lp.gather()
+    rg = None if rp is None else rp.gather()
+    stats: dict[str, float] = {}
+    idx = sel.indices
+    for name, pairs in (("learner", lg), ("reference", rg)):
+        if pairs is not None:
+            per_image = pairs.example_losses() / pairs.m
+            stats[f"select/{name}_loss_all"] = float(per_image.mean())
+            stats[f"select/{name}_loss_selected"] = float(per_image[idx].mean())
+    return sel, stats
+
+
+class OnlineSelector:
+    """Online JEST: picks each step's ``b`` training groups from a super-batch of ``B``."""
+
+    def __init__(self, cfg: Config, method: Method, pool: Tensor, device: torch.device) -> None:
+        s = cfg.selection
+        self.cfg, self.device = cfg, device
+        self.b = cfg.train.batch_size
+        self.super_batch = check_selection(cfg, self.b)
+        self.size = s.score_size or cfg.aug.size
+        c_learner, c_reference = _COEF[s.score]
+        self.use_learner, self.use_reference = c_learner != 0, c_reference != 0
+        probe = pool[:2, :1].to(device)  # the learner's embedding size, from a 2-image forward
+        dim = score_groups(method, probe, self.size).shape[-1]
+        self.reference = None
+        self.reference_flops = 0.0
+        if self.use_reference:
+            self.reference, self.reference_flops = reference_embeddings(
+                cfg, pool, self.size, device, dim)
+        self.score_flops: float | None = None  # learner scoring FLOPs of one step (measured)
+
+    def generator(self, step: int) -> torch.Generator:
+        # The same on every rank, and distinct from the per-rank augmentation generators.
+        seed = (self.cfg.run.seed * 1_000_003 + step) * 1024 + 1023
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def select(self, method: Method, batch: dict[str, Tensor], step: int) -> Selection:
+        s = self.cfg.selection
+        learner = reference = None
+        if self.use_learner:
+            counter = FlopCounterMode(display=False) if self.score_flops is None else None
+            if counter is not None:
+                with counter:
+                    learner = score_groups(method, batch["images"], self.size)
+                self.score_flops = float(counter.get_total_flops()) * dist.world_size()
+            else:
+                learner = score_groups(method, batch["images"], self.size)
+        else:
+            self.score_flops = 0.0
+        if self.reference is not None:
+            index, pick = batch["index"].cpu(), batch["pick"].cpu()
+            reference = self.reference[index[:, None], pick].to(self.device)
+        sel, stats = select_groups(
+            learner, reference, self.b, self.generator(step), score=s.score, joint=s.joint,
+            chunks=s.chunks, temperature=s.temperature,
+            loss_temperature=self.cfg.method.temperature, greedy=s.greedy,
+            balance=dist.world_size() > 1)
+        local = sel.local.to(batch["images"].device)
+        sub = {k: v[local] for k, v in batch.items()}
+        ids = dist.gather_no_grad(batch["index"].to(self.device))[sel.indices.to(self.device)]
+        return Selection(sub, ids.cpu(), stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline mode: the `select` stage
+
+
+def select_dir(cfg: Config) -> Path:
+    return cfg.run_dir / "select"
+
+
+def select_done(cfg: Config) -> bool:
+    path = select_dir(cfg) / "ids.json"
+    if not path.exists():
+        return False
+    return json.loads(path.read_text()).get("config") == json.loads(cfg.to_json())["selection"]
+
+
+def select_offline(cfg: Config) -> Path:
+    """Score the whole pool, keep ``(1 - f)`` of every super-batch, write the kept ids
+    (``RUN/select/ids.json``) and the kept caption groups as new shards (``RUN/select/shards``).
+
+    Super-batches are consecutive slices of a seeded permutation of the pool; the last, partial
+    one keeps ``(1 - f)`` of its own size. Returns the shard folder.
+    """
+    from synrep.data.shards import iter_groups, write_shard
+    from synrep.train.loop import pool_groups, resolve_device
+    from synrep.utils import ensure_writable_dir, write_json_atomic
+
+    s = cfg.selection
+    device = resolve_device(cfg)
+    big = s.super_batch or check_selection(cfg, cfg.train.batch_size)
+    if s.super_batch is not None:
+        if s.super_batch < 1:
+            raise ConfigError(f"selection.super_batch must be >= 1 or null, got {s.super_batch}")
+        try:
+            jest.selected_count(big, s.filter_ratio)
+        except ValueError as e:
+            raise ConfigError(f"selection: {e}") from None
+    if s.score != "hard_learner" and not s.reference:
+        check_selection(cfg, jest.selected_count(big, s.filter_ratio))  # names the missing key
+    if s.score != "easy_reference" and not s.learner:
+        raise ConfigError(
+            f"the select stage with selection.score={s.score} needs a learner model: set "
+            "selection.learner=<checkpoint> (or use selection.score=easy_reference)")
+    shards, groups = pool_groups(cfg)
+    images = groups.images  # (G, k, C, H, W)
+    size = s.score_size or cfg.aug.size
+    c_learner, c_reference = _COEF[s.score]
+    emb: dict[str, Tensor | None] = {"learner": None, "reference": None}
+    flops = 0.0
+    for role, used in (("learner", c_learner != 0), ("reference", c_reference != 0)):
+        if used:
+            model = load_frozen(getattr(s, role), cfg, role, device)
+            emb[role], f = embed_pool(model, images, size, device, desc=f"{role} embeddings")
+            flops += f
+    if emb["learner"] is not None and emb["reference"] is not None \
+            and emb["learner"].shape[-1] != emb["reference"].shape[-1]:
+        raise CheckpointError(
+            f"selection.reference embeds images in {emb['reference'].shape[-1]} dimensions but "
+            f"selection.learner in {emb['learner'].shape[-1]}; train both with the same "
+            "method.proj_dim")
+    g = torch.Generator().manual_seed(cfg.run.seed)
+    order = torch.randperm(len(images), generator=g)
+    kept, t0 = [], time.perf_counter()
+    sel_gen = torch.Generator().manual_seed(cfg.run.seed + 1)
+    for start in tqdm(range(0, len(order), big), desc="select", dynamic_ncols=True):
+        part = order[start:start + big]
+        b = jest.selected_count(len(part), s.filter_ratio)
+        chunks = min(s.chunks, b)
+        sub = {r: None if z is None else z[part].to(device) for r, z in emb.items()}
+        sel, _ = select_groups(sub["learner"], sub["reference"], b, sel_gen, score=s.score,
+                               joint=s.joint, chunks=chunks, temperature=s.temperature,
+                               loss_temperature=cfg.method.temperature, greedy=s.greedy,
+                               balance=False)
+        kept.append(part[sel.indices.cpu()])
+    ids = torch.cat(kept).sort().values
+    seconds = time.perf_counter() - t0
+
+    out = ensure_writable_dir(select_dir(cfg), "run.dir")
+    (out / "ids.json").unlink(missing_ok=True)  # the completion record goes last
+    shard_dir = out / "shards"
+    if shard_dir.exists():
+        for old in shard_dir.iterdir():
+            old.unlink()
+    keep = set(ids.tolist())
+    batch, n_shard = [], 0
+    per_shard = cfg.images.shard_size
+    for i, group in enumerate(iter_groups(shards)):
+        if i >= len(images):
+            break
+        if i in keep:
+            batch.append(group)
+        if len(batch) == per_shard:
+            write_shard(shard_dir / f"shard-{n_shard:05d}.tar", batch)
+            batch, n_shard = [], n_shard + 1
+    if batch:
+        write_shard(shard_dir / f"shard-{n_shard:05d}.tar", batch)
+    write_json_atomic(out / "ids.json", {
+        "config": json.loads(cfg.to_json())["selection"], "source": str(shards),
+        "pool": len(images), "kept": len(ids), "super_batch": big,
+        "scoring_flops": flops, "selection_seconds": seconds, "ids": ids.tolist()})
+    print(f"kept {len(ids)} of {len(images)} caption groups ({s.score}, f={s.filter_ratio}); "
+          f"shards: {shard_dir}")
+    return shard_dir
