@@ -293,6 +293,7 @@ class SelectionConfig:
     greedy: bool = False  # take the top scores instead of sampling (deterministic)
     reference: str = ""  # frozen reference checkpoint (needed unless score = hard_learner)
     score_size: int | None = None  # Flexi-JEST: score at this resolution; None = aug.size
+    score_images: int | None = None  # score each caption with this many of its images (>= 2)
     log_ids: bool = True  # write the selected sample ids of every step (RUN/train/selected.jsonl)
     learner: str = ""  # select stage: learner checkpoint (needed unless score = easy_reference)
     super_batch: int | None = None  # select stage: groups per super-batch; None = online's B

@@ -47,7 +47,9 @@ TOP1_LABELS = {
 }
 # metrics.jsonl columns written by the training loop itself; every other column is a term of the
 # method's objective (its output dict), plotted together with the total loss.
-_LOOP_COLUMNS = ("step", "lr", "grad_norm", "samples_per_s")
+_LOOP_COLUMNS = ("step", "lr", "grad_norm", "samples_per_s", "examples_read", "flops",
+                 "score_seconds", "train_seconds")
+_SELECTION_PREFIX = "select/"  # data-selection statistics (JEST), drawn in their own panel
 _THUMB_TARGET = 84  # shown height of one sample image in pixels (28 px images: 3x nearest)
 _THUMB_MAX = 128  # larger images are shrunk to this (antialiased) to keep the page small
 _MAX_SHOWN_IMAGES = 8  # images per caption group shown
@@ -387,9 +389,13 @@ def _training(run_dir: Path) -> tuple[str, bool]:
     columns: list[str] = []
     for r in rows:
         columns += [k for k in r if k not in columns]
-    terms = sorted((k for k in columns if k not in _LOOP_COLUMNS and series(k)[0]),
+    terms = sorted((k for k in columns if k not in _LOOP_COLUMNS and series(k)[0]
+                    and not k.startswith(_SELECTION_PREFIX)),
                    key=lambda k: k != "loss")  # the total first, its terms drawn over it
     panels = [("objective", terms, "loss")]
+    chosen = [k for k in columns if k.startswith(_SELECTION_PREFIX) and series(k)[0]]
+    if chosen:
+        panels.append(("data selection (super-batch vs chosen)", chosen, "loss per image"))
     panels += [(title, [k], label) for k, title, label in (
         ("lr", "learning rate", "lr"),
         ("grad_norm", "gradient norm", "norm (before clipping)"),

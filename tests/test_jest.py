@@ -131,6 +131,21 @@ def test_sigmoid_pair_sums_equal_siglip_on_sub_batches():
         assert batch_score(s, sub) / len(sub) == pytest.approx(direct, rel=1e-5)
 
 
+def test_sigmoid_blocks_equal_the_dense_matrix():
+    g = gen(16)
+    img, txt = torch.randn(9, 4, generator=g), torch.randn(9, 4, generator=g)
+    pairs = SigmoidPairs(img, txt, 5.0, -2.0)
+    x, y = F.normalize(img, dim=1), F.normalize(txt, dim=1)
+    sign = torch.eye(9) * 2 - 1
+    dense = -F.logsigmoid(sign * (5.0 * x @ y.T - 2.0))  # written out, identity mask and all
+    torch.testing.assert_close(pairs.dense(), dense)
+    a, b = torch.tensor([7, 2, 4]), torch.tensor([4, 0, 7, 8])  # overlap: (7, 7) and (4, 4)
+    for rows, cols in ((None, a), (a, None), (a, b), (b, a)):
+        want = dense if rows is None else dense[rows]
+        want = want if cols is None else want[:, cols]
+        torch.testing.assert_close(pairs.block(rows, cols), want)
+
+
 def test_multipos_matrix_is_exact_on_the_super_batch_and_bounds_whole_groups():
     g = gen(7)
     z = torch.randn(18, 6, generator=g, dtype=torch.float64)

@@ -99,6 +99,16 @@ def test_flexi_scoring_costs_fewer_flops(pool, tmp_path):
     assert f_low["train_flops_per_step"] == f_full["train_flops_per_step"]
     assert f_full["reference_pool_flops"] == 0  # hard learner: no reference pass
 
+    # scoring 2 of each caption's 3 images costs about 2/3 of scoring all 3
+    three, two = tmp_path / "three", tmp_path / "two"
+    for run, extra in ((three, []), (two, ["selection.score_images=2"])):
+        assert main(_online(pool, run, "train.steps=1", "selection.score=hard_learner",
+                            "selection.reference=", "method.images_per_caption=3", *extra)) == 0
+    f3, f2 = (json.loads((r / "train/summary.json").read_text())["accounting"]
+              for r in (three, two))
+    assert f2["score_flops_per_step"] == pytest.approx(2 / 3 * f3["score_flops_per_step"],
+                                                       rel=0.05)
+
 
 def test_independent_selection_and_easy_reference(pool, tmp_path):
     run = tmp_path / "ind"
@@ -136,6 +146,7 @@ def test_resume_replays_the_same_selection(pool, tmp_path):
     ("selection.chunks=5", "selection.chunks=5 must be in [1, 4]"),
     ("selection.filter_ratio=0.3", "no whole super-batch"),
     ("selection.reference=", "needs a frozen reference model"),
+    ("selection.score_images=1", "selection.score_images=1 must be in [2, 2]"),
 ])
 def test_bad_settings_are_clear_errors(pool, tmp_path, capsys, override, message):
     assert main(_online(pool, tmp_path / "bad", override)) == 2
@@ -193,3 +204,21 @@ def test_offline_select_stage_reshards_the_kept_groups(pool, tmp_path, capsys):
         "easy_reference"
     assert main(changed) == 2
     assert "different 'selection' config" in capsys.readouterr().err
+
+
+def test_checkpoints_from_before_a_new_config_key_still_resume():
+    """A checkpoint written before a config key existed matches a config with its default."""
+    from types import SimpleNamespace
+
+    from synrep.config import Config
+    from synrep.errors import CheckpointError
+    from synrep.train.loop import check_same_run
+
+    cfg = Config()
+    stored = json.loads(cfg.to_json())
+    del stored["selection"]["score_images"]  # an older synrep
+    del stored["train"]["keep_every"]
+    check_same_run(SimpleNamespace(config=stored, path="old.safetensors"), cfg)
+    cfg.selection.score_images = 2  # not the default: a different run
+    with pytest.raises(CheckpointError, match="selection.score_images"):
+        check_same_run(SimpleNamespace(config=stored, path="old.safetensors"), cfg)

@@ -321,11 +321,21 @@ class SigmoidPairs(_AdditivePairs):
         return -F.logsigmoid(self.t * (self.img * self.txt).sum(dim=1) + self.bias)  # (B,)
 
     def block(self, rows: Tensor | None, cols: Tensor | None) -> Tensor:
-        logits = self.t * _take(self.img, rows) @ _take(self.txt, cols).T + self.bias  # (r, c)
-        r = _arange_or(rows, self.size, logits.device)
-        c = _arange_or(cols, self.size, logits.device)
-        sign = (r[:, None] == c[None, :]).to(logits.dtype) * 2 - 1  # (r, c) +1 positive, -1 not
-        return -F.logsigmoid(sign * logits)
+        x, y = _take(self.img, rows), _take(self.txt, cols)
+        logits = torch.addmm(x.new_full((), self.bias), x, y.T, alpha=self.t)  # (r, c)
+        # Negatives: -log sigmoid(-l) = softplus(l). The few positives (i = j) are then fixed:
+        # -log sigmoid(l) = softplus(l) - l. No (r, c) identity mask is formed.
+        loss = F.softplus(logits)
+        if rows is None and cols is None:
+            pr = pc = torch.arange(self.size, device=logits.device)
+        elif rows is None:
+            pr, pc = cols, torch.arange(cols.numel(), device=logits.device)
+        elif cols is None:
+            pr, pc = torch.arange(rows.numel(), device=logits.device), rows
+        else:
+            pr, pc = (rows[:, None] == cols[None, :]).nonzero(as_tuple=True)
+        loss[pr, pc] -= logits[pr, pc]
+        return loss
 
     def gather(self) -> SigmoidPairs:
         _check_same_size_on_ranks(self.size)
@@ -336,7 +346,7 @@ def _row_logsumexp(q: Tensor, k: Tensor, scale: float, exclude_self: bool) -> Te
     """``logsumexp_j (q_i . k_j) * scale`` for every row i, in row blocks. (B,)."""
     out = q.new_empty(q.shape[0])
     for start in range(0, q.shape[0], _ROW_BLOCK):
-        s = q[start:start + _ROW_BLOCK] @ k.T * scale  # (blk, B)
+        s = (q[start:start + _ROW_BLOCK] * scale) @ k.T  # (blk, B); scaled before the GEMM
         if exclude_self:
             rows = torch.arange(s.shape[0], device=s.device)
             s[rows, rows + start] = -math.inf
@@ -543,6 +553,7 @@ class MultiposGroups:
         eye = torch.eye(self.m, dtype=torch.bool, device=s.device)
         self.pos_mean = s.masked_fill(eye, 0).sum(dim=2) / (self.m - 1)  # (G, m)
         self.log_own = torch.logsumexp(s.masked_fill(eye, -math.inf), dim=2)  # (G, m) log O_i
+        self._example_losses: Tensor | None = None
 
     @property
     def images(self) -> Tensor:
@@ -550,14 +561,22 @@ class MultiposGroups:
         return self.z.reshape(self.size * self.m, -1)
 
     def example_losses(self) -> Tensor:
-        """Each group's summed anchor loss with the whole super-batch as the batch. (G,)."""
-        lse = _row_logsumexp(self.images, self.images, 1 / self.temperature, exclude_self=True)
-        return (lse.view(self.size, self.m) - self.pos_mean).sum(dim=1)
+        """Each group's summed anchor loss with the whole super-batch as the batch. (G,).
+
+        ``O((G m)^2 d)`` time in row blocks, computed once and kept (the sampler's first chunk
+        and the selection statistics both use it)."""
+        if self._example_losses is None:
+            lse = _row_logsumexp(self.images, self.images, 1 / self.temperature,
+                                 exclude_self=True)
+            self._example_losses = (lse.view(self.size, self.m) - self.pos_mean).sum(dim=1)
+        return self._example_losses
 
     def tracker(self) -> Tracker:
         return _MultiposGroupTracker(self)
 
     def gather(self) -> MultiposGroups:
+        if world_size() == 1:
+            return self
         _check_same_size_on_ranks(self.size)
         return MultiposGroups(gather_no_grad(self.z), self.temperature)
 
@@ -586,7 +605,7 @@ class _MultiposGroupTracker:
         rows, den = [], torch.full((g * m,), -math.inf, dtype=gr.z.dtype, device=gr.z.device)
         for start in range(0, imgs.numel(), _ROW_BLOCK):
             blk = imgs[start:start + _ROW_BLOCK]
-            s = gr.images[blk] @ gr.images.T / gr.temperature  # (blk, G m) s[chunk image, j]
+            s = (gr.images[blk] / gr.temperature) @ gr.images.T  # (blk, G m) s[chunk image, j]
             rows.append(torch.logsumexp(s.view(-1, g, m), dim=2))  # (blk, G) log E
             same = (blk // m)[:, None] == col_group[None, :]
             den = torch.logaddexp(den, torch.logsumexp(s.masked_fill(same, -math.inf), dim=0))

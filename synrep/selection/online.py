@@ -67,6 +67,11 @@ def check_selection(cfg: Config, b: int) -> int:
             "set (or use selection.score=hard_learner)")
     if s.score_size is not None and s.score_size < 1:
         raise ConfigError(f"selection.score_size must be >= 1 or null, got {s.score_size}")
+    m = cfg.method.images_per_caption
+    if s.score_images is not None and not 2 <= s.score_images <= m:
+        raise ConfigError(
+            f"selection.score_images={s.score_images} must be in [2, {m}] "
+            "(method.images_per_caption): the multi-positive score needs two images of a caption")
     return big
 
 
@@ -249,18 +254,20 @@ class OnlineSelector:
     def select(self, method: Method, batch: dict[str, Tensor], step: int) -> Selection:
         s = self.cfg.selection
         learner = reference = None
+        n = s.score_images or batch["images"].shape[1]  # the first n drawn images of a caption
         if self.use_learner:
+            images = batch["images"][:, :n]
             counter = FlopCounterMode(display=False) if self.score_flops is None else None
             if counter is not None:
                 with counter:
-                    learner = score_groups(method, batch["images"], self.size)
+                    learner = score_groups(method, images, self.size)
                 self.score_flops = float(counter.get_total_flops()) * dist.world_size()
             else:
-                learner = score_groups(method, batch["images"], self.size)
+                learner = score_groups(method, images, self.size)
         else:
             self.score_flops = 0.0
         if self.reference is not None:
-            index, pick = batch["index"].cpu(), batch["pick"].cpu()
+            index, pick = batch["index"].cpu(), batch["pick"][:, :n].cpu()
             reference = self.reference[index[:, None], pick].to(self.device)
         sel, stats = select_groups(
             learner, reference, self.b, self.generator(step), score=s.score, joint=s.joint,
@@ -317,6 +324,9 @@ def select_offline(cfg: Config) -> Path:
             "selection.learner=<checkpoint> (or use selection.score=easy_reference)")
     shards, groups = pool_groups(cfg)
     images = groups.images  # (G, k, C, H, W)
+    if s.score_images is not None and not 2 <= s.score_images <= images.shape[1]:
+        raise ConfigError(f"selection.score_images={s.score_images} must be in "
+                          f"[2, {images.shape[1]}] (the images per caption in the pool)")
     size = s.score_size or cfg.aug.size
     c_learner, c_reference = _COEF[s.score]
     emb: dict[str, Tensor | None] = {"learner": None, "reference": None}
@@ -326,6 +336,8 @@ def select_offline(cfg: Config) -> Path:
             model = load_frozen(getattr(s, role), cfg, role, device)
             emb[role], f = embed_pool(model, images, size, device, desc=f"{role} embeddings")
             flops += f
+    if s.score_images is not None:
+        emb = {r: None if z is None else z[:, :s.score_images] for r, z in emb.items()}
     if emb["learner"] is not None and emb["reference"] is not None \
             and emb["learner"].shape[-1] != emb["reference"].shape[-1]:
         raise CheckpointError(

@@ -149,10 +149,11 @@ def check_same_run(ck: Checkpoint, cfg: Config) -> None:
     stored, current = ck.config, json.loads(cfg.to_json())
     defaults = json.loads(Config().to_json())
     for section in _RESUME_SECTIONS:
-        # A section missing from an older checkpoint had its defaults then.
-        if stored.get(section, defaults[section]) != current[section]:
-            changed = sorted(k for k in current[section]
-                             if stored.get(section, {}).get(k) != current[section][k])
+        # Keys (or sections) missing from an older checkpoint had their defaults then.
+        then = {**defaults[section], **stored.get(section, {})}
+        if then != current[section]:
+            changed = sorted(k for k in set(current[section]) | set(then)
+                             if then.get(k) != current[section].get(k))
             raise CheckpointError(
                 f"{str(ck.path)!r} was written with a different {section!r} config (changed: "
                 f"{', '.join(f'{section}.{k}' for k in changed)}); use the same config, or "

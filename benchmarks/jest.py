@@ -1,0 +1,414 @@
+"""JEST on a noisy synthetic pool: does choosing the data with models save compute?
+
+Three parts, each printed beside the issue's targets (exit status 1 when one is missed):
+
+``selection``  The quickstart's synthetic pool (5,000 captions x 4 images) with half of the caption
+    groups corrupted: a quarter get 4 images of 4 other captions ("swap": the positives do not
+    match), a quarter get heavy pixel noise ("noise"). A reference model is trained with the
+    normal trainer on a small curated set (1,000 uncorrupted groups) and frozen. Learners train
+    the quickstart encoder for the same steps and schedule with f = 0.8 under: uniform (no
+    selection), hard learner, easy reference, learnability, and Flexi learnability (scores at
+    14 px). Checkpoints every ``--every`` steps are probed (L-BFGS logistic regression on 10,000
+    real Fashion-MNIST train images, the full real test set). Reported: steps and total FLOPs
+    (training + learner scoring + the reference's one pass over the pool) to reach uniform's
+    final accuracy, and the share of clean groups each policy trained on.
+    Targets: learnability needs >= 2x fewer steps and >= 1.3x fewer FLOPs than uniform, and
+    beats hard learner and easy reference.
+``cost``  Side by side in one process, medians of repeated steps: a uniform step, a JEST step
+    (super-batch scored at 28 px) and a Flexi-JEST step (scored at 14 px), each including data,
+    scoring, selection and the training step. Target: Flexi-JEST <= 1.6x uniform.
+``sampler``  The joint sampler alone on given embeddings, 4,096 candidates, f = 0.8, 16 chunks,
+    learnability (learner and reference), against one quickstart training step. Target: < 10%.
+
+    python benchmarks/jest.py [--work runs/bench/jest] [--parts selection,cost,sampler]
+                              [--pool DIR] [--steps 400] [--every 50]
+
+Every run is an ordinary resumable synrep run under ``--work``: a killed benchmark resumes.
+Results go to ``benchmarks/results/jest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from synrep.cli import main as synrep  # noqa: E402
+from synrep.config import load_config  # noqa: E402
+from synrep.data.shards import CaptionGroup, iter_groups, write_shard, write_sizes  # noqa: E402
+
+QUICKSTART = "configs/quickstart.yaml"
+POLICIES = {  # name -> selection overrides
+    "uniform": [],
+    "hard_learner": ["selection.online=true", "selection.score=hard_learner"],
+    "easy_reference": ["selection.online=true", "selection.score=easy_reference"],
+    "learnability": ["selection.online=true", "selection.score=learnability"],
+    "flexi_learnability": ["selection.online=true", "selection.score=learnability",
+                           "selection.score_size=14"],
+    "learnability_2_images": ["selection.online=true", "selection.score=learnability",
+                              "selection.score_images=2"],
+}
+LEARNABILITY = ("learnability", "flexi_learnability", "learnability_2_images")
+TARGETS = {"steps_ratio": 2.0, "flops_ratio": 1.3, "flexi_step_ratio": 1.6, "sampler_share": 0.10}
+
+
+def _check(code: int, what: str) -> None:
+    if code != 0:
+        raise SystemExit(f"{what} failed with exit code {code}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The noisy pool
+
+
+def make_pool(args) -> Path:
+    """The quickstart's images, rendered once (skipped when complete)."""
+    if args.pool:
+        return Path(args.pool)
+    run_dir = Path(args.work) / "pool"
+    _check(synrep(["run", QUICKSTART, f"run.dir={run_dir}", "run.stages=[captions,images]"]),
+           "rendering the pool")
+    return run_dir / "images"
+
+
+def corrupt_pool(pool: Path, out: Path, seed: int = 0) -> list[str]:
+    """Write the pool with half its groups corrupted to ``out/shards``; return each group's kind
+    (clean, swap, noise), also stored in ``out/kinds.json`` and in every group's metadata."""
+    kinds_path = out / "kinds.json"
+    if kinds_path.exists():
+        return json.loads(kinds_path.read_text())
+    groups = list(iter_groups(pool))
+    rng = np.random.default_rng(seed)
+    n = len(groups)
+    order = rng.permutation(n)
+    kinds = ["clean"] * n
+    for i in order[: n // 4]:
+        kinds[i] = "swap"
+    for i in order[n // 4 : n // 2]:
+        kinds[i] = "noise"
+    shard, written = [], 0
+    for i, g in enumerate(groups):
+        images = g.images
+        if kinds[i] == "swap":  # every image from another random caption
+            others = rng.choice(np.delete(np.arange(n), i), size=len(images), replace=False)
+            images = [groups[j].images[rng.integers(len(groups[j].images))] for j in others]
+        elif kinds[i] == "noise":  # heavy noise: 80% uniform noise, 20% image
+            images = [np.clip(0.2 * im + 0.8 * rng.uniform(0, 255, im.shape), 0, 255)
+                      .astype(np.uint8) for im in images]
+        shard.append(CaptionGroup(key=g.key, caption=g.caption, images=images,
+                                  meta={**g.meta, "corrupt": kinds[i]}))
+        if len(shard) == 1000 or i == n - 1:
+            write_shard(out / "shards" / f"{written:05d}.tar", shard)
+            shard, written = [], written + 1
+    write_sizes(out / "shards")
+    curated = [g for g, k in zip(groups, kinds) if k == "clean"][:1000]
+    write_shard(out / "curated" / "00000.tar", curated)
+    write_sizes(out / "curated")
+    kinds_path.write_text(json.dumps(kinds))
+    return kinds
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs and probes
+
+
+def probe(checkpoint: Path, out_dir: Path) -> float:
+    """Linear-probe top-1 (%) of a checkpoint on real Fashion-MNIST, cached in ``out_dir``."""
+    from synrep.eval.stage import evaluate_checkpoint
+
+    done = out_dir / "probe.json"
+    if done.exists():
+        return json.loads(done.read_text())["top1"]
+    cfg = load_config(QUICKSTART, [f"run.dir={out_dir}", "eval.protocols=[linear]",
+                                   "eval.limit_train=10000", "eval.pca_images=0",
+                                   "eval.linear_cs=[1.0,10.0,100.0]"])
+    res = evaluate_checkpoint(cfg, checkpoint)["fashion-mnist"]
+    done.write_text(json.dumps({"top1": res["linear_probe_top1"]}))
+    return res["linear_probe_top1"]
+
+
+def train_policy(args, name: str, shards: Path, reference: Path) -> Path:
+    run_dir = Path(args.work) / name
+    over = [f"run.dir={run_dir}", f"data.shards={shards}", f"train.steps={args.steps}",
+            f"train.keep_every={args.every}", "selection.filter_ratio=0.8",
+            f"selection.reference={reference}", *POLICIES[name]]
+    t = time.perf_counter()
+    _check(synrep(["train", QUICKSTART, *over]), f"training {name}")
+    print(f"[{name}] trained in {(time.perf_counter() - t) / 60:.1f} min")
+    return run_dir
+
+
+def curve(args, run_dir: Path, stop_at: float | None = None) -> dict[int, float]:
+    """Probe accuracy at every kept checkpoint, in step order; with ``stop_at``, stop at the first
+    that reaches it (the final checkpoint is always probed)."""
+    ck = run_dir / "train" / "checkpoints"
+    steps = sorted(int(p.stem.split("_")[1]) for p in ck.glob("step_*.safetensors"))
+    out: dict[int, float] = {}
+    for s in steps:
+        out[s] = probe(ck / f"step_{s:06d}.safetensors", run_dir / "probe" / f"step_{s:06d}")
+        print(f"  {run_dir.name} step {s}: {out[s]:.2f} %")
+        if stop_at is not None and out[s] >= stop_at:
+            break
+    if args.steps not in out:
+        out[args.steps] = probe(ck / f"step_{args.steps:06d}.safetensors",
+                                run_dir / "probe" / f"step_{args.steps:06d}")
+    return out
+
+
+def clean_share(run_dir: Path, kinds: list[str]) -> float | None:
+    path = run_dir / "train" / "selected.jsonl"
+    if not path.exists():
+        return None
+    ids = [i for line in path.read_text().splitlines() for i in json.loads(line)["ids"]]
+    return sum(kinds[i] == "clean" for i in ids) / len(ids)
+
+
+def selection_part(args, results: dict) -> list[str]:
+    work = Path(args.work)
+    kinds = corrupt_pool(make_pool(args), work / "noisy")
+    shards = work / "noisy" / "shards"
+    ref_dir = work / "reference"
+    _check(synrep(["train", QUICKSTART, f"run.dir={ref_dir}",
+                   f"data.shards={work / 'noisy' / 'curated'}", f"train.steps={args.ref_steps}"]),
+           "training the reference")
+    reference = ref_dir / "train" / "checkpoints" / "final.safetensors"
+    ref_summary = json.loads((ref_dir / "train" / "summary.json").read_text())
+    rows: dict[str, dict] = {}
+    uniform_dir = train_policy(args, "uniform", shards, reference)
+    uniform_curve = curve(args, uniform_dir)
+    target = uniform_curve[args.steps]
+    for name in POLICIES:
+        run_dir = uniform_dir if name == "uniform" else train_policy(args, name, shards,
+                                                                     reference)
+        acc = uniform_curve if name == "uniform" else curve(args, run_dir, stop_at=target)
+        acct = json.loads((run_dir / "train" / "summary.json").read_text())["accounting"]
+        per_step = acct["train_flops_per_step"] + acct["score_flops_per_step"]
+        reached = min((s for s, a in acc.items() if a >= target), default=None)
+        rows[name] = {
+            "curve": {str(s): a for s, a in sorted(acc.items())}, "final_top1": acc[args.steps],
+            "steps_to_target": reached, "flops_per_step": per_step,
+            "train_flops_per_step": acct["train_flops_per_step"],
+            "score_flops_per_step": acct["score_flops_per_step"],
+            "reference_pool_flops": acct["reference_pool_flops"],
+            "images_read_per_step": acct["images_read_per_step"],
+            "clean_share": clean_share(run_dir, kinds),
+            "score_seconds": acct["score_seconds"], "train_seconds": acct["train_seconds"],
+        }
+        if reached is not None:
+            rows[name]["flops_to_target"] = reached * per_step + acct["reference_pool_flops"]
+    base = rows["uniform"]
+    base_flops = base["steps_to_target"] * base["flops_per_step"]
+    for r in rows.values():
+        if r["steps_to_target"]:
+            r["steps_ratio"] = base["steps_to_target"] / r["steps_to_target"]
+            r["flops_ratio"] = base_flops / r["flops_to_target"]
+    results["selection"] = {
+        "target_top1": target, "steps": args.steps, "every": args.every, "filter_ratio": 0.8,
+        "reference": {"groups": 1000, "steps": args.ref_steps,
+                      "train_flops": ref_summary["accounting"]["total_flops"]},
+        "pool": {"groups": len(kinds), "clean": kinds.count("clean"),
+                 "swap": kinds.count("swap"), "noise": kinds.count("noise")},
+        "policies": rows}
+
+    print(f"\nJEST on the noisy pool (half of {len(kinds)} caption groups corrupted), f = 0.8, "
+          f"{args.steps} steps; target: uniform's final linear probe {target:.2f} %\n")
+    print("| policy | final top-1 | steps to target | steps ratio | FLOPs ratio | clean share |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        share = "" if r["clean_share"] is None else f"{100 * r['clean_share']:.0f} %"
+        sr, fr = r.get("steps_ratio", float("nan")), r.get("flops_ratio", float("nan"))
+        print(f"| {name} | {r['final_top1']:.2f} % | {r['steps_to_target'] or 'not reached'} | "
+              f"{sr:.2f}x | {fr:.2f}x | {share} |")
+    fails = []
+    # The targets hold for JEST's learnability score; its scoring variants (full resolution,
+    # Flexi at 14 px, 2 of 4 images per caption) are all measured, and the best one is checked.
+    def meets(name: str) -> tuple[bool, float]:
+        r = rows[name]
+        return (r.get("steps_ratio", 0.0) >= TARGETS["steps_ratio"]
+                and r.get("flops_ratio", 0.0) >= TARGETS["flops_ratio"],
+                r.get("flops_ratio", 0.0))
+    best = max(LEARNABILITY, key=meets)
+    lr = rows[best]
+    for key in ("steps_ratio", "flops_ratio"):
+        got = lr.get(key, 0.0)
+        ok = got >= TARGETS[key]
+        print(f"{best} {key}: {got:.2f}x (target >= {TARGETS[key]}x) "
+              f"{'ok' if ok else 'MISSED'}")
+        if not ok:
+            fails.append(f"{best} {key}")
+    for other in ("hard_learner", "easy_reference"):
+        beats = (rows[other]["steps_to_target"] is None and lr["steps_to_target"] is not None) \
+            or (lr["steps_to_target"] is not None
+                and lr["steps_to_target"] < rows[other]["steps_to_target"]) \
+            or (lr["steps_to_target"] == rows[other]["steps_to_target"]
+                and lr["final_top1"] > rows[other]["final_top1"])
+        print(f"{best} beats {other} (fewer steps to the target, or as few and a higher final "
+              f"accuracy): {'ok' if beats else 'MISSED'}")
+        if not beats:
+            fails.append(f"{best} vs {other}")
+    results["selection"]["checked"] = best
+    return fails
+
+
+# ---------------------------------------------------------------------------------------------
+# Step cost and sampler time
+
+
+def _cfg(args, *extra: str):
+    work = Path(args.work)
+    return load_config(QUICKSTART, [
+        f"run.dir={work / 'cost'}", f"data.shards={work / 'noisy' / 'shards'}",
+        "selection.filter_ratio=0.8",
+        f"selection.reference={work / 'reference/train/checkpoints/final.safetensors'}", *extra])
+
+
+def cost_part(args, results: dict) -> list[str]:
+    from synrep.selection.online import OnlineSelector, super_batch_size
+    from synrep.train.loop import _param_groups, build_method, build_source
+
+    if not (Path(args.work) / "reference/train/checkpoints/final.safetensors").exists():
+        raise SystemExit("the cost part needs the reference of the selection part: run "
+                         "--parts selection first")
+    device = torch.device("cpu")
+    cfg_full = _cfg(args, "selection.online=true")
+    cfg_flexi = _cfg(args, "selection.online=true", "selection.score_size=14")
+    method = build_method(cfg_full).train()
+    opt = torch.optim.AdamW(_param_groups(method, 0.04), lr=1e-4)
+    uniform_src = build_source(cfg_full, "groups")
+    big = super_batch_size(cfg_full.train.batch_size, 0.8)
+    super_src = build_source(cfg_full, "groups", batch_size=big)
+    selectors = {"jest": OnlineSelector(cfg_full, method, super_src.images, device),
+                 "flexi": OnlineSelector(cfg_flexi, method, super_src.images, device)}
+
+    def train_step(batch, step):
+        g = torch.Generator().manual_seed(step)
+        loss = method(batch, g)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    times: dict[str, list[float]] = {"uniform": [], "jest": [], "flexi": []}
+    for step in range(args.cost_reps + 1):  # the first round warms up and is dropped
+        for name in times:
+            t = time.perf_counter()
+            if name == "uniform":
+                train_step(uniform_src.batch(step), step)
+            else:
+                chosen = selectors[name].select(method, super_src.batch(step), step)
+                train_step(chosen.batch, step)
+            if step:
+                times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    res = {"seconds_median": med, "reps": args.cost_reps,
+           "jest_step_ratio": med["jest"] / med["uniform"],
+           "flexi_step_ratio": med["flexi"] / med["uniform"], "super_batch": big,
+           "batch": cfg_full.train.batch_size}
+    results["cost"] = res
+    ok = res["flexi_step_ratio"] <= TARGETS["flexi_step_ratio"]
+    print(f"\nstep cost (median of {args.cost_reps}, side by side): uniform "
+          f"{med['uniform']:.3f} s, JEST at 28 px {med['jest']:.3f} s "
+          f"({res['jest_step_ratio']:.2f}x), Flexi-JEST at "
+          f"14 px {med['flexi']:.3f} s ({res['flexi_step_ratio']:.2f}x; target <= "
+          f"{TARGETS['flexi_step_ratio']}x) {'ok' if ok else 'MISSED'}")
+    return [] if ok else ["Flexi-JEST step cost"]
+
+
+def sampler_part(args, results: dict) -> list[str]:
+    from synrep.selection.jest import (
+        MultiposGroups,
+        SigmoidPairs,
+        joint_sample_from_embeddings,
+        selected_count,
+    )
+    from synrep.train.loop import _param_groups, build_method, build_source
+
+    cfg = _cfg(args)
+    method = build_method(cfg).train()
+    opt = torch.optim.AdamW(_param_groups(method, 0.04), lr=1e-4)
+    src = build_source(cfg, "groups")
+    step_times = []
+    for step in range(args.cost_reps + 1):
+        t = time.perf_counter()
+        loss = method(src.batch(step), torch.Generator().manual_seed(step))["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step:
+            step_times.append(time.perf_counter() - t)
+    step_s = statistics.median(step_times)
+    n, d, m = 4096, cfg.method.proj_dim, cfg.method.images_per_caption
+    gen = torch.Generator().manual_seed(0)
+    cases = {
+        "sigmoid pairs (4,096 image-text pairs)": lambda: (
+            SigmoidPairs(torch.randn(n, d, generator=gen), torch.randn(n, d, generator=gen),
+                         10.0, -10.0),
+            SigmoidPairs(torch.randn(n, d, generator=gen), torch.randn(n, d, generator=gen),
+                         10.0, -10.0), n),
+        f"multi-positive groups (4,096 images = {n // m} captions x {m})": lambda: (
+            MultiposGroups(torch.randn(n // m, m, d, generator=gen), cfg.method.temperature),
+            MultiposGroups(torch.randn(n // m, m, d, generator=gen), cfg.method.temperature),
+            n // m),
+    }
+    out, fails = {}, []
+    for name, make in cases.items():
+        times = []
+        for rep in range(args.cost_reps):
+            learner, reference, size = make()
+            b = selected_count(size, 0.8)
+            t = time.perf_counter()
+            joint_sample_from_embeddings(learner, reference, b, 16,
+                                         torch.Generator().manual_seed(rep))
+            times.append(time.perf_counter() - t)
+        sec = statistics.median(times)
+        share = sec / step_s
+        ok = share < TARGETS["sampler_share"]
+        out[name] = {"seconds_median": sec, "share_of_step": share, "candidates": size, "b": b}
+        print(f"sampler, {name}: {1000 * sec:.1f} ms = {100 * share:.1f} % of a quickstart "
+              f"training step ({1000 * step_s:.0f} ms; target < "
+              f"{100 * TARGETS['sampler_share']:.0f} %) {'ok' if ok else 'MISSED'}")
+        if not ok:
+            fails.append(f"sampler time ({name})")
+    results["sampler"] = {"train_step_seconds_median": step_s, "cases": out,
+                          "threads": torch.get_num_threads()}
+    return fails
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", default="runs/bench/jest")
+    p.add_argument("--pool", default="", help="caption-group shards to corrupt (default: render "
+                   "the quickstart's images into WORK/pool)")
+    p.add_argument("--parts", default="selection,cost,sampler")
+    p.add_argument("--steps", type=int, default=400, help="training steps of every learner")
+    p.add_argument("--every", type=int, default=50, help="probe a checkpoint every n steps")
+    p.add_argument("--ref-steps", type=int, default=400, help="reference training steps")
+    p.add_argument("--cost-reps", type=int, default=7)
+    p.add_argument("--json", default="benchmarks/results/jest.json")
+    args = p.parse_args(argv)
+    parts = [x for x in args.parts.split(",") if x]
+    known = {"selection": selection_part, "cost": cost_part, "sampler": sampler_part}
+    if set(parts) - set(known):
+        p.error(f"unknown parts {sorted(set(parts) - set(known))}; choose from {list(known)}")
+    out_path = Path(args.json)
+    results = json.loads(out_path.read_text()) if out_path.exists() else {}
+    fails: list[str] = []
+    for part in parts:
+        fails += known[part](args, results)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(results, indent=2) + "\n")
+    if fails:
+        print("missed: " + "; ".join(fails))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
