@@ -83,7 +83,7 @@ class AugConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "simclr"  # a registered method: synclr, stablerep, simclr, supervised
+    name: str = "simclr"  # a registered method: synclr, stablerep, simclr, supervised, mae
     temperature: float = 0.2
     proj_layers: int = 2  # projection MLP depth (1 = linear)
     proj_hidden_dim: int = 1024
@@ -112,6 +112,12 @@ class MethodConfig:
     ibot_teacher_temp_start: float = 0.04
     ibot_teacher_temp_warmup: int = 0  # steps of linear teacher-temperature warm-up
     sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations for the teacher's token targets
+    # MAE (He et al. 2022): reconstruct the pixels of randomly masked patches.
+    mae_mask_ratio: float = 0.75  # share of patches hidden from the encoder, in (0, 1)
+    mae_decoder_dim: int = 128  # width of the lightweight decoder (divisible by its heads)
+    mae_decoder_depth: int = 2  # transformer blocks of the decoder
+    mae_decoder_heads: int = 4  # attention heads of each decoder block
+    mae_norm_pix: bool = True  # targets: each patch normalised by its own mean and variance
 
 
 @dataclass

@@ -346,11 +346,10 @@ def train(cfg: Config) -> Path:
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
         acct.counted(counter)
-        if cfg.optim.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.grad_clip)
-        else:
-            grad_norm = torch.zeros(())
+        scaler.unscale_(optimizer)  # a no-op unless fp16 loss scaling is on
+        # The norm is logged either way; an infinite limit measures it without clipping.
+        limit = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(method.parameters(), limit)
         scaler.step(optimizer)
         scaler.update()
         method.after_step()
