@@ -83,7 +83,7 @@ class AugConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "simclr"  # a registered method: synclr, stablerep, simclr, supervised, mae
+    name: str = "simclr"  # a registered method: synclr, stablerep, simclr, supervised, mae, mixedae
     temperature: float = 0.2
     proj_layers: int = 2  # projection MLP depth (1 = linear)
     proj_hidden_dim: int = 1024
@@ -118,6 +118,14 @@ class MethodConfig:
     mae_decoder_depth: int = 2  # transformer blocks of the decoder
     mae_decoder_heads: int = 4  # attention heads of each decoder block
     mae_norm_pix: bool = True  # targets: each patch normalised by its own mean and variance
+    # MixedAE (Chen et al. 2023): mix groups of 1/r images patch-wise instead of masking; uses the
+    # mae_decoder_* / mae_norm_pix keys above and proj_hidden_dim / proj_dim for its MLP head.
+    mixedae_ratio: float = 0.25  # share r of a mixed image's patches from each source: 1/r images
+    #   per group, 1/r an integer >= 2, r * (patches per image) an integer >= 2, and the batch
+    #   (per rank) divisible by 1/r
+    mixedae_contrastive_weight: float = 0.1  # weight of the homologous contrastive term; 0 = off
+    mixedae_temperature: float = 0.2  # InfoNCE temperature of the homologous contrastive term
+    mixedae_homologous: bool = True  # top-K homologous attention in pretraining; False = ordinary
 
 
 @dataclass

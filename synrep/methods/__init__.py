@@ -2,6 +2,7 @@
 
 from synrep.methods import (  # noqa: F401  (fill the registry)
     mae,
+    mixedae,
     simclr,
     stablerep,
     supervised,
