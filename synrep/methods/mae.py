@@ -127,10 +127,12 @@ class MAE(Method):
     def __init__(self, cfg: Config, encoder: Encoder) -> None:
         super().__init__(encoder)
         m = cfg.method
+        self.name = m.name  # "mae", or a subclass's name, in error messages
         if not encoder.is_vit:
             raise ConfigError(
-                f"method 'mae' masks patch tokens and needs a ViT backbone, but model.backbone="
-                f"{cfg.model.backbone!r} is not one; use e.g. model.backbone=vit_tiny_p7_28")
+                f"method {m.name!r} masks patch tokens and needs a ViT backbone, but "
+                f"model.backbone={cfg.model.backbone!r} is not one; use e.g. "
+                "model.backbone=vit_tiny_p7_28")
         if not 0.0 < m.mae_mask_ratio < 1.0:
             raise ConfigError(
                 f"method.mae_mask_ratio={m.mae_mask_ratio} must lie strictly between 0 and 1 "
@@ -149,12 +151,12 @@ class MAE(Method):
         vit = encoder.backbone
         ph, pw = vit.patch_embed.patch_size
         if ph != pw:
-            raise ConfigError(f"method 'mae' needs square patches, the backbone has {ph}x{pw}")
+            raise ConfigError(f"method {m.name!r} needs square patches, the backbone has {ph}x{pw}")
         self.patch = ph
         self.img_size = tuple(vit.patch_embed.img_size)  # the backbone's model.img_size
         if (cfg.aug.size, cfg.aug.size) != self.img_size:
             raise ConfigError(
-                f"method 'mae' trains at the backbone's image size {self.img_size[0]}, but "
+                f"method {m.name!r} trains at the backbone's image size {self.img_size[0]}, but "
                 f"aug.size={cfg.aug.size}; set aug.size={self.img_size[0]} (or change "
                 "model.img_size)")
         self.grid = (self.img_size[0] // ph, self.img_size[1] // pw)
@@ -197,20 +199,13 @@ class MAE(Method):
                     nn.init.ones_(sub.weight)
                     nn.init.zeros_(sub.bias)
 
-    def forward_encoder(self, x: torch.Tensor, g: torch.Generator
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encode the visible patches of normalised images ``x`` (B, C, H, W).
-
-        Returns ``latent`` (B, P + K, D): the P prefix tokens (class/register) then the K visible
-        patch tokens in shuffled order, after the blocks and the final norm; ``mask`` (B, L) with
-        1 = masked; ``ids_restore`` (B, L). Patch tokens get their position embedding before
-        masking; prefix tokens get theirs only when timm's ``pos_embed`` has slots for them
-        (``no_embed_class`` false).
-        """
+    def embed_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images (B, C, H, W) -> prefix tokens (B, P, D) (class/register) and patch
+        tokens (B, L, D), each with timm's absolute position embedding where it has slots."""
         vit = self.encoder.backbone
         if tuple(x.shape[-2:]) != self.img_size:
             raise ConfigError(
-                f"method 'mae' got {x.shape[-2]}x{x.shape[-1]} inputs but the backbone's "
+                f"method {self.name!r} got {x.shape[-2]}x{x.shape[-1]} inputs but the backbone's "
                 f"image size is {self.img_size[0]}x{self.img_size[1]}; set aug.size to "
                 "model.img_size")
         t = vit.patch_embed(x)  # (B, h, w, D) with dynamic_img_size, else (B, L, D)
@@ -229,8 +224,22 @@ class MAE(Method):
             t = t + pos[:, slots:]
             if slots:  # timm/JAX layout: pos_embed has slots for the class/register tokens
                 prefix = prefix + pos[:, :slots]
+        return prefix, t
+
+    def forward_encoder(self, x: torch.Tensor, g: torch.Generator
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode the visible patches of normalised images ``x`` (B, C, H, W).
+
+        Returns ``latent`` (B, P + K, D): the P prefix tokens (class/register) then the K visible
+        patch tokens in shuffled order, after the blocks and the final norm; ``mask`` (B, L) with
+        1 = masked; ``ids_restore`` (B, L). Patch tokens get their position embedding before
+        masking; prefix tokens get theirs only when timm's ``pos_embed`` has slots for them
+        (``no_embed_class`` false).
+        """
+        prefix, t = self.embed_tokens(x)
         visible, mask, ids_restore = random_masking(t, self.mask_ratio, g)
         tokens = torch.cat([prefix, visible], dim=1)
+        vit = self.encoder.backbone
         tokens = vit.norm_pre(vit.pos_drop(tokens))
         tokens = vit.blocks(tokens)
         # timm puts the final norm in `norm`, or in `fc_norm` (pooled) when global_pool=avg;

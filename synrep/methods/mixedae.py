@@ -218,29 +218,6 @@ class MixedAE(MAE):
         self.contrastive_head = nn.Sequential(
             nn.Linear(d, m.proj_hidden_dim), nn.GELU(), nn.Linear(m.proj_hidden_dim, m.proj_dim))
 
-    def embed_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised images (B, C, H, W) -> prefix tokens (B, P, D) and patch tokens (B, N, D),
-        each with timm's absolute position embedding (as :meth:`MAE.forward_encoder`)."""
-        vit = self.encoder.backbone
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ConfigError(
-                f"method 'mixedae' got {x.shape[-2]}x{x.shape[-1]} inputs but the backbone's "
-                f"image size is {self.img_size[0]}x{self.img_size[1]}; set aug.size to "
-                "model.img_size")
-        t = vit.patch_embed(x)
-        t = t.flatten(1, 2) if t.ndim == 4 else t
-        b, n, _ = t.shape
-        prefix = [tok.expand(b, -1, -1) for tok in (vit.cls_token, vit.reg_token)
-                  if tok is not None]
-        prefix = torch.cat(prefix, dim=1) if prefix else t[:, :0]
-        pos = vit.pos_embed
-        if pos is not None:
-            slots = 0 if vit.no_embed_class else vit.num_prefix_tokens
-            t = t + pos[:, slots:]
-            if slots:
-                prefix = prefix + pos[:, :slots]
-        return prefix, t
-
     def forward_mixed_encoder(self, x: torch.Tensor, g: torch.Generator
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised images (B, C, H, W) -> ``latent`` (B/n, P + N, D) of the mixed images after

@@ -554,6 +554,7 @@ class MultiposGroups:
         self.pos_mean = s.masked_fill(eye, 0).sum(dim=2) / (self.m - 1)  # (G, m)
         self.log_own = torch.logsumexp(s.masked_fill(eye, -math.inf), dim=2)  # (G, m) log O_i
         self._example_losses: Tensor | None = None
+        self._gathered: MultiposGroups | None = None
 
     @property
     def images(self) -> Tensor:
@@ -575,10 +576,14 @@ class MultiposGroups:
         return _MultiposGroupTracker(self)
 
     def gather(self) -> MultiposGroups:
+        """The groups of every rank (rank-major). Kept after the first call: every rank calls it
+        equally often, so the sampler and the selection statistics share one all-gather."""
         if world_size() == 1:
             return self
-        _check_same_size_on_ranks(self.size)
-        return MultiposGroups(gather_no_grad(self.z), self.temperature)
+        if self._gathered is None:
+            _check_same_size_on_ranks(self.size)
+            self._gathered = MultiposGroups(gather_no_grad(self.z), self.temperature)
+        return self._gathered
 
 
 class _MultiposGroupTracker:

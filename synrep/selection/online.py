@@ -50,6 +50,15 @@ def super_batch_size(b: int, filter_ratio: float) -> int:
     return big
 
 
+def _check_reference(cfg: Config) -> None:
+    s = cfg.selection
+    if s.score != "hard_learner" and not s.reference:
+        raise ConfigError(
+            f"selection.score={s.score} needs a frozen reference model: set "
+            "selection.reference=<checkpoint>, trained with `synrep train` on a small curated "
+            "set (or use selection.score=hard_learner)")
+
+
 def check_selection(cfg: Config, b: int) -> int:
     """Validate ``cfg.selection`` for selecting ``b`` groups per super-batch; return ``B``."""
     s = cfg.selection
@@ -60,11 +69,7 @@ def check_selection(cfg: Config, b: int) -> int:
             f"the {b} selected groups (train.batch_size)")
     if not (math.isfinite(s.temperature) and s.temperature > 0):
         raise ConfigError(f"selection.temperature must be > 0, got {s.temperature}")
-    if s.score != "hard_learner" and not s.reference:
-        raise ConfigError(
-            f"selection.score={s.score} needs a frozen reference model: set "
-            "selection.reference=<checkpoint>, trained with `synrep train` on a small curated "
-            "set (or use selection.score=hard_learner)")
+    _check_reference(cfg)
     if s.score_size is not None and s.score_size < 1:
         raise ConfigError(f"selection.score_size must be >= 1 or null, got {s.score_size}")
     m = cfg.method.images_per_caption
@@ -316,8 +321,7 @@ def select_offline(cfg: Config) -> Path:
             jest.selected_count(big, s.filter_ratio)
         except ValueError as e:
             raise ConfigError(f"selection: {e}") from None
-    if s.score != "hard_learner" and not s.reference:
-        check_selection(cfg, jest.selected_count(big, s.filter_ratio))  # names the missing key
+    _check_reference(cfg)
     if s.score != "easy_reference" and not s.learner:
         raise ConfigError(
             f"the select stage with selection.score={s.score} needs a learner model: set "
