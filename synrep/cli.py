@@ -4,7 +4,9 @@
     synrep captions CONFIG [key.sub=value ...] write caption shards from the concept banks
     synrep rewrite  CONFIG [key.sub=value ...] write LaCLIP rewrites of the run's captions
     synrep images   CONFIG [key.sub=value ...] render k images per caption into WebDataset shards
+    synrep cluster CONFIG [key.sub=value ...] MoCE: k-means clusters of the training images
     synrep train CONFIG [key.sub=value ...]   pretrain (resumes from the last checkpoint)
+    synrep search CONFIG [key.sub=value ...]  MoCE: expert search, export a dense ViT
     synrep eval  CONFIG [key.sub=value ...]   evaluate the run's (or --checkpoint's) encoder
     synrep embed --checkpoint PATH --dataset NAME --split SPLIT --out FILE.npz
     synrep scale CONFIG [key.sub=value ...]   train at several data sizes, fit a power law
@@ -53,7 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     with_config("select", "offline JEST: score the run's caption groups with the learner and "
                 "reference checkpoints (selection.*), keep (1 - f) of every super-batch, and "
                 "write the kept ids and new shards into RUN/select")
+    with_config("cluster", "MoCE: k-means on method.moce_features' features of the training "
+                "images; writes the centroids and every image's cluster into RUN/cluster")
     with_config("train", "pretrain the encoder; resumes from the run's last checkpoint")
+    with_config("search", "MoCE expert search: route eval.dataset's train split (eval.classes) "
+                "through the clusters, keep the most used expert per block, export a dense ViT "
+                "into RUN/search")
     ev = with_config("eval", "evaluate an encoder with frozen-feature protocols")
     ev.add_argument("--checkpoint", help="checkpoint to evaluate (default: the run's final one)")
     with_config("scale", "pretrain at several data sizes (scale.captions x "
@@ -168,8 +175,12 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_generator(cfg)
         elif args.command == "select":
             run_stages(cfg, ["select"], force=True)
+        elif args.command == "cluster":
+            run_stages(cfg, ["cluster"], force=True)
         elif args.command == "train":
             run_stages(cfg, ["train"])
+        elif args.command == "search":
+            run_stages(cfg, ["search"], force=True)
         elif args.command == "scale":
             from synrep.scaling import run_scaling
 

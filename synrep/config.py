@@ -41,6 +41,7 @@ class DataConfig:
     shards: str = ""  # caption-group shards for source = "shards"; "" = this run's images stage
     max_captions: int | None = None  # train on the first n caption groups only (data scaling)
     max_images_per_caption: int | None = None  # and on the first k images of each
+    classes: list[int] | None = None  # keep only images (or caption groups) of these labels
     image_size: int | None = None  # resize on load; None keeps the stored size
 
 
@@ -126,6 +127,28 @@ class MethodConfig:
     mixedae_contrastive_weight: float = 0.1  # weight of the homologous contrastive term; 0 = off
     mixedae_temperature: float = 0.2  # InfoNCE temperature of the homologous contrastive term
     mixedae_homologous: bool = True  # top-K homologous attention in pretraining; False = ordinary
+    # Language supervision (METHODS.md sections 2 and 4): clip and stablerep_pp add a text tower;
+    # image and text embeddings meet in proj_dim, compared with a learned logit scale.
+    text_model: str = "fashion-text"  # a built-in text tower, or a folder saved by save_pretrained
+    text_width: int = 256  # built-in tower: transformer width, layers, heads (width % heads == 0)
+    text_layers: int = 3
+    text_heads: int = 4
+    text_context: int = 32  # tokens per text, special tokens included (longer texts are cut)
+    clip_init_temperature: float = 0.07  # the logit scale starts at 1 / this (CLIP: 0.07)
+    clip_max_logit_scale: float = 100.0  # the learned logit scale is clamped here (CLIP: 100)
+    text_weight: float = 1.0  # stablerep_pp: weight of the image-text term (image-image: 1)
+    rewrites: bool = False  # LaCLIP: each step a caption or one of its RUN/rewrites, uniformly
+    # MoCE (Liu et al. 2023): MAE whose last blocks hold cluster-conditional experts; uses the
+    # mae_* keys above. The clusters come from the `cluster` stage (k-means on moce_features).
+    moce_features: str = ""  # checkpoint whose encoder features cluster the images (an MAE)
+    moce_clusters: int = 16  # k-means clusters of the pretraining images
+    moce_kmeans_iters: int = 50  # Lloyd iterations (k-means++ seeding, run.seed)
+    moce_cluster_file: str = ""  # clusters.safetensors to train with; "" = RUN/cluster's
+    moce_experts: int = 4  # experts in each MoE block
+    moce_blocks: int = 2  # the last n encoder blocks get MoE MLPs
+    moce_top_k: int = 1  # experts per image (every token of an image takes the same route)
+    moce_importance_weight: float = 0.01  # V-MoE importance loss (CV^2 of summed gate probs)
+    moce_load_weight: float = 0.01  # load loss E * sum_e f_e * P_e (fraction routed x mean prob)
 
 
 @dataclass
@@ -187,6 +210,7 @@ class EvalConfig:
     batch_size: int = 512
     limit_train: int | None = None  # evaluate on a seeded subset of this many train images
     limit_test: int | None = None
+    classes: list[int] | None = None  # evaluate on these labels only (relabelled 0..n-1)
 
 
 @dataclass

@@ -32,28 +32,40 @@ def _train_done(cfg: Config) -> bool:
     return True
 
 
-def _eval(cfg: Config) -> None:
-    from synrep.eval.stage import evaluate_checkpoint
+def eval_checkpoint(cfg: Config) -> Path:
+    """The checkpoint the eval stage reads: the final one, or for MoCE the dense ViT that
+    expert search exported."""
     from synrep.train.loop import final_checkpoint
 
+    if cfg.method.name == "moce":
+        from synrep.methods.moce import expert_checkpoint
+
+        return expert_checkpoint(cfg)
+    return final_checkpoint(cfg)
+
+
+def _eval(cfg: Config) -> None:
+    from synrep.eval.stage import evaluate_checkpoint
+
     if dist.is_main():
-        ck = final_checkpoint(cfg)
+        ck = eval_checkpoint(cfg)
         if not ck.exists():
-            raise ConfigError(f"no trained checkpoint at {str(ck)!r}: run the train stage first")
+            after = "search" if cfg.method.name == "moce" else "train"
+            raise ConfigError(f"no checkpoint to evaluate at {str(ck)!r}: run the {after} "
+                              "stage first")
         results = evaluate_checkpoint(cfg, ck)
         print_summary(cfg, results)
     dist.barrier()
 
 
 def _eval_done(cfg: Config) -> bool:
-    from synrep.eval.stage import PROTOCOLS, protocol_done
-    from synrep.train.loop import final_checkpoint
+    from synrep.eval.stage import PROTOCOLS, protocol_done, results_key
 
     path = cfg.run_dir / "eval" / "results.json"
     if not path.exists():
         return False
-    entry = json.loads(path.read_text()).get(cfg.eval.dataset, {})
-    return entry.get("checkpoint") == str(final_checkpoint(cfg)) and all(
+    entry = json.loads(path.read_text()).get(results_key(cfg.eval), {})
+    return entry.get("checkpoint") == str(eval_checkpoint(cfg)) and all(
         protocol_done(entry, p) for p in cfg.eval.protocols if p in PROTOCOLS)
 
 
@@ -114,6 +126,37 @@ def _select_done(cfg: Config) -> bool:
     return select_done(cfg)
 
 
+def _cluster(cfg: Config) -> None:
+    from synrep.cluster import run_cluster
+
+    if dist.is_main():
+        run_cluster(cfg)
+    dist.barrier()
+
+
+def _cluster_done(cfg: Config) -> bool:
+    from synrep.cluster import cluster_done
+
+    return cluster_done(cfg)
+
+
+def _search(cfg: Config) -> None:
+    from synrep.methods.moce import run_search
+
+    if cfg.method.name != "moce":
+        raise ConfigError(f"the search stage exports an expert of a MoCE model; this run's "
+                          f"method is {cfg.method.name!r} (set method.name=moce)")
+    if dist.is_main():
+        run_search(cfg)
+    dist.barrier()
+
+
+def _search_done(cfg: Config) -> bool:
+    from synrep.methods.moce import search_done
+
+    return search_done(cfg)
+
+
 def _report(cfg: Config) -> None:
     from synrep.report import write_report
 
@@ -132,15 +175,19 @@ STAGES: dict[str, tuple[Callable[[Config], None], Callable[[Config], bool]]] = {
     "rewrites": (_rewrites, _rewrites_done),
     "images": (_images, _images_done),
     "select": (_select, _select_done),
+    "cluster": (_cluster, _cluster_done),
     "train": (_train, _train_done),
+    "search": (_search, _search_done),
     "eval": (_eval, _eval_done),
     "report": (_report, _report_done),
 }
 
 
 def print_summary(cfg: Config, results: dict) -> None:
-    entry = results.get(cfg.eval.dataset, {})
-    print(f"\nevaluation on {cfg.eval.dataset} ({cfg.eval.test_split} split):")
+    from synrep.eval.stage import results_key
+
+    entry = results.get(results_key(cfg.eval), {})
+    print(f"\nevaluation on {results_key(cfg.eval)} ({cfg.eval.test_split} split):")
     for key, value in entry.items():
         if key.endswith("_top1"):
             spread = entry.get("fewshot", {}).get(key[len("fewshot_"):-len("shot_top1")], {})

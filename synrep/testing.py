@@ -92,3 +92,21 @@ def build_tiny_sd(path: Path, seed: int = 0, image_size: int = 32, channels: int
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(path)
     return path
+
+
+def build_tiny_clip_text(path: Path, seed: int = 0, width: int = 32, max_length: int = 16) -> Path:
+    """Save a 2-layer random ``CLIPTextModel`` and a real ``CLIPTokenizer`` (character-level) to
+    ``path``, as a hub CLIP text tower would be saved: a ``method.text_model`` folder."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = build_clip_tokenizer(max_length=max_length)
+    torch.manual_seed(seed)
+    model = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_attention_heads=2,
+        num_hidden_layers=2, max_position_embeddings=max_length, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

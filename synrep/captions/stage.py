@@ -469,6 +469,23 @@ def run_rewrites(cfg: Config) -> dict[str, Any]:
     return summary
 
 
+def read_rewrites(directory: str | Path) -> dict[int, tuple[str, list[str]]]:
+    """``caption_id -> (caption, rewrites)`` of a complete rewrites set (``RUN/rewrites``)."""
+    directory = Path(directory)
+    if not (directory / SIZES_FILE).exists():
+        raise DataError(f"no complete rewrites in {str(directory)!r} (no {SIZES_FILE}); run "
+                        "`synrep rewrite CONFIG` (or add the rewrites stage to run.stages) first")
+    out: dict[int, tuple[str, list[str]]] = {}
+    for path in caption_shards(directory):
+        for row in read_caption_shard(path):
+            rewrites = row.get("rewrites")
+            if not isinstance(rewrites, list) or not all(isinstance(r, str) for r in rewrites):
+                raise DataError(f"{str(path)!r}: caption {row['caption_id']} has no 'rewrites' "
+                                "list of strings; it is not a rewrites shard")
+            out[row["caption_id"]] = (row["caption"], rewrites)
+    return out
+
+
 def _concept_names(row: dict[str, Any], banks: dict[str, Any]) -> tuple[str, ...] | None:
     """Names the rewrite of ``row`` must keep: its concept and synonyms, when known."""
     concept = row.get("concept")

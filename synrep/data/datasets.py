@@ -69,6 +69,21 @@ class ImageArray:
             idx = torch.as_tensor(idx, dtype=torch.long)
         return ImageArray(self.images[idx], self.labels[idx], list(self.classes), self.name)
 
+    def select_classes(self, classes: Sequence[int]) -> ImageArray:
+        """The images of the given labels, relabelled 0..n-1 in the order of ``classes``."""
+        n = len(self.classes)
+        bad = [c for c in classes if not 0 <= c < n]
+        if bad or len(set(classes)) != len(classes) or not classes:
+            raise ConfigError(
+                f"classes={list(classes)}: choose distinct labels of {self.name} "
+                f"(0..{n - 1}: {', '.join(self.classes)})")
+        lut = torch.full((n,), -1, dtype=torch.long)
+        lut[torch.as_tensor(list(classes))] = torch.arange(len(classes))
+        new = lut[self.labels]
+        keep = new >= 0
+        return ImageArray(self.images[keep], new[keep], [self.classes[c] for c in classes],
+                          f"{self.name}[{','.join(map(str, classes))}]")
+
 
 Loader = Callable[[str, str | None, int | None], ImageArray]
 DATASETS: Registry[Loader] = Registry("dataset")

@@ -47,6 +47,11 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu",
         raise ConfigError(f"eval.weights={weights!r}: choose teacher or student")
     ck = Checkpoint(path)
     cfg = config_from_dict(ck.config, f"checkpoint {str(path)!r}")
+    if cfg.method.name == "moce":
+        raise ConfigError(
+            f"{str(path)!r} is a MoCE checkpoint: its MoE blocks need a route per image. Run "
+            "expert search (`synrep search CONFIG`) and evaluate the dense ViT it exports "
+            "(RUN/search/expert.safetensors)")
     encoder = build_encoder(cfg.model)
     has_teacher = any(k.startswith("teacher.encoder.") for k in ck.model_state)
     prefix = "teacher.encoder." if weights == "teacher" and has_teacher else "encoder."
@@ -70,6 +75,8 @@ def _load_split(ecfg: EvalConfig, split: str, image_size: int, dataset: str | No
         root=root if root is not None else ecfg.root,
         image_size=ecfg.image_size or image_size,
     )
+    if ecfg.classes is not None:
+        ds = ds.select_classes(ecfg.classes)
     limit = ecfg.limit_test if split == ecfg.test_split else ecfg.limit_train
     if limit is not None and limit < len(ds):
         g = torch.Generator().manual_seed(0)
@@ -96,6 +103,14 @@ def embed_split(
         fn, ds.images, batch_size=ecfg.batch_size, device=device, desc=f"features {ds.name}/{split}"
     )
     return feats, ds.labels
+
+
+def results_key(ecfg: EvalConfig) -> str:
+    """The results.json key of an evaluation: the dataset, with ``[labels]`` when
+    ``eval.classes`` restricts it (e.g. ``fashion-mnist[5,7,8,9]``)."""
+    if ecfg.classes is None:
+        return ecfg.dataset
+    return f"{ecfg.dataset}[{','.join(map(str, ecfg.classes))}]"
 
 
 def protocol_done(entry: dict[str, Any], protocol: str) -> bool:
@@ -125,7 +140,7 @@ def _cached_features(cfg: Config, encoder: Encoder, checkpoint: str | Path, out_
     ecfg = cfg.eval
     feats = {}
     for split in (ecfg.train_split, ecfg.test_split):
-        cache = out_dir / f"features_{ecfg.dataset.replace(':', '_')}_{split}.npz"
+        cache = out_dir / f"features_{results_key(ecfg).replace(':', '_')}_{split}.npz"
         stamp = out_dir / (cache.name + ".source")
         key = json.dumps(
             {
@@ -137,6 +152,7 @@ def _cached_features(cfg: Config, encoder: Encoder, checkpoint: str | Path, out_
                 "root": ecfg.root,
                 "image_size": ecfg.image_size,
                 "limit": [ecfg.limit_train, ecfg.limit_test],
+                "classes": ecfg.classes,
             }
         )
         if cache.exists() and stamp.exists() and stamp.read_text() == key:
@@ -263,7 +279,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     res["protocol"] = {"pool": ecfg.pool, "n_last_blocks": ecfg.n_last_blocks,
                        "weights": ecfg.weights}
     res["timings"] = timings
-    results = {ecfg.dataset: res}
+    results = {results_key(ecfg): res}
     path = out_dir / "results.json"
     # Keep other datasets' results already in the file.
     if path.exists():

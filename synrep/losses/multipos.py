@@ -66,7 +66,7 @@ class MultiPosConLoss(nn.Module):
 
 def multipos_query_key_loss(queries: torch.Tensor, query_labels: torch.Tensor,
                             keys: torch.Tensor, key_labels: torch.Tensor,
-                            exclude: torch.Tensor, temperature: float,
+                            exclude: torch.Tensor, temperature: float | torch.Tensor,
                             offset_by_rank: bool = True) -> torch.Tensor:
     """The multi-positive loss of queries against a separate set of keys (SynCLR, MoCo-style).
 
@@ -78,6 +78,7 @@ def multipos_query_key_loss(queries: torch.Tensor, query_labels: torch.Tensor,
     ``offset_by_rank`` is False (global labels that match across ranks).
 
     With ``keys = queries`` and ``exclude = arange(n)`` this is :class:`MultiPosConLoss`.
+    ``temperature`` may be a scalar tensor that carries a gradient (a learned logit scale).
 
     Shapes: queries [n, d], query_labels [n], keys [k, d], key_labels [k], exclude [n]. Scalar.
     """

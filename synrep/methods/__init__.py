@@ -1,10 +1,13 @@
 """Training objectives, one per file, looked up by name in :data:`METHODS`."""
 
 from synrep.methods import (  # noqa: F401  (fill the registry)
+    clip,
     mae,
     mixedae,
+    moce,
     simclr,
     stablerep,
+    stablerep_pp,
     supervised,
     synclr,
 )

@@ -32,6 +32,10 @@ class Method(nn.Module):
         super().__init__()
         self.encoder = encoder
 
+    #: True for methods that learn from single images (MAE family): on caption-group shards every
+    #: image of a group is then its own sample, instead of one image per group per step.
+    each_image: bool = False
+
     #: True for methods that train a text tower (CLIP-style); they implement
     #: :meth:`encode_image` and :meth:`encode_text`, and evaluation adds zero-shot classification.
     has_text_tower: bool = False
@@ -57,6 +61,10 @@ class Method(nn.Module):
                 f"data selection scores caption groups with a contrastive head, which method "
                 f"{type(self).__name__} does not train; use method.name=synclr or stablerep")
         return head(self.encoder(x))
+
+    def bind_data(self, source: Any) -> None:
+        """Called once with the training source (an ArraySource) before training, for methods
+        that keep per-sample data aligned with it (MoCE's clusters)."""
 
     def set_step(self, step: int) -> None:
         """Called before each step's forward, for per-step schedules (teacher temperature)."""

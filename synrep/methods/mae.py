@@ -123,6 +123,7 @@ def sincos_pos_embed_2d(dim: int, h: int, w: int) -> torch.Tensor:
 
 class MAE(Method):
     batch_kind = "images"
+    each_image = True  # on caption-group shards every image is a sample
 
     def __init__(self, cfg: Config, encoder: Encoder) -> None:
         super().__init__(encoder)
@@ -226,7 +227,12 @@ class MAE(Method):
                 prefix = prefix + pos[:, :slots]
         return prefix, t
 
-    def forward_encoder(self, x: torch.Tensor, g: torch.Generator
+    def run_blocks(self, tokens: torch.Tensor, route: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder's transformer blocks; ``route`` is for subclasses with routed blocks."""
+        return self.encoder.backbone.blocks(tokens)
+
+    def forward_encoder(self, x: torch.Tensor, g: torch.Generator,
+                        route: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encode the visible patches of normalised images ``x`` (B, C, H, W).
 
@@ -241,7 +247,7 @@ class MAE(Method):
         tokens = torch.cat([prefix, visible], dim=1)
         vit = self.encoder.backbone
         tokens = vit.norm_pre(vit.pos_drop(tokens))
-        tokens = vit.blocks(tokens)
+        tokens = self.run_blocks(tokens, route)
         # timm puts the final norm in `norm`, or in `fc_norm` (pooled) when global_pool=avg;
         # either way the decoder gets layer-normalised tokens, as in MAE.
         norm = vit.norm if not isinstance(vit.norm, nn.Identity) else vit.fc_norm

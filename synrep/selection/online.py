@@ -280,7 +280,8 @@ class OnlineSelector:
             loss_temperature=self.cfg.method.temperature, greedy=s.greedy,
             balance=dist.world_size() > 1)
         local = sel.local.to(batch["images"].device)
-        sub = {k: v[local] for k, v in batch.items()}
+        sub = {k: [v[i] for i in local.tolist()] if isinstance(v, list) else v[local]  # texts
+               for k, v in batch.items()}
         ids = dist.gather_no_grad(batch["index"].to(self.device))[sel.indices.to(self.device)]
         return Selection(sub, ids.cpu(), stats)
 

@@ -44,13 +44,16 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict[str, Any],
+def save_checkpoint(path: str | Path, model: torch.nn.Module | dict[str, torch.Tensor],
+                    config: dict[str, Any],
                     step: int, optimizer: torch.optim.Optimizer | None = None,
                     extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model``'s weights (and the optimizer state) with the config and step, atomically."""
+    """Write ``model``'s weights (a module or a state dict) and the optimizer state with the
+    config and step, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = model if isinstance(model, dict) else model.state_dict()
+    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in state.items()}
     meta: dict[str, Any] = {"format": FORMAT, "step": step, "config": config, "extra": extra or {}}
     if optimizer is not None:
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from synrep.config import Config
-from synrep.data.sources import ArraySource
+from synrep.data.sources import ArraySource, group_texts
 from synrep.errors import CheckpointError, ConfigError, SynrepError
 from synrep.methods import METHODS, Method
 from synrep.models import build_encoder
@@ -90,18 +90,38 @@ def pool_groups(cfg: Config, after_select: bool = True):
     return shards, groups
 
 
-def build_source(cfg: Config, batch_kind: str, batch_size: int | None = None) -> ArraySource:
+def _class_mask(labels: torch.Tensor, classes: list[int], where: str) -> torch.Tensor:
+    """Boolean mask of the samples whose label is in ``data.classes`` (an error if none are)."""
+    keep = torch.isin(labels, torch.tensor(classes, dtype=labels.dtype))
+    if not keep.any():
+        raise ConfigError(f"data.classes={classes}: {where} has no samples with these labels "
+                          f"(its labels are {sorted(set(labels.tolist()))[:20]})")
+    return keep
+
+
+def build_source(cfg: Config, batch_kind: str, batch_size: int | None = None,
+                 texts: bool = False, each_image: bool = False) -> ArraySource:
     """The training batches described by ``cfg.data`` (``batch_size`` overrides
-    ``train.batch_size``, for the super-batches of online selection)."""
+    ``train.batch_size``, for the super-batches of online selection; ``texts`` adds each caption
+    group's caption, or a LaCLIP rewrite of it, to every batch for text-tower methods;
+    ``each_image`` makes every image of a caption group its own sample, for methods that learn
+    from single images)."""
     d = cfg.data
+    if cfg.method.rewrites and not texts:
+        raise ConfigError(f"method.rewrites=true (LaCLIP) rewrites the captions of a text tower; "
+                          f"method {cfg.method.name!r} has none: use clip or stablerep_pp")
+    captions = None
     if d.source == "dataset":
         from synrep.data.datasets import load_dataset
 
         ds = load_dataset(d.dataset, d.split, root=d.root, image_size=d.image_size)
-        if batch_kind == "groups":
-            raise ConfigError(
-                f"method {cfg.method.name!r} trains on caption groups: set data.source=shards")
+        if batch_kind == "groups" or texts:
+            raise ConfigError(f"method {cfg.method.name!r} trains on caption groups"
+                              f"{' and their captions' if texts else ''}: set data.source=shards")
         images, labels = ds.images, ds.labels
+        if d.classes is not None:
+            keep = _class_mask(labels, d.classes, f"{d.dataset}/{d.split}")
+            images, labels = images[keep], labels[keep]
         m = None
     else:
         shards, groups = pool_groups(cfg)
@@ -115,9 +135,30 @@ def build_source(cfg: Config, batch_kind: str, batch_size: int | None = None) ->
         labels = None
         if all("label" in meta for meta in groups.metas):
             labels = torch.tensor([int(meta["label"]) for meta in groups.metas])
+        if texts:  # language supervision: each group's caption, with its LaCLIP rewrites
+            from synrep.captions.stage import read_rewrites, rewrites_dir
+
+            rewrites = read_rewrites(rewrites_dir(cfg)) if cfg.method.rewrites else None
+            captions = group_texts(groups.captions, groups.keys, groups.metas, rewrites,
+                                   repr(shards))
+        if d.classes is not None:
+            if labels is None:
+                raise ConfigError(
+                    f"data.classes={d.classes} needs a label in every caption group's metadata, "
+                    f"but {shards!r} has groups without one; remove data.classes")
+            keep = _class_mask(labels, d.classes, shards)
+            images, labels = images[keep], labels[keep]
+            if captions is not None:
+                captions = [c for c, k in zip(captions, keep.tolist()) if k]
         m = cfg.method.images_per_caption if batch_kind == "groups" else 1
+        if each_image and batch_kind != "groups":  # (G, k, ...) -> G * k single images
+            k = images.shape[1]
+            images = images.flatten(0, 1)
+            labels = labels.repeat_interleave(k) if labels is not None else None
+            captions = [c for c in captions for _ in range(k)] if captions is not None else None
+            m = None
     return ArraySource(images, labels, batch_size or cfg.train.batch_size, cfg.run.seed,
-                       dist.rank(), dist.world_size(), images_per_group=m)
+                       dist.rank(), dist.world_size(), images_per_group=m, texts=captions)
 
 
 def build_method(cfg: Config) -> Method:
@@ -258,10 +299,13 @@ def train(cfg: Config) -> Path:
             raise ConfigError("selection.online selects caption groups: it needs a caption-group "
                               "method (synclr, stablerep) and data.source=shards")
         big = check_selection(cfg, cfg.train.batch_size)
-        source = build_source(cfg, method.batch_kind, batch_size=big)
+        source = build_source(cfg, method.batch_kind, batch_size=big,
+                              texts=method.has_text_tower)
         selector = OnlineSelector(cfg, method, source.images, device)
     else:
-        source = build_source(cfg, method.batch_kind)
+        source = build_source(cfg, method.batch_kind, texts=method.has_text_tower,
+                              each_image=method.each_image)
+    method.bind_data(source)
     lr_peak = cfg.optim.lr * cfg.train.batch_size / 256
     optimizer = torch.optim.AdamW(_param_groups(method, cfg.optim.weight_decay), lr=lr_peak,
                                   betas=cfg.optim.betas)
@@ -321,7 +365,8 @@ def train(cfg: Config) -> Path:
         seed = _step_seed(cfg.run.seed, step, dist.rank())
         torch.manual_seed(seed)  # dropout / drop-path
         g = torch.Generator(device=device).manual_seed(seed)
-        batch = {k: v.to(device, non_blocking=True) for k, v in source.batch(step).items()}
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v  # texts: list
+                 for k, v in source.batch(step).items()}
         sel_stats: dict[str, float] = {}
         if selector is not None:
             t_sel = time.perf_counter()

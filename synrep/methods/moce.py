@@ -1,0 +1,403 @@
+"""MoCE (Liu et al., ICLR 2023): MAE with mixture-of-cluster-conditional-experts blocks.
+
+METHODS.md section 6. Three steps:
+
+1. The ``cluster`` stage (:mod:`synrep.cluster`) runs k-means on a pretrained MAE's features of
+   the pretraining images and keeps the centroids and every image's cluster.
+2. ``method.name=moce`` trains an MAE whose last ``moce_blocks`` encoder blocks replace their MLP
+   by ``moce_experts`` expert MLPs (:class:`MoEMlp`). The gate of each MoE block reads the
+   **centroid of the image's cluster**, not the token, so every token of an image takes the same
+   route and each expert trains on semantically similar images (the centroids are standardised
+   over the clusters first, :meth:`MoCE.route_inputs`). Two regularisers keep the gates
+   balanced (*check* in the paper; here the V-MoE pair): the importance loss CV(Imp)^2 with
+   Imp_e = sum_i p_ie, and the load loss E * sum_e f_e * mean_i p_ie with f_e the share of images
+   whose top expert is e (Switch Transformer's differentiable form). Both are computed on the
+   batch gathered from all ranks, so N processes train exactly as one.
+3. Expert search (:func:`search_experts`, the ``search`` stage) assigns a downstream dataset's
+   images to the nearest centroids, counts which expert each MoE block routes them to, keeps the
+   most used expert per block and exports a dense, normal-size ViT (:func:`export_expert`): an
+   ordinary MAE checkpoint that every evaluation protocol reads.
+
+Expert outputs are combined with the top-k gate probabilities renormalised to sum to 1 (*check*).
+For top-1 the weight is ``p / p.detach()``: exactly 1 in the forward pass, so the exported dense
+ViT reproduces the routed model bit for bit, while the gate still gets the gradient of ``p``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
+from torch import nn
+
+from synrep.config import Config
+from synrep.errors import CheckpointError, ConfigError
+from synrep.methods.base import METHODS, Method
+from synrep.methods.mae import MAE, loss_fn, patchify
+from synrep.models import Encoder
+from synrep.train import dist
+
+__all__ = ["MoCE", "MoEMlp", "importance_loss", "load_loss", "search_experts", "export_expert",
+           "load_moce", "run_search", "search_done"]
+
+
+def importance_loss(probs: torch.Tensor) -> torch.Tensor:
+    """V-MoE importance loss: squared coefficient of variation of Imp_e = sum_i p_ie.
+
+    ``probs`` (N, E) gate probabilities; population variance. 0 when every expert has the same
+    summed probability, E - 1 when one expert takes all of it with certainty.
+    """
+    imp = probs.sum(0)
+    return imp.var(unbiased=False) / imp.mean().pow(2).clamp_min(1e-12)
+
+
+def load_loss(probs: torch.Tensor) -> torch.Tensor:
+    """Load loss E * sum_e f_e * P_e: f_e the share of rows whose top expert is e (no gradient),
+    P_e the mean probability of e. 1 for a perfectly balanced, uniform gate; E at worst."""
+    e = probs.shape[1]
+    f = F.one_hot(probs.argmax(1), e).to(probs.dtype).mean(0)
+    return e * (f * probs.mean(0)).sum()
+
+
+def route_weights(probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts (N, k) and their combination weights (N, k), renormalised to sum to 1.
+
+    For k = 1 the weight is p / p.detach(): exactly 1, with the gradient of p.
+    """
+    p, idx = probs.topk(top_k, dim=1)
+    if top_k == 1:
+        return idx, p / p.detach()
+    return idx, p / p.sum(1, keepdim=True)
+
+
+class MoEMlp(nn.Module):
+    """``num_experts`` MLPs of the dense block's shape and a linear gate on a per-image input.
+
+    ``forward(x, probs)`` takes tokens (B, L, D) and gate probabilities (B, E) (from
+    :meth:`gate_probs` of each image's route input); every token of image b goes to the same
+    top-k experts. Experts run on the images routed to them only (a gather per expert, never
+    per sample); an expert no image chose still runs on an empty batch, so DDP sees a gradient
+    (of zeros) for all parameters.
+    """
+
+    def __init__(self, dim: int, hidden: int, num_experts: int, gate_dim: int, top_k: int = 1,
+                 act_layer: type[nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(
+            Mlp(dim, hidden, act_layer=act_layer) for _ in range(num_experts))
+        self.gate = nn.Linear(gate_dim, num_experts, bias=False)
+        # Unit-variance logits on standardised inputs: diverse routes from the first step.
+        nn.init.normal_(self.gate.weight, std=gate_dim ** -0.5)
+        self.top_k = top_k
+
+    def gate_probs(self, route: torch.Tensor) -> torch.Tensor:
+        """Route inputs (N, gate_dim), e.g. cluster centroids -> probabilities (N, E)."""
+        return self.gate(route.to(self.gate.weight.dtype)).float().softmax(dim=1)
+
+    def forward(self, x: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+        if probs is None:
+            raise ConfigError(
+                "a MoCE block needs each image's route (its cluster centroid); evaluate a MoCE "
+                "model through expert search, which exports a dense ViT (`synrep search CONFIG`)")
+        idx, w = route_weights(probs, self.top_k)  # (B, k)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            rows, slot = (idx == e).nonzero(as_tuple=True)
+            y = expert(x.index_select(0, rows))
+            out = out.index_add(0, rows, y * w[rows, slot].to(y.dtype)[:, None, None])
+        return out
+
+
+def moe_block(blk: nn.Module, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """A timm ``Block`` whose ``mlp`` is a :class:`MoEMlp`, routed by ``probs`` (B, E)."""
+    x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x), probs)))
+
+
+class MoCE(MAE):
+    batch_kind = "images"
+
+    def __init__(self, cfg: Config, encoder: Encoder, gate_dim: int | None = None) -> None:
+        super().__init__(cfg, encoder)
+        m = cfg.method
+        vit = encoder.backbone
+        depth = len(vit.blocks)
+        if not 1 <= m.moce_blocks <= depth:
+            raise ConfigError(f"method.moce_blocks={m.moce_blocks} must lie in 1..{depth} (the "
+                              "encoder's blocks); MoE MLPs replace those of the last n blocks")
+        if m.moce_experts < 2:
+            raise ConfigError(f"method.moce_experts={m.moce_experts}: a mixture needs >= 2 experts")
+        if not 1 <= m.moce_top_k <= m.moce_experts:
+            raise ConfigError(f"method.moce_top_k={m.moce_top_k} must lie in "
+                              f"1..{m.moce_experts} (method.moce_experts)")
+        for key in ("moce_importance_weight", "moce_load_weight"):
+            if getattr(m, key) < 0:
+                raise ConfigError(f"method.{key} must be >= 0, got {getattr(m, key)}")
+        centroids = None
+        if gate_dim is None:
+            centroids, gate_dim = _centroids_for(cfg)
+        self.moe_indices = list(range(depth - m.moce_blocks, depth))
+        for i in self.moe_indices:
+            blk = vit.blocks[i]
+            dense = blk.mlp
+            if not (hasattr(dense, "fc1") and hasattr(dense, "fc2")):
+                raise ConfigError(f"method 'moce' needs timm Mlp blocks; block {i} has "
+                                  f"{type(dense).__name__}")
+            blk.mlp = MoEMlp(dense.fc1.in_features, dense.fc1.out_features, m.moce_experts,
+                             gate_dim, m.moce_top_k, act_layer=type(dense.act))
+        # Saved with the weights: expert search assigns downstream images to these centroids.
+        self.register_buffer(
+            "centroids", centroids if centroids is not None
+            else torch.zeros(m.moce_clusters, gate_dim))
+        self.importance_weight = m.moce_importance_weight
+        self.load_weight = m.moce_load_weight
+        self.cfg = cfg
+        self._assign: torch.Tensor | None = None
+
+    @property
+    def moe_layers(self) -> list[MoEMlp]:
+        return [self.encoder.backbone.blocks[i].mlp for i in self.moe_indices]
+
+    def bind_data(self, source) -> None:
+        """Take every training image's cluster from the clusters file, checked against the
+        source (the same data config and shape as the cluster stage saw)."""
+        from synrep.cluster import cluster_path, load_clusters
+
+        path = cluster_path(self.cfg)
+        centroids, assign, meta = load_clusters(path)
+        lead = tuple(source.images.shape[:-3])
+        data = json.loads(self.cfg.to_json())["data"]
+        key = meta.get("key", {})
+        if tuple(assign.shape) != lead or key.get("data") != data:
+            raise ConfigError(
+                f"{str(path)!r} clusters other data ({tuple(assign.shape)} images, data config "
+                f"{key.get('data')}) than this run trains on ({lead}); rerun the cluster stage "
+                "(`synrep cluster CONFIG`) for this data")
+        if not torch.equal(centroids.to(self.centroids.device), self.centroids):
+            raise CheckpointError(
+                f"{str(path)!r} holds other centroids than the model was built with (the "
+                "clusters changed during the run); start a new run with run.dir=<new folder>")
+        self._assign = assign
+
+    def cluster_ids(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Cluster of every image of the batch (MAE-family sources are single images)."""
+        if self._assign is None:
+            raise ConfigError("MoCE needs the training images' clusters: train it with "
+                              "`synrep train` (which binds the run's clusters file)")
+        return self._assign[batch["index"].cpu()]
+
+    def route_inputs(self) -> torch.Tensor:
+        """The gate input of each cluster (K, D): its centroid, standardised over the K
+        centroids (zero mean, unit variance per dimension). Features of one encoder share a
+        large common direction; standardising lets the gate see what tells clusters apart."""
+        c = self.centroids.float()
+        return (c - c.mean(0)) / c.std(0, unbiased=False).clamp_min(1e-6)
+
+    def gate_probs(self, clusters: torch.Tensor) -> list[torch.Tensor]:
+        """Gate probabilities (N, E) of each MoE block for images in ``clusters`` (N,)."""
+        route = self.route_inputs()[clusters.to(self.centroids.device)]
+        return [layer.gate_probs(route) for layer in self.moe_layers]
+
+    def run_blocks(self, tokens: torch.Tensor, route: list[torch.Tensor] | None = None
+                   ) -> torch.Tensor:
+        probs = iter(route) if route is not None else None
+        moe = set(self.moe_indices)
+        for i, blk in enumerate(self.encoder.backbone.blocks):
+            if i in moe:
+                tokens = moe_block(blk, tokens, next(probs) if probs is not None else None)
+            else:
+                tokens = blk(tokens)
+        return tokens
+
+    def encode_tokens(self, x: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
+        """Full token sequences (B, P + L, D) of images in [0, 1], after the final norm, with
+        every image routed by its cluster (B,): the routed model that expert search exports."""
+        vit = self.encoder.backbone
+        prefix, t = self.embed_tokens(self.encoder.normalize(x))
+        tokens = vit.norm_pre(vit.pos_drop(torch.cat([prefix, t], dim=1)))
+        return vit.norm(self.run_blocks(tokens, self.gate_probs(clusters)))
+
+    def forward(self, batch, g: torch.Generator) -> dict[str, torch.Tensor]:
+        x = batch["images"]
+        if x.ndim == 5:
+            x = x.flatten(0, 1)
+        probs = self.gate_probs(self.cluster_ids(batch))
+        view = self.encoder.normalize(self.augment(x, g))
+        latent, mask, ids_restore = self.forward_encoder(view, g, route=probs)
+        pred = self.forward_decoder(latent, ids_restore)
+        recon = loss_fn(patchify(view, self.patch), pred, mask, self.norm_pix)
+        # Balance terms on the global batch (identical on every rank).
+        imp = torch.stack([importance_loss(dist.gather_with_grad(p)) for p in probs]).mean()
+        load = torch.stack([load_loss(dist.gather_with_grad(p)) for p in probs]).mean()
+        loss = recon + self.importance_weight * imp + self.load_weight * load
+        with torch.no_grad():
+            # experts that received at least one image, averaged over the MoE blocks
+            used = torch.tensor(
+                [float(dist.gather_no_grad(p.argmax(1)).unique().numel()) for p in probs])
+        return {"loss": loss, "recon": recon.detach(), "importance": imp.detach(),
+                "load": load.detach(), "experts_used": used.mean()}
+
+
+@METHODS.register("moce")
+def build_moce(cfg: Config, encoder: Encoder) -> Method:
+    return MoCE(cfg, encoder)
+
+
+def _centroids_for(cfg: Config) -> tuple[torch.Tensor, int]:
+    """The centroids (K, D) a new MoCE model is built with: those of the run's clusters file."""
+    from synrep.cluster import cluster_path, load_clusters
+
+    centroids, _, _ = load_clusters(cluster_path(cfg))
+    if len(centroids) != cfg.method.moce_clusters:
+        raise ConfigError(
+            f"{str(cluster_path(cfg))!r} holds {len(centroids)} clusters but "
+            f"method.moce_clusters={cfg.method.moce_clusters}; rerun the cluster stage")
+    return centroids.float(), centroids.shape[1]
+
+
+def load_moce(path: str | Path, device: torch.device | str = "cpu") -> MoCE:
+    """A trained MoCE model (eval mode) from its checkpoint, centroids included."""
+    from synrep.config import config_from_dict
+    from synrep.models import build_encoder
+    from synrep.train.checkpoint import Checkpoint
+
+    ck = Checkpoint(path)
+    cfg = config_from_dict(ck.config, f"checkpoint {str(path)!r}")
+    if cfg.method.name != "moce" or "centroids" not in ck.model_state:
+        raise CheckpointError(f"{str(path)!r} is not a MoCE checkpoint (method "
+                              f"{cfg.method.name!r}); expert search needs a method.name=moce one")
+    torch.manual_seed(cfg.run.seed)
+    model = MoCE(cfg, build_encoder(cfg.model), gate_dim=ck.model_state["centroids"].shape[1])
+    ck.load_model(model)
+    return model.to(device).eval()
+
+
+@dataclass
+class Search:
+    """Expert search's outcome for one downstream dataset."""
+
+    chosen: list[int]  # the kept expert of each MoE block
+    counts: torch.Tensor  # (blocks, E) downstream images routed to each expert (top-1)
+    cluster_hist: torch.Tensor  # (K,) downstream images nearest to each centroid
+
+
+@torch.no_grad()
+def search_experts(model: MoCE, features: torch.Tensor) -> Search:
+    """Assign downstream features (N, D) (of the clustering model) to the nearest centroids and
+    keep, per MoE block, the expert that most of the images are routed to (top-1)."""
+    from synrep.cluster import nearest
+
+    centroids = model.centroids.float().cpu()
+    if features.shape[1] != centroids.shape[1]:
+        raise ConfigError(f"downstream features have {features.shape[1]} dimensions but the "
+                          f"centroids {centroids.shape[1]}; use the model's method.moce_features")
+    clusters = nearest(features.float(), centroids)
+    hist = torch.bincount(clusters, minlength=len(centroids))
+    route = torch.stack([p.argmax(1).cpu() for p in model.gate_probs(
+        torch.arange(len(centroids)))])  # (blocks, K): each cluster's top expert
+    e = model.moe_layers[0].gate.out_features
+    counts = torch.stack([torch.bincount(r, weights=hist.double(), minlength=e)
+                          for r in route]).long()
+    return Search(chosen=counts.argmax(1).tolist(), counts=counts, cluster_hist=hist)
+
+
+def dense_state(model: MoCE, chosen: list[int]) -> dict[str, torch.Tensor]:
+    """The MoCE model's weights with each MoE block's MLP replaced by its chosen expert: the
+    state dict of a plain MAE with the same config (gates and centroids dropped)."""
+    if len(chosen) != len(model.moe_indices):
+        raise ValueError(f"one expert per MoE block: {len(model.moe_indices)}, got {chosen}")
+    state = {}
+    experts = {i: e for i, e in zip(model.moe_indices, chosen)}
+    for name, v in model.state_dict().items():
+        if name == "centroids" or ".mlp.gate." in name:
+            continue
+        if ".mlp.experts." in name:
+            head, rest = name.split(".mlp.experts.", 1)
+            index, sub = rest.split(".", 1)
+            block = int(head.rsplit(".", 1)[1])
+            if int(index) != experts[block]:
+                continue
+            name = f"{head}.mlp.{sub}"
+        state[name] = v
+    return state
+
+
+def export_expert(model: MoCE, chosen: list[int], path: str | Path,
+                  extra: dict[str, Any] | None = None) -> Path:
+    """Write a dense ViT built from the chosen experts as an ordinary MAE checkpoint."""
+    from synrep.train.checkpoint import save_checkpoint
+
+    cfg = json.loads(model.cfg.to_json())
+    cfg["method"]["name"] = "mae"
+    return save_checkpoint(path, dense_state(model, chosen), cfg, step=0,
+                           extra={"moce_expert": {"chosen": chosen, **(extra or {})}})
+
+
+def search_dir(cfg: Config) -> Path:
+    return cfg.run_dir / "search"
+
+
+def expert_checkpoint(cfg: Config) -> Path:
+    return search_dir(cfg) / "expert.safetensors"
+
+
+def _search_key(cfg: Config, checkpoint: Path) -> dict[str, Any]:
+    e = cfg.eval
+    return {"checkpoint": str(checkpoint.resolve()), "mtime_ns": checkpoint.stat().st_mtime_ns,
+            "dataset": e.dataset, "split": e.train_split, "root": e.root,
+            "classes": e.classes, "limit": e.limit_train}
+
+
+def search_done(cfg: Config) -> bool:
+    from synrep.train.checkpoint import Checkpoint
+    from synrep.train.loop import final_checkpoint
+
+    out, ck = expert_checkpoint(cfg), final_checkpoint(cfg)
+    if not out.is_file() or not ck.is_file():
+        return False
+    try:
+        stored = Checkpoint(out).extra.get("moce_expert", {}).get("key")
+    except CheckpointError:
+        return False
+    return stored == _search_key(cfg, ck)
+
+
+def run_search(cfg: Config) -> Path:
+    """Expert search for ``eval.dataset``'s train split (``eval.classes``, ``eval.limit_train``):
+    writes RUN/search/expert.safetensors (a dense MAE checkpoint) and RUN/search/search.json."""
+    from synrep.cluster import cluster_features
+    from synrep.eval.stage import _load_split, load_encoder
+    from synrep.train.loop import final_checkpoint
+    from synrep.utils import write_json_atomic
+
+    ck = final_checkpoint(cfg)
+    if not ck.is_file():
+        raise ConfigError(f"no trained MoCE checkpoint at {str(ck)!r}: run the train stage first")
+    device = torch.device(cfg.run.device)
+    model = load_moce(ck, device)
+    feat_path = model.cfg.method.moce_features
+    if not feat_path or not Path(feat_path).is_file():
+        raise ConfigError(
+            f"expert search embeds the downstream images with the clustering model "
+            f"method.moce_features={feat_path!r}, which does not exist; keep that checkpoint")
+    featurer, fcfg = load_encoder(feat_path, device, weights="student")
+    ds = _load_split(cfg.eval, cfg.eval.train_split, fcfg.model.img_size)
+    with torch.inference_mode():
+        feats = cluster_features(featurer, ds.images, device, desc="search features")
+    found = search_experts(model, feats)
+    key = _search_key(cfg, ck)
+    out = export_expert(model, found.chosen, expert_checkpoint(cfg),
+                        extra={"key": key, "source": str(ck)})
+    report = {"dataset": ds.name, "images": len(ds), "chosen": found.chosen,
+              "blocks": model.moe_indices, "counts": found.counts.tolist(),
+              "cluster_hist": found.cluster_hist.tolist(), "checkpoint": str(out),
+              "key": key}
+    write_json_atomic(search_dir(cfg) / "search.json", report)
+    print(f"[search] {ds.name}: {len(ds)} images -> experts {found.chosen} of blocks "
+          f"{model.moe_indices}; dense ViT at {out}")
+    return out

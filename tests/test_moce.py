@@ -1,0 +1,315 @@
+"""MoCE: k-means, cluster-conditional routing (one route per image), the balance losses against
+hand-written values, expert search on constructed data, the dense export reproducing the routed
+model, MoE blocks under 2 gloo processes, a tiny cluster -> train -> search -> eval run, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from synrep import cli
+from synrep.cluster import kmeans, load_clusters, nearest
+from synrep.config import Config
+from synrep.errors import ConfigError, DataError
+from synrep.eval.stage import load_encoder
+from synrep.methods.moce import (
+    MoCE,
+    MoEMlp,
+    dense_state,
+    export_expert,
+    importance_loss,
+    load_loss,
+    route_weights,
+    search_experts,
+)
+from synrep.models import build_encoder
+from tests._dist import run_gloo
+from tests.conftest import TINY, needs_fashion
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _cfg(**method) -> Config:
+    cfg = Config()
+    cfg.method.name = "moce"
+    cfg.method.mae_decoder_dim = 32
+    cfg.method.mae_decoder_heads = 2
+    cfg.method.mae_decoder_depth = 1
+    cfg.method.moce_clusters = 6
+    cfg.method.moce_experts = 3
+    cfg.method.moce_blocks = 2
+    for k, v in method.items():
+        setattr(cfg.method, k, v)
+    return cfg
+
+
+def _model(gate_dim: int = 8, seed: int = 0, **method) -> MoCE:
+    cfg = _cfg(**method)
+    torch.manual_seed(seed)
+    model = MoCE(cfg, build_encoder(cfg.model), gate_dim=gate_dim)
+    g = torch.Generator().manual_seed(seed + 1)
+    model.centroids.copy_(torch.randn(cfg.method.moce_clusters, gate_dim, generator=g))
+    return model.eval()
+
+
+# --- k-means ---------------------------------------------------------------------------------
+
+def test_kmeans_recovers_separated_blobs_deterministically():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    truth = torch.arange(4).repeat_interleave(50)
+    x = centres[truth] + 0.3 * torch.randn(200, 2, generator=g)
+    c1, a1, inertia = kmeans(x, 4, iters=30, seed=3)
+    c2, a2, _ = kmeans(x, 4, iters=30, seed=3)
+    assert torch.equal(a1, a2) and torch.equal(c1, c2)
+    # The partition matches the truth up to a relabelling: every blob maps to one cluster.
+    for k in range(4):
+        assert len(set(a1[truth == k].tolist())) == 1
+    assert len(set(a1.tolist())) == 4
+    # Each centroid is the mean of its points; the inertia is the mean squared distance.
+    for j in range(4):
+        torch.testing.assert_close(c1[j], x[a1 == j].mean(0))
+    ref = ((x - c1[a1]) ** 2).sum(1).mean()
+    assert inertia == pytest.approx(float(ref), rel=1e-4)  # expanded-form distances
+    torch.testing.assert_close(nearest(x, c1), a1)
+
+
+def test_kmeans_rejects_more_clusters_than_points():
+    with pytest.raises(ConfigError, match="clusters"):
+        kmeans(torch.randn(3, 2), 5)
+
+
+# --- routing and the balance losses ----------------------------------------------------------
+
+def test_importance_and_load_losses_match_hand_values():
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8], [0.2, 0.5, 0.3]])
+    imp = [1.6, 1.1, 1.3]
+    mean = sum(imp) / 3
+    var = sum((v - mean) ** 2 for v in imp) / 3
+    assert float(importance_loss(p)) == pytest.approx(var / mean**2, rel=1e-6)
+    # top experts: 0, 0, 2, 1 -> f = (1/2, 1/4, 1/4); P = column means.
+    f = [0.5, 0.25, 0.25]
+    pm = [1.6 / 4, 1.1 / 4, 1.3 / 4]
+    assert float(load_loss(p)) == pytest.approx(3 * sum(a * b for a, b in zip(f, pm)), rel=1e-6)
+    # Extremes: balanced uniform -> 0 and 1; one certain expert -> E - 1 and E.
+    assert float(importance_loss(torch.full((6, 3), 1 / 3))) == pytest.approx(0.0, abs=1e-9)
+    one = torch.tensor([[1.0, 0.0, 0.0]]).repeat(5, 1)
+    assert float(importance_loss(one)) == pytest.approx(2.0)
+    assert float(load_loss(one)) == pytest.approx(3.0)
+
+
+def test_top1_weight_is_exactly_one_with_the_gate_gradient():
+    logits = torch.randn(5, 4, requires_grad=True)
+    probs = logits.softmax(1)
+    idx, w = route_weights(probs, 1)
+    assert torch.equal(w, torch.ones(5, 1))
+    assert torch.equal(idx[:, 0], probs.argmax(1))
+    w.sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    idx2, w2 = route_weights(probs.detach(), 2)
+    torch.testing.assert_close(w2.sum(1), torch.ones(5))
+
+
+def test_every_token_of_an_image_takes_the_same_route():
+    torch.manual_seed(0)
+    moe = MoEMlp(dim=16, hidden=32, num_experts=3, gate_dim=5, top_k=1)
+    centroids = torch.randn(4, 5)
+    clusters = torch.tensor([0, 1, 2, 3, 1, 0])
+    probs = moe.gate_probs(centroids[clusters])
+    # The gate reads the centroid only: images of one cluster get identical gate outputs.
+    torch.testing.assert_close(probs[1], probs[4], rtol=0, atol=0)
+    torch.testing.assert_close(probs[0], probs[5], rtol=0, atol=0)
+    x = torch.randn(6, 7, 16)  # different content in every token
+    out = moe(x, probs)
+    top = probs.argmax(1)
+    for b in range(6):
+        ref = moe.experts[int(top[b])](x[b])  # every token through the image's one expert
+        torch.testing.assert_close(out[b], ref, rtol=0, atol=1e-6)
+
+
+def test_moe_block_without_a_route_names_expert_search():
+    moe = MoEMlp(dim=8, hidden=16, num_experts=2, gate_dim=3)
+    with pytest.raises(ConfigError, match="expert search"):
+        moe(torch.randn(2, 3, 8))
+
+
+def test_moce_trains_every_part_and_logs_the_balance_terms():
+    model = _model().train()
+    n = 12
+    model._assign = torch.arange(n) % model.cfg.method.moce_clusters
+    batch = {"images": torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8),
+             "index": torch.arange(n)}
+    out = model(batch, torch.Generator().manual_seed(0))
+    assert set(out) >= {"loss", "recon", "importance", "load", "experts_used"}
+    out["loss"].backward()
+    for layer in model.moe_layers:
+        assert layer.gate.weight.grad is not None and layer.gate.weight.grad.abs().sum() > 0
+        # Experts no image chose still get a (zero) gradient, so DDP sees every parameter.
+        assert all(p.grad is not None for p in layer.parameters())
+    hand = model.importance_weight * out["importance"] + model.load_weight * out["load"]
+    assert float(out["loss"].detach()) == pytest.approx(float(out["recon"] + hand), rel=1e-6)
+
+
+# --- expert search and the dense export ------------------------------------------------------
+
+def test_search_picks_the_expert_of_the_matching_clusters():
+    model = _model(gate_dim=4, moce_clusters=4, moce_experts=3)
+    # Clusters 0, 1 ("shoes") sit near +e0, clusters 2, 3 ("shirts") near +e1; the gates send
+    # shoes to expert 2 in both blocks and shirts to expert 0 (block 4) and 1 (block 5).
+    model.centroids.copy_(torch.tensor([[1.0, 0, 0, 0], [0.9, 0.1, 0, 0],
+                                        [0, 1.0, 0, 0], [0.1, 0.9, 0, 0]]))
+    with torch.no_grad():
+        for layer, shirt in zip(model.moe_layers, (0, 1)):
+            w = torch.zeros(3, 4)
+            w[2, 0] = 20.0
+            w[shirt, 1] = 20.0
+            layer.gate.weight.copy_(w)
+    g = torch.Generator().manual_seed(0)
+    shoes = torch.tensor([1.0, 0.05, 0, 0]) + 0.02 * torch.randn(30, 4, generator=g)
+    shirts = torch.tensor([0.05, 1.0, 0, 0]) + 0.02 * torch.randn(40, 4, generator=g)
+    found = search_experts(model, shoes)
+    assert found.chosen == [2, 2]
+    assert found.counts.tolist() == [[0, 0, 30], [0, 0, 30]]
+    assert found.cluster_hist[:2].sum() == 30
+    assert search_experts(model, shirts).chosen == [0, 1]
+    # A mixed downstream set keeps the majority's experts.
+    assert search_experts(model, torch.cat([shoes, shirts[:10]])).chosen == [2, 2]
+    with pytest.raises(ConfigError, match="moce_features"):
+        search_experts(model, torch.randn(3, 7))
+
+
+def test_exported_dense_vit_equals_the_routed_moce(tmp_path):
+    model = _model(seed=3)
+    x = torch.rand(5, 1, 28, 28)
+    k = model.cfg.method.moce_clusters
+    for cluster in range(k):
+        chosen = [int(p[0].argmax()) for p in model.gate_probs(torch.tensor([cluster]))]
+        routed = model.encode_tokens(x, torch.full((5,), cluster))
+        dense = build_encoder(model.cfg.model)
+        enc = {n[len("encoder."):]: v for n, v in dense_state(model, chosen).items()
+               if n.startswith("encoder.")}
+        dense.load_state_dict(enc, strict=True)
+        torch.testing.assert_close(dense.eval().tokens(x), routed, rtol=0, atol=1e-6)
+    # Through the checkpoint: an ordinary MAE checkpoint that evaluation reads.
+    path = export_expert(model, chosen, tmp_path / "expert.safetensors")
+    encoder, cfg = load_encoder(path)
+    assert cfg.method.name == "mae"
+    torch.testing.assert_close(encoder.tokens(x), routed, rtol=0, atol=1e-6)
+    n_dense = sum(v.numel() for v in build_encoder(model.cfg.model).state_dict().values())
+    assert sum(v.numel() for v in encoder.state_dict().values()) == n_dense
+
+
+# --- distributed -----------------------------------------------------------------------------
+
+def _moe_steps(moe: MoEMlp, x, route, target, steps: int = 3):
+    from synrep.train import dist as sdist
+
+    opt = torch.optim.SGD(moe.parameters(), lr=0.5)
+    for _ in range(steps):
+        probs = (moe.module if hasattr(moe, "module") else moe).gate_probs(route)
+        out = moe(x, probs)
+        pg = sdist.gather_with_grad(probs)
+        loss = (out - target).pow(2).mean() + 0.5 * importance_loss(pg) + 0.5 * load_loss(pg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(8, 5, 16, generator=g), torch.randn(8, 6, generator=g),
+            torch.randn(8, 5, 16, generator=g))
+
+
+def _fresh_moe() -> MoEMlp:
+    torch.manual_seed(0)
+    return MoEMlp(dim=16, hidden=24, num_experts=4, gate_dim=6, top_k=1)
+
+
+def _ddp_worker(rank: int, world: int, out_path: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    x, route, target = _data()
+    sl = slice(rank * 4, (rank + 1) * 4)
+    moe = DDP(_fresh_moe())
+    _moe_steps(moe, x[sl], route[sl], target[sl])
+    if rank == 0:
+        torch.save({k: v.detach() for k, v in moe.module.state_dict().items()}, out_path)
+
+
+def test_moe_blocks_train_the_same_under_two_gloo_processes(tmp_path):
+    x, route, target = _data()
+    single = _fresh_moe()
+    _moe_steps(single, x, route, target)
+    out = tmp_path / "ddp.pt"
+    run_gloo(_ddp_worker, 2, str(out))
+    ddp = torch.load(out)
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(ddp["gate.weight"], _fresh_moe().gate.weight.detach())
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+def test_bad_settings_and_files_get_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="moce_blocks"):
+        _model(moce_blocks=9)
+    with pytest.raises(ConfigError, match="moce_experts"):
+        _model(moce_experts=1)
+    with pytest.raises(ConfigError, match="moce_top_k"):
+        _model(moce_top_k=5)
+    with pytest.raises(ConfigError, match="cluster stage"):
+        load_clusters(tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    save_file({"x": torch.zeros(2)}, str(bad))
+    with pytest.raises(DataError, match="cluster stage"):
+        load_clusters(bad)
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(DataError, match="rerun the cluster stage"):
+        load_clusters(bad)
+
+
+def test_cli_cluster_without_features_names_the_key(tmp_path, capsys):
+    code = cli.main(["cluster", "configs/moce_fashion.yaml", f"run.dir={tmp_path}",
+                     "method.moce_features="])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "method.moce_features" in err and "Traceback" not in err
+
+
+@needs_fashion
+def test_cluster_train_search_eval_end_to_end(tmp_path):
+    small = [*TINY, "run.threads=1", "data.classes=[5,9]"]
+    mae_dir = tmp_path / "mae"
+    assert cli.main(["run", "configs/mae_fashion.yaml", *small, "train.steps=2",
+                     "run.stages=[train]", f"run.dir={mae_dir}"]) == 0
+    feats = mae_dir / "train" / "checkpoints" / "final.safetensors"
+    run = tmp_path / "moce"
+    args = ["run", "configs/moce_fashion.yaml", *small, "train.steps=3", f"run.dir={run}",
+            f"method.moce_features={feats}", "method.moce_clusters=4",
+            "eval.classes=[5,9]", "eval.protocols=[linear]"]
+    assert cli.main(args) == 0
+    centroids, assign, meta = load_clusters(run / "cluster" / "clusters.safetensors")
+    assert centroids.shape == (4, 192) and assign.shape == (12000,)
+    assert sum(meta["sizes"]) == 12000
+    rows = [json.loads(r) for r in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert all({"importance", "load", "recon"} <= set(r) for r in rows)
+    search = json.loads((run / "search" / "search.json").read_text())
+    assert search["blocks"] == [4, 5] and len(search["chosen"]) == 2
+    assert sum(search["counts"][0]) == 1000  # eval.limit_train images of classes 5 and 9
+    results = json.loads((run / "eval" / "results.json").read_text())
+    entry = results["fashion-mnist[5,9]"]
+    assert entry["checkpoint"].endswith("search/expert.safetensors")
+    assert 50.0 < entry["linear_probe_top1"] <= 100.0  # two classes: chance is 50 %
+    # A second run skips every completed stage; a MoCE checkpoint is refused by plain eval.
+    assert cli.main(args) == 0
+    with pytest.raises(ConfigError, match="expert search"):
+        load_encoder(run / "train" / "checkpoints" / "final.safetensors")
+    # Training against clusters of other data is refused with the fix.
+    assert cli.main([*args[:-2], "data.classes=[5]", "run.stages=[train]",
+                     f"run.dir={tmp_path / 'other'}",
+                     f"method.moce_cluster_file={run / 'cluster' / 'clusters.safetensors'}"]) == 2
