@@ -59,12 +59,14 @@ def _eval(cfg: Config) -> None:
 
 
 def _eval_done(cfg: Config) -> bool:
-    from synrep.eval.stage import PROTOCOLS, protocol_done, results_key
+    from synrep.eval.stage import PROTOCOLS, eval_settings, protocol_done, results_key
 
     path = cfg.run_dir / "eval" / "results.json"
     if not path.exists():
         return False
     entry = json.loads(path.read_text()).get(results_key(cfg.eval), {})
+    if entry.get("settings") != eval_settings(cfg.eval):
+        return False  # evaluated with other settings (or by an older synrep): evaluate again
     return entry.get("checkpoint") == str(eval_checkpoint(cfg)) and all(
         protocol_done(entry, p) for p in cfg.eval.protocols if p in PROTOCOLS)
 

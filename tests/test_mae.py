@@ -197,3 +197,16 @@ def test_same_seed_gives_identical_weights(tmp_path):
         weights.append({k: v for k, v in load_file(str(ck)).items() if k.startswith("model/")})
     assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 10
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_vitb16_recipe_builds_at_full_size_and_steps():
+    """The paper's ViT-B/16 recipe: 224 px, 196 patches of 16 px, 49 visible, a 512 x 8 decoder."""
+    cfg = load_config("configs/mae_vitb16.yaml", ["run.device=cpu"])
+    method = build_method(cfg)
+    assert method.grid == (14, 14) and len(method.decoder_blocks) == 8
+    assert method.decoder_embed.out_features == 512
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    out = method({"images": images}, torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and float(out["mask_ratio"]) == pytest.approx(0.75)
+    assert method.encoder.backbone.patch_embed.proj.weight.grad is not None

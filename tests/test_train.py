@@ -69,6 +69,21 @@ def test_same_seed_same_trajectory_and_completed_stage_is_skipped(tmp_path, caps
 
 
 @needs_fashion
+def test_finished_evaluation_is_reused_only_with_the_same_settings(tmp_path, capsys):
+    args = [*TINY, "train.steps=2", "run.stages=[train,eval]", "eval.protocols=[knn]",
+            f"run.dir={tmp_path}"]
+    assert main(["run", CONFIG, *args]) == 0
+    capsys.readouterr()
+    assert main(["run", CONFIG, *args]) == 0
+    assert "[eval] complete, skipped" in capsys.readouterr().out
+    # Another test subset changes the result: evaluated again, not reused.
+    assert main(["run", CONFIG, *args, "eval.limit_test=300"]) == 0
+    assert "[eval] running" in capsys.readouterr().out
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())["fashion-mnist"]
+    assert results["settings"]["limit_test"] == 300
+
+
+@needs_fashion
 def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", CONFIG, *TINY, f"run.dir={run}"]

@@ -12,6 +12,7 @@ maps of patch features are drawn for a few test images. Results go to ``RUN/eval
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -111,6 +112,13 @@ def results_key(ecfg: EvalConfig) -> str:
     if ecfg.classes is None:
         return ecfg.dataset
     return f"{ecfg.dataset}[{','.join(map(str, ecfg.classes))}]"
+
+
+def eval_settings(ecfg: EvalConfig) -> dict[str, Any]:
+    """Everything in ``eval`` that changes a result (all but the list of protocols): stored
+    with the results, so a finished evaluation is reused only when made the same way."""
+    return {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(ecfg))).items()
+            if k != "protocols"}
 
 
 def protocol_done(entry: dict[str, Any], protocol: str) -> bool:
@@ -279,6 +287,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     res["protocol"] = {"pool": ecfg.pool, "n_last_blocks": ecfg.n_last_blocks,
                        "weights": ecfg.weights}
     res["timings"] = timings
+    res["settings"] = eval_settings(ecfg)
     results = {results_key(ecfg): res}
     path = out_dir / "results.json"
     # Keep other datasets' results already in the file.
