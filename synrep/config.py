@@ -198,6 +198,9 @@ class EvalConfig:
     fewshot_c: float = 0.01  # chosen on a train-only split of the demo features (1-10 shots)
     # prompt templates of zero-shot classification ("{}" = class name); [] = built-in ones
     zeroshot_templates: list[str] = field(default_factory=list)
+    # class names written into the prompts, in label order (after eval.classes); [] = the
+    # dataset's prompt names (Fashion-MNIST: the caption grammar's words, e.g. "trousers")
+    zeroshot_classnames: list[str] = field(default_factory=list)
     finetune_epochs: int = 1
     finetune_batch_size: int = 256
     finetune_lr: float = 1e-3

@@ -393,9 +393,16 @@ def test_clip_trains_and_zero_shot_evaluates(tmp_path) -> None:
     ds = _load_split(cfg.eval, "test", 28)
     with torch.no_grad():
         img = method.encode_image(ds.images.float() / 255)
-        cls = class_embeddings(method.encode_text, ds.classes, templates)
+        # prompts name Fashion-MNIST's classes with the words captions use ("trousers")
+        names = ["t-shirt", "trousers", "pullover", "dress", "coat", "sandal", "shirt",
+                 "sneaker", "bag", "ankle boot"]
+        cls = class_embeddings(method.encode_text, names, templates)
     assert res["zeroshot_top1"] == pytest.approx(
         zero_shot_classify(img, cls, ds.labels)["top1"], abs=1e-6)
+    # Names given in the config replace them; a wrong count is a clear error.
+    assert main(["eval", CLIP_CONFIG, f"run.dir={run}", "--checkpoint", str(ck_path),
+                 "eval.protocols=[zeroshot]", "eval.limit_test=200", "eval.pca_images=0",
+                 "eval.zeroshot_classnames=[a,b]", *SMALL_TEXT]) == 2
 
 
 def test_stablerep_pp_trains_with_both_terms(tmp_path) -> None:

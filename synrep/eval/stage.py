@@ -106,6 +106,22 @@ def embed_split(
     return feats, ds.labels
 
 
+def _prompt_names(ecfg: EvalConfig, classes: list[str]) -> list[str]:
+    """The class names zero-shot prompts use: ``eval.zeroshot_classnames``, else Fashion-MNIST's
+    prompt names (the words the caption grammar writes), else the dataset's own class names."""
+    if ecfg.zeroshot_classnames:
+        if len(ecfg.zeroshot_classnames) != len(classes):
+            raise ConfigError(
+                f"eval.zeroshot_classnames has {len(ecfg.zeroshot_classnames)} names but the "
+                f"evaluated set has {len(classes)} classes ({', '.join(classes)})")
+        return list(ecfg.zeroshot_classnames)
+    if ecfg.dataset == "fashion-mnist":
+        from synrep.concepts.fashion import CLASS_NAMES
+
+        return [CLASS_NAMES[c] for c in (ecfg.classes or range(len(CLASS_NAMES)))]
+    return list(classes)
+
+
 def results_key(ecfg: EvalConfig) -> str:
     """The results.json key of an evaluation: the dataset, with ``[labels]`` when
     ``eval.classes`` restricts it (e.g. ``fashion-mnist[5,7,8,9]``)."""
@@ -253,7 +269,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
         img = extract_features(model.encode_image, ds.images, batch_size=ecfg.batch_size,
                                device=device, desc="image embeddings")
         with torch.inference_mode():
-            cls = class_embeddings(model.encode_text, ds.classes,
+            cls = class_embeddings(model.encode_text, _prompt_names(ecfg, ds.classes),
                                    ecfg.zeroshot_templates or FASHION_TEMPLATES)
         return {"zeroshot_top1": zero_shot_classify(img, cls.cpu(), ds.labels)["top1"]}
 
