@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 over.append(f"data.classes=[{','.join(map(str, classes))}]")
             _train("configs/mae_fashion.yaml", run_dir, over)
             models[f"MAE on {name}"] = run_dir / "train" / "checkpoints" / "final.safetensors"
-        moce_dir = work / f"moce_all_s{seed}"
+        moce_dir = work / f"moce_all_k{args.clusters}_e{args.experts}_s{seed}"
         _train("configs/moce_fashion.yaml", moce_dir, [
             *common, f"run.seed={seed}", "run.stages=[cluster,train]",
             f"method.moce_features={models['MAE on all']}",
@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             searches.setdefault(half, []).append(json.loads(
                 (moce_dir / f"search_{half}.json").read_text()))
         for model, ck in models.items():
-            cache = work / "features" / f"{model.lower().replace(' ', '_')}_s{seed}"
+            tag = f"_k{args.clusters}_e{args.experts}" if model.startswith("MoCE") else ""
+            cache = work / "features" / f"{model.lower().replace(' ', '_')}{tag}_s{seed}"
             cache.mkdir(parents=True, exist_ok=True)
             feats = _features(ck, cache, limit)
             for half, classes in HALVES.items():
