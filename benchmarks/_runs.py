@@ -31,6 +31,20 @@ def run(config: str, run_dir: Path, overrides: list[str]) -> dict:
     return res
 
 
+def write_results(path: Path, results: dict) -> None:
+    """Write a benchmark's results as indented JSON (folders made as needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def verdict(fails: list[str]) -> int:
+    """Print the missed targets, if any; the benchmark's exit status (1 when one is missed)."""
+    if fails:
+        print("missed: " + "; ".join(fails))
+        return 1
+    return 0
+
+
 def table(rows: list[tuple[str, dict]], extra: tuple[str, ...] = ()) -> str:
     """A Markdown table of linear-probe and kNN top-1 per named run."""
     head = "| run | linear probe top-1 | kNN top-1 |" + "".join(f" {e} |" for e in extra)

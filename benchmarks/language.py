@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _runs import run  # noqa: E402
+from _runs import run, verdict, write_results  # noqa: E402
 
 from synrep.config import Config, load_config  # noqa: E402
 
@@ -231,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = results.setdefault("runs", {})
 
     def save() -> None:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(results, indent=2) + "\n")
+        write_results(out_path, results)
 
     for name in names:
         rows[name] = train_run(args, name, zeroshot)
@@ -274,17 +273,14 @@ def main(argv: list[str] | None = None) -> int:
         zs = rows["clip"]["zeroshot_top1"]
         ok = zs is not None and zs > TARGET_ZEROSHOT
         results["target_ok"] = None if args.quick else ok
-        verdict = "not judged (--quick)" if args.quick else ("ok" if ok else "MISSED")
+        status = "not judged (--quick)" if args.quick else ("ok" if ok else "MISSED")
         print(f"\nTarget: CLIP zero-shot top-1 on the real Fashion-MNIST test set {_pct(zs)} "
-              f"(> {TARGET_ZEROSHOT:.0f} %) {verdict}")
+              f"(> {TARGET_ZEROSHOT:.0f} %) {status}")
         if not ok and not args.quick:
             fails.append("CLIP zero-shot top-1")
     save()
     print(f"\nresults: {out_path}")
-    if fails:
-        print("missed: " + "; ".join(fails))
-        return 1
-    return 0
+    return verdict(fails)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _runs import run  # noqa: E402
+from _runs import run, verdict, write_results  # noqa: E402
 
 from synrep.config import Config, load_config  # noqa: E402
 
@@ -284,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     results["quick"] = args.quick
 
     def save() -> None:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(results, indent=2) + "\n")
+        write_results(out_path, results)
 
     results["throughput"], fails = throughput_part(args)
     save()
@@ -301,10 +300,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(target <= {100 * TARGET_OVERHEAD:.0f} %)")
         save()
     print(f"\nresults: {out_path}")
-    if fails:
-        print("missed: " + "; ".join(fails))
-        return 1
-    return 0
+    return verdict(fails)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _runs import verdict, write_results  # noqa: E402
+
 from synrep.cli import main as synrep
 from synrep.eval.features import extract_features, load_features, save_features
 from synrep.eval.knn import knn_classify
@@ -209,13 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                "scores": scores, "matched_minus_all": matched, "expert_minus_mae_all": expert,
                "negative_transfer": effect, "searches": searches, "table": "\n".join(lines),
                "minutes": (time.perf_counter() - t0) / 60}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(out_path, results)
     print(f"results: {out_path} ({results['minutes']:.1f} min)")
-    if fails:
-        print("missed: " + "; ".join(fails))
-        return 1
-    return 0
+    return verdict(fails)
 
 
 if __name__ == "__main__":
