@@ -113,6 +113,11 @@ class MethodConfig:
     ibot_teacher_temp_start: float = 0.04
     ibot_teacher_temp_warmup: int = 0  # steps of linear teacher-temperature warm-up
     sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations for the teacher's token targets
+    # Flexi-JEST's mixed-resolution training (METHODS.md section 5): this share of each batch's
+    # caption groups is trained at low_res_size (global crops downsampled, antialiased), so the
+    # learner also knows the low resolution it scores at (selection.score_size) and steps cost less.
+    low_res_share: float = 0.0  # in [0, 1); 0 trains every group at aug.size (synclr only)
+    low_res_size: int = 14
     # MAE (He et al. 2022): reconstruct the pixels of randomly masked patches.
     mae_mask_ratio: float = 0.75  # share of patches hidden from the encoder, in (0, 1)
     mae_decoder_dim: int = 128  # width of the lightweight decoder (divisible by its heads)

@@ -99,6 +99,18 @@ def test_flexi_scoring_costs_fewer_flops(pool, tmp_path):
     assert f_low["train_flops_per_step"] == f_full["train_flops_per_step"]
     assert f_full["reference_pool_flops"] == 0  # hard learner: no reference pass
 
+    # Flexi-JEST's mixed-resolution training: half the chosen groups train at the scoring size
+    synclr = ["method.name=synclr", "method.teacher=false", "method.ibot_weight=0"]
+    flexi = {}
+    for share in (0.0, 0.5):
+        run = tmp_path / f"flexi_{share}"
+        assert main(_online(pool, run, "train.steps=1", "selection.score=hard_learner",
+                            "selection.reference=", "selection.score_size=14", *synclr,
+                            f"method.low_res_share={share}", "method.low_res_size=14")) == 0
+        flexi[share] = json.loads((run / "train/summary.json").read_text())["accounting"]
+    assert flexi[0.5]["train_flops_per_step"] < 0.7 * flexi[0.0]["train_flops_per_step"]
+    assert flexi[0.5]["score_flops_per_step"] == flexi[0.0]["score_flops_per_step"]
+
     # scoring 2 of each caption's 3 images costs about 2/3 of scoring all 3
     three, two = tmp_path / "three", tmp_path / "two"
     for run, extra in ((three, []), (two, ["selection.score_images=2"])):

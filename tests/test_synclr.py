@@ -179,6 +179,68 @@ def test_weight_zero_removes_terms():
     assert stablerep.teacher is None
 
 
+def test_low_res_share_trains_whole_groups_at_low_resolution():
+    """Flexi training: a share of the caption groups goes through the encoder at low_res_size;
+    features, row by row, and the loss equal an encoder applied to each view on its own."""
+    torch.manual_seed(0)
+    cfg = _cfg(teacher=False, ibot_weight=0.0, global_crops=2, low_res_share=0.5,
+               low_res_size=14)
+    m = build_method(cfg).eval()  # eval: no drop-path, running BN statistics in the head
+    x = (torch.rand(6, 2, 1, 28, 28) * 255).to(torch.uint8)
+    v = m.views(x, torch.Generator().manual_seed(3))
+    low = v["low"].view(2, 6, 2)  # (global crop, group, image): view-major rows
+    assert (low == low[:, :, :1]).all() and (low[0] == low[1]).all()  # whole groups, every crop
+    assert int(low[0, :, 0].sum()) == 3
+    with torch.no_grad():
+        got = m._encode(m.encoder, v["global"], v["low"])
+        rows = []
+        for view, is_low in zip(v["global"], v["low"].tolist()):
+            view = view[None]
+            if is_low:
+                view = F.interpolate(view, size=(14, 14), mode="bilinear", antialias=True,
+                                     align_corners=False)
+            rows.append(m.encoder(view)[0])
+        ref = torch.stack(rows)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+        caption = torch.arange(6).repeat_interleave(2).repeat(2)
+        q = m.head(ref)
+        expected = multipos_query_key_loss(q, caption, q, caption, torch.arange(24),
+                                           cfg.method.temperature)
+        assert m.losses(v)["loss"].item() == pytest.approx(expected.item(), rel=1e-4)
+    # without a low-resolution share every view is encoded at full size
+    full = build_method(_cfg(teacher=False, ibot_weight=0.0, global_crops=2))
+    assert full.views(x, torch.Generator().manual_seed(3))["low"] is None
+
+
+def test_low_res_share_lowers_training_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = (torch.rand(8, 2, 1, 28, 28) * 255).to(torch.uint8)
+    flops = {}
+    for share in (0.0, 0.5):
+        m = build_method(_cfg(teacher=False, ibot_weight=0.0, low_res_share=share))
+        counter = FlopCounterMode(display=False)
+        with counter:
+            m({"images": x}, torch.Generator().manual_seed(0))["loss"].backward()
+        flops[share] = counter.get_total_flops()
+    # 14 px with 7 px patches: 4 tokens instead of 16, so half the groups cost about a quarter
+    assert flops[0.5] < 0.7 * flops[0.0]
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"low_res_share": 1.0}, "low_res_share must be in"),
+    ({"low_res_share": 0.5, "low_res_size": 28}, "low_res_size=28 must be in"),
+    ({"low_res_share": 0.5}, "ibot_weight=0"),
+])
+def test_bad_low_res_settings_are_refused(changes, needle):
+    with pytest.raises(ConfigError, match=needle):
+        build_method(_cfg(**changes))
+    cfg = _cfg(low_res_share=0.5)
+    cfg.method.name = "stablerep"
+    with pytest.raises(ConfigError, match="synclr option"):
+        build_method(cfg)
+
+
 def test_global_batchnorm_is_batchnorm_in_one_process():
     x = torch.randn(16, 8)
     a, b = GlobalBatchNorm1d(8), torch.nn.BatchNorm1d(8)

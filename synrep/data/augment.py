@@ -20,6 +20,14 @@ from synrep.config import AugConfig
 _LUMA = (0.299, 0.587, 0.114)
 
 
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Float (B, C, H, W) -> (B, C, size, size), bilinear with antialiasing (a no-op at size)."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False)
+
+
 def _uniform(g: torch.Generator, n: int, lo: float, hi: float, device) -> torch.Tensor:
     return torch.rand(n, generator=g, device=device) * (hi - lo) + lo
 

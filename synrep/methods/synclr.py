@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from synrep.config import Config
-from synrep.data.augment import MultiCrop
+from synrep.data.augment import MultiCrop, resize
 from synrep.data.masks import patch_masks
 from synrep.errors import ConfigError
 from synrep.losses import ibot_loss, multipos_query_key_loss, sinkhorn_knopp
@@ -62,6 +62,15 @@ def _check(cfg: Config, encoder: Encoder) -> None:
         raise ConfigError("local crops only feed the contrastive term: set method.local_crops=0")
     if not 0 <= m.ema_momentum <= m.ema_momentum_end <= 1:
         raise ConfigError("need 0 <= method.ema_momentum <= method.ema_momentum_end <= 1")
+    if not 0 <= m.low_res_share < 1:
+        raise ConfigError(f"method.low_res_share must be in [0, 1), got {m.low_res_share}")
+    if m.low_res_share > 0:
+        if not 1 <= m.low_res_size < cfg.aug.size:
+            raise ConfigError(f"method.low_res_size={m.low_res_size} must be in "
+                              f"[1, aug.size={cfg.aug.size}) to train groups at a lower resolution")
+        if m.ibot_weight > 0:
+            raise ConfigError("method.low_res_share needs method.ibot_weight=0: iBOT masks are "
+                              "drawn on the full-resolution patch grid")
 
 
 class SynCLR(Method):
@@ -124,7 +133,8 @@ class SynCLR(Method):
         """Crops and masks of a (G, m, C, H, W) caption-group batch.
 
         Returns ``global`` (Vg*N, C, S, S), ``local`` (Vl*N, C, s, s) or None, ``masks``
-        (Vg*N, h, w) bool or None, and ``groups`` G, ``m``; N = G*m, views are view-major.
+        (Vg*N, h, w) bool or None, ``low`` (Vg*N,) bool or None (global rows that the encoders
+        see at ``low_res_size``), and ``groups`` G, ``m``; N = G*m, views are view-major.
         """
         if x.ndim != 5:
             raise ConfigError("method 'synclr' needs caption-group batches: set data.source=shards")
@@ -132,14 +142,32 @@ class SynCLR(Method):
         crops = self.crops(x.flatten(0, 1), g)
         glob = torch.cat(crops[: self.cfg.global_crops])
         loc = torch.cat(crops[self.cfg.global_crops:]) if self.cfg.local_crops else None
+        low = None
+        if self.cfg.low_res_share > 0:  # Flexi: whole caption groups at low resolution
+            k = round(self.cfg.low_res_share * n_groups)
+            chosen = torch.randperm(n_groups, generator=g, device=g.device)[:k].to(x.device)
+            low = torch.zeros(n_groups, dtype=torch.bool, device=x.device)
+            low[chosen] = True
+            low = low.repeat_interleave(m).repeat(self.cfg.global_crops)  # view-major rows
         masks = None
         if self.ibot_head is not None:
             h, w = self.encoder.grid(glob.shape[-1])
             masks = patch_masks(glob.shape[0], h, w, g, self.cfg.ibot_mask_prob,
                                 self.cfg.ibot_mask_ratio, self.cfg.ibot_mask, device=x.device)
-        return {"global": glob, "local": loc, "masks": masks, "groups": n_groups, "m": m}
+        return {"global": glob, "local": loc, "masks": masks, "low": low, "groups": n_groups,
+                "m": m}
 
     # -- losses ------------------------------------------------------------------------------
+    def _encode(self, enc: Encoder, glob: torch.Tensor, low: torch.Tensor | None) -> torch.Tensor:
+        """Pooled features of the global views; rows in ``low`` downsampled to low_res_size."""
+        if low is None or not bool(low.any()):
+            return enc(glob)
+        if bool(low.all()):
+            return enc(resize(glob, self.cfg.low_res_size))
+        hi, lo = (~low).nonzero()[:, 0], low.nonzero()[:, 0]
+        feats = torch.cat([enc(glob[hi]), enc(resize(glob[lo], self.cfg.low_res_size))])
+        return feats[torch.cat([hi, lo]).argsort()]
+
     def losses(self, v: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The weighted loss of precomputed :meth:`views` (split out so tests can feed the same
         global batch to one process and to N ranks)."""
@@ -154,13 +182,13 @@ class SynCLR(Method):
             s_tok = enc.tokens(glob, masks, self.mask_token)
             s_feat = enc.pool(s_tok)
         else:
-            s_feat = enc(glob)
+            s_feat = self._encode(enc, glob, v.get("low"))
         t_tok = None
         if self.teacher is not None:
             with torch.no_grad():
                 t_tok = self.teacher["encoder"].tokens(glob) if masks is not None else None
                 t_feat = (self.teacher["encoder"].pool(t_tok) if t_tok is not None
-                          else self.teacher["encoder"](glob))
+                          else self._encode(self.teacher["encoder"], glob, v.get("low")))
 
         loss = glob.new_zeros(())
         if self.head is not None:

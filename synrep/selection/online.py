@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -27,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from synrep.config import Config, config_from_dict
+from synrep.data.augment import resize
 from synrep.errors import CheckpointError, ConfigError
 from synrep.methods import Method
 from synrep.selection import jest
@@ -82,11 +82,7 @@ def check_selection(cfg: Config, b: int) -> int:
 
 def scoring_view(images: Tensor, size: int) -> Tensor:
     """uint8 (N, C, H, W) -> float (N, C, size, size) in [0, 1] (antialiased resize)."""
-    x = images.float() / 255
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                          align_corners=False)
-    return x
+    return resize(images.float() / 255, size)
 
 
 @torch.no_grad()

@@ -163,6 +163,9 @@ def build_source(cfg: Config, batch_kind: str, batch_size: int | None = None,
 
 def build_method(cfg: Config) -> Method:
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    if cfg.method.low_res_share and cfg.method.name != "synclr":
+        raise ConfigError(f"method.low_res_share is a synclr option; method "
+                          f"{cfg.method.name!r} trains at aug.size: set method.low_res_share=0")
     encoder = build_encoder(cfg.model)
     return METHODS.get(cfg.method.name)(cfg, encoder)
 
