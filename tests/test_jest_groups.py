@@ -64,8 +64,11 @@ def check_tracker_against_brute_force(z, tau, chunks, rtol):
 
 @pytest.mark.parametrize("row_block", [1024, 4])  # 4: chunks of images span several row blocks
 @pytest.mark.parametrize("tau", [0.1, 1.0])
-def test_tracker_gains_equal_brute_force(monkeypatch, row_block, tau):
+@pytest.mark.parametrize("fast", [True, False])  # shifted exps, or the log-space path
+def test_tracker_gains_equal_brute_force(monkeypatch, row_block, tau, fast):
     monkeypatch.setattr(jest, "_ROW_BLOCK", row_block)
+    if not fast:
+        monkeypatch.setattr(jest, "_FAST_MAX_SCALE", 0.0)
     check_tracker_against_brute_force(groups(0), tau, [[3], [7, 0, 10]], rtol=1e-9)
 
 
@@ -82,7 +85,13 @@ def test_multipos_group_loss_is_the_multipos_loss_summed_over_anchors():
     assert float(multipos_group_loss(z, torch.tensor([], dtype=torch.long), tau)) == 0.0
 
 
-def test_example_losses_are_each_groups_loss_against_the_super_batch():
+@pytest.mark.parametrize("sym_block", [512, 5])  # 5: partial and off-diagonal blocks
+@pytest.mark.parametrize("fast", [True, False])  # shifted exps, or the log-space path
+def test_example_losses_are_each_groups_loss_against_the_super_batch(monkeypatch, sym_block,
+                                                                      fast):
+    monkeypatch.setattr(jest, "_SYM_BLOCK", sym_block)
+    if not fast:
+        monkeypatch.setattr(jest, "_FAST_MAX_SCALE", 0.0)
     z, tau = groups(2), 0.1
     x = F.normalize(z, dim=-1).reshape(G * M, D)
     s = x @ x.T / tau

@@ -354,6 +354,37 @@ def _row_logsumexp(q: Tensor, k: Tensor, scale: float, exclude_self: bool) -> Te
     return out
 
 
+# Fast path for unit-norm embeddings: with s = scale * x_i . x_j in [-scale, scale], exp(s) lies
+# in [e^-40, e^40] up to this scale (1/temperature), well inside float32's range (e^+-87) even
+# summed over millions of terms, so sums of exponentials need no per-row maximum: one exp per
+# similarity, shared by row and column sums. Larger scales use the log-space path.
+_FAST_MAX_SCALE = 40.0
+_SYM_BLOCK = 512  # block edge of the symmetric self-similarity pass
+
+
+def _self_logsumexp(x: Tensor, scale: float) -> Tensor:
+    """``logsumexp_{j != i} scale * x_i . x_j`` for unit rows ``x`` (n, d). (n,).
+
+    The similarity matrix is symmetric: each block pair is computed once and feeds the row sums
+    of both its row and its column block (half the GEMMs and exps of the row-by-row pass).
+    Memory ``O(_SYM_BLOCK^2)``.
+    """
+    if scale > _FAST_MAX_SCALE:
+        return _row_logsumexp(x, x, scale, exclude_self=True)
+    n = x.shape[0]
+    acc = x.new_zeros(n)
+    for i0 in range(0, n, _SYM_BLOCK):
+        xi = x[i0:i0 + _SYM_BLOCK] * scale
+        for j0 in range(i0, n, _SYM_BLOCK):
+            e = (xi @ x[j0:j0 + _SYM_BLOCK].T).exp_()
+            if j0 == i0:
+                e.fill_diagonal_(0)  # an image is not in its own denominator
+            acc[i0:i0 + e.shape[0]] += e.sum(dim=1)
+            if j0 != i0:
+                acc[j0:j0 + e.shape[1]] += e.sum(dim=0)
+    return acc.log_()
+
+
 class MultiposPairs(_AdditivePairs):
     """Multi-positive (StableRep/SynCLR) pair losses with the super-batch's softmax frozen.
 
@@ -529,11 +560,14 @@ class MultiposGroups:
     with ``O_i = sum_{j in grp(i), j != i} exp s_ij`` (own group), ``D_i`` the same sum over the
     images of ``A`` outside ``grp(i)``, ``Z_i = D_i + O_i`` and ``E_ik = sum_{j in k} exp s_ij``:
     ``k``'s own anchors, then ``k``'s images entering the denominators of the selected anchors
-    (the coupling between groups). All of it is kept in log space (``log D`` a running
-    ``(G, m)`` log-sum-exp, ``log E`` the ``(|A| m, G)`` rows of the selected images, filled once
-    per chunk), so it is finite for any temperature. Memory ``O(G m d + |A| m G)``: ``scores`` is
-    ``O(|A| m G)``, ``add`` of ``c`` groups ``O(c m G m d)`` time in row blocks of at most
-    ``_ROW_BLOCK`` images (``O(_ROW_BLOCK G m)`` memory). No ``(G m, G m)`` matrix is built.
+    (the coupling between groups). ``log D`` is a running ``(G, m)`` log-sum-exp and ``E`` the
+    ``(|A| m, G)`` rows of the selected images, filled once per chunk. Up to ``1/tau = 40`` the
+    exponentials are summed directly (they cannot leave float32's range for unit vectors); below
+    ``tau = 0.025`` everything is kept in log space, so it is finite for any temperature. Memory
+    ``O(G m d + |A| m G)``: ``scores`` is ``O(|A| m G)``, ``add`` of ``c`` groups ``O(c m G m d)``
+    time in row blocks of at most ``_ROW_BLOCK`` images (``O(_ROW_BLOCK G m)`` memory). No
+    ``(G m, G m)`` matrix is built; :meth:`example_losses` visits each block pair of the
+    symmetric similarity matrix once.
 
     ``T`` of a single group depends only on the spread of its positive similarities
     (``m = 2``: zero), so, as for :class:`SoftmaxPairs`, the first chunk is drawn instead from
@@ -567,8 +601,7 @@ class MultiposGroups:
         ``O((G m)^2 d)`` time in row blocks, computed once and kept (the sampler's first chunk
         and the selection statistics both use it)."""
         if self._example_losses is None:
-            lse = _row_logsumexp(self.images, self.images, 1 / self.temperature,
-                                 exclude_self=True)
+            lse = _self_logsumexp(self.images, 1 / self.temperature)
             self._example_losses = (lse.view(self.size, self.m) - self.pos_mean).sum(dim=1)
         return self._example_losses
 
@@ -587,11 +620,23 @@ class MultiposGroups:
 
 
 class _MultiposGroupTracker:
+    """Running state of :class:`MultiposGroups` over a growing selection (see its doc).
+
+    Per selected image ``i`` it keeps the row ``E[i, k]`` over candidate groups ``k``: ``E``
+    itself on the fast path (``1/tau <= _FAST_MAX_SCALE``), so a chunk's gains cost one division
+    and one ``log1p`` per entry; ``log E`` otherwise. Rows grow by
+    doubling, so adding chunks never re-copies the whole history.
+    """
+
     def __init__(self, groups: MultiposGroups) -> None:
         self.groups = groups
+        self.scale = 1 / groups.temperature
+        self.fast = self.scale <= _FAST_MAX_SCALE
         self.log_den = torch.full_like(groups.log_own, -math.inf)  # (G, m) log D_i
         self.sel = torch.empty(0, dtype=torch.long, device=groups.z.device)  # (a,) groups
-        self.log_e = groups.z.new_empty(0, groups.size)  # (a m, G) log E[A_i, k]
+        self._rows = groups.z.new_empty(0, groups.size)  # (capacity, G)
+        self._work = groups.z.new_empty(0, groups.size)
+        self.n_rows = 0  # filled rows: one per image of the selected groups, a m in all
 
     def scores(self) -> Tensor:
         gr = self.groups
@@ -599,23 +644,46 @@ class _MultiposGroupTracker:
         own = (log_z - gr.pos_mean).sum(dim=1)  # (G,) k's anchors against A + k
         if self.sel.numel() == 0:
             return gr.example_losses()  # a group alone has (almost) no loss: see the class doc
-        log_z_sel = log_z[self.sel].reshape(-1, 1)  # (a m, 1), rows ordered as log_e
-        return own + F.softplus(self.log_e - log_z_sel).sum(dim=0)  # log(1 + E / Z) summed
+        log_z_sel = log_z[self.sel].reshape(-1, 1)  # (a m, 1), rows ordered as the E rows
+        rows = self._rows[:self.n_rows]
+        if not self.fast:
+            return own + F.softplus(rows - log_z_sel).sum(dim=0)  # log(1 + E / Z) summed
+        if self._work.shape[0] < self.n_rows:
+            self._work = torch.empty_like(self._rows)
+        work = self._work[:self.n_rows]
+        torch.div(rows, log_z_sel.exp(), out=work)  # E / Z
+        return own + work.log1p_().sum(dim=0)
+
+    def _append(self, rows: Tensor) -> None:
+        need = self.n_rows + rows.shape[0]
+        if need > self._rows.shape[0]:
+            grown = rows.new_empty(max(need, 2 * self._rows.shape[0]), rows.shape[1])
+            grown[:self.n_rows] = self._rows[:self.n_rows]
+            self._rows = grown
+        self._rows[self.n_rows:need] = rows
+        self.n_rows = need
 
     def add(self, chunk: Tensor) -> None:
         gr = self.groups
-        g, m = gr.size, gr.m
-        imgs = (chunk[:, None] * m + torch.arange(m, device=chunk.device)).reshape(-1)  # (c m,)
-        col_group = torch.arange(g * m, device=chunk.device) // m  # (G m,)
-        rows, den = [], torch.full((g * m,), -math.inf, dtype=gr.z.dtype, device=gr.z.device)
-        for start in range(0, imgs.numel(), _ROW_BLOCK):
-            blk = imgs[start:start + _ROW_BLOCK]
-            s = (gr.images[blk] / gr.temperature) @ gr.images.T  # (blk, G m) s[chunk image, j]
-            rows.append(torch.logsumexp(s.view(-1, g, m), dim=2))  # (blk, G) log E
-            same = (blk // m)[:, None] == col_group[None, :]
-            den = torch.logaddexp(den, torch.logsumexp(s.masked_fill(same, -math.inf), dim=0))
+        g, m, scale = gr.size, gr.m, self.scale
+        den = torch.full((g * m,), -math.inf, dtype=gr.z.dtype, device=gr.z.device)
+        per = max(1, _ROW_BLOCK // m)  # whole groups per row block
+        for start in range(0, chunk.numel(), per):
+            cg = chunk[start:start + per]  # (c,) groups of this block
+            c = cg.numel()
+            x = gr.z[cg].reshape(c * m, -1)  # (c m, d) their images
+            own = (torch.arange(c, device=cg.device), slice(None), cg)  # each image's own group
+            if self.fast:  # plain exps, no per-row maximum (see _FAST_MAX_SCALE)
+                e = ((x * scale) @ gr.images.T).exp_()  # (c m, G m)
+                self._append(e.view(-1, g, m).sum(dim=2))  # (c m, G) E
+                e.view(c, m, g, m)[own] = 0
+                den = torch.logaddexp(den, e.sum(dim=0).log_())
+            else:
+                s = (x * scale) @ gr.images.T  # (c m, G m) s[chunk image, j]
+                self._append(torch.logsumexp(s.view(-1, g, m), dim=2))  # (c m, G) log E
+                s.view(c, m, g, m)[own] = -math.inf
+                den = torch.logaddexp(den, torch.logsumexp(s, dim=0))
         self.log_den = torch.logaddexp(self.log_den, den.view(g, m))
-        self.log_e = torch.cat([self.log_e, *rows], dim=0)
         self.sel = torch.cat([self.sel, chunk])
 
 
