@@ -399,7 +399,7 @@ def _training(run_dir: Path) -> tuple[str, bool]:
     panels += [(title, [k], label) for k, title, label in (
         ("lr", "learning rate", "lr"),
         ("grad_norm", "gradient norm", "norm (before clipping)"),
-        ("samples_per_s", "throughput", "samples / s"))
+        ("samples_per_s", "throughput", "images / s"))
         if series(k)[0]]
     ncols = 2
     nrows = math.ceil(len(panels) / ncols)

@@ -402,7 +402,7 @@ def train(cfg: Config) -> Path:
         scaler.update()
         method.after_step()
         acct.train_seconds += time.perf_counter() - t_train
-        seen += batch["images"].shape[0] * dist.world_size()
+        seen += batch["images"].shape[:-3].numel() * dist.world_size()  # images, not groups
         done = step + 1
 
         if is_main and (done % cfg.train.log_every == 0 or done == cfg.train.steps):
@@ -438,6 +438,6 @@ def train(cfg: Config) -> Path:
             "samples_per_s": seen / max(elapsed, 1e-9),
             "accounting": acct.summary(cfg.train.steps)})
         print(f"trained {cfg.train.steps - start} steps in {elapsed:.0f}s "
-              f"({seen / max(elapsed, 1e-9):.0f} samples/s); checkpoint: {final_checkpoint(cfg)}")
+              f"({seen / max(elapsed, 1e-9):.0f} images/s); checkpoint: {final_checkpoint(cfg)}")
     dist.barrier()
     return final_checkpoint(cfg)
