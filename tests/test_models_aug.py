@@ -12,7 +12,7 @@ from synrep.errors import ConfigError
 from synrep.models import build_backbone, build_encoder
 from synrep.models.backbones import Encoder
 
-SMALL = ["vit_tiny_p7_28", "vit_small_p7_28", "vit_tiny_p4_28", "resnet18_28"]
+SMALL = ["vit_tiny_p7_28", "vit_small_p7_28", "vit_tiny_p4_28", "vit_tiny_c7_28", "resnet18_28"]
 
 
 @pytest.mark.parametrize("name", SMALL)
@@ -135,3 +135,30 @@ def test_noise_has_the_configured_std():
     out = BatchAugment(_plain(noise_p=1.0, noise_std=0.05))(x, torch.Generator().manual_seed(0))
     assert (out - x).std().item() == pytest.approx(0.05, rel=0.05)
     assert torch.equal(BatchAugment(_plain(noise_p=0.0))(x, torch.Generator()), x)
+
+
+def test_conv_stem_tokens_see_two_pixels_past_their_patch():
+    """Patch tokens of vit_tiny_c7_28 depend on pixels up to 2 px outside their 7 px patch (two
+    3x3 convolutions), and on no others; plain patch embeddings only on their own patch."""
+    torch.manual_seed(0)
+    for name, reach in (("vit_tiny_c7_28", 2), ("vit_tiny_p7_28", 0)):
+        embed = build_backbone(name, 1, 28).patch_embed
+        x = torch.rand(1, 1, 28, 28)
+        base = embed(x)  # (1, 4, 4, D): token (0, 0) covers pixels 0-6
+        for col, changes in ((6 + reach, True), (7 + reach, False)):
+            y = x.clone()
+            y[..., 3, col] += 1.0
+            moved = not torch.allclose(embed(y)[0, 0, 0], base[0, 0, 0], atol=1e-6)
+            assert moved == changes, (name, col)
+
+
+def test_masked_autoencoders_refuse_a_convolutional_stem():
+    from synrep.config import Config
+    from synrep.errors import ConfigError
+    from synrep.train.loop import build_method
+
+    cfg = Config()
+    cfg.method.name = "mae"
+    cfg.model.backbone = "vit_tiny_c7_28"
+    with pytest.raises(ConfigError, match="across patch borders"):
+        build_method(cfg)

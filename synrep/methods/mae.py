@@ -16,6 +16,7 @@ other attributes), so evaluation reads an MAE checkpoint like any other.
 from __future__ import annotations
 
 import torch
+from timm.layers import HybridEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -150,6 +151,11 @@ class MAE(Method):
             raise ConfigError(
                 f"method.mae_decoder_depth={m.mae_decoder_depth} must be >= 0 (MAE here: 2)")
         vit = encoder.backbone
+        if isinstance(vit.patch_embed, HybridEmbed):
+            raise ConfigError(
+                f"method {m.name!r} hides patches from the encoder, but the convolutional stem of "
+                f"model.backbone={cfg.model.backbone!r} lets visible tokens see across patch "
+                "borders; use a plain patch embedding (e.g. model.backbone=vit_tiny_p7_28)")
         ph, pw = vit.patch_embed.patch_size
         if ph != pw:
             raise ConfigError(f"method {m.name!r} needs square patches, the backbone has {ph}x{pw}")

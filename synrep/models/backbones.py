@@ -7,10 +7,12 @@ weights start random: synrep pretrains them, nothing is downloaded.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal
 
 import timm
 import torch
+from timm.layers import HybridEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -37,6 +39,33 @@ def _small_vit(patch: int, dim: int, depth: int, heads: int):
 BACKBONES.register("vit_tiny_p7_28")(_small_vit(7, 192, 6, 3))
 BACKBONES.register("vit_small_p7_28")(_small_vit(7, 384, 6, 6))
 BACKBONES.register("vit_tiny_p4_28")(_small_vit(4, 192, 6, 3))
+
+
+class ConvStem(nn.Sequential):
+    """Two 3x3 stride-1 convolutions with GELU before the patch projection ("early convolutions",
+    Xiao et al. 2021): each token sees a little past its patch, at full resolution."""
+
+    def __init__(self, in_chans: int, width: int) -> None:
+        super().__init__(nn.Conv2d(in_chans, width, 3, padding=1), nn.GELU(),
+                         nn.Conv2d(width, width, 3, padding=1), nn.GELU())
+
+
+def _conv_vit(patch: int, dim: int, depth: int, heads: int, width: int):
+    def build(in_chans: int, img_size: int, drop_path: float, global_pool: str) -> nn.Module:
+        if img_size % patch:
+            raise ConfigError(f"model.img_size={img_size} is not a multiple of the patch {patch}")
+        embed = partial(HybridEmbed, backbone=ConvStem(in_chans, width))  # sizes by a forward
+        return VisionTransformer(
+            img_size=img_size, patch_size=patch, in_chans=in_chans, num_classes=0,
+            embed_dim=dim, depth=depth, num_heads=heads, drop_path_rate=drop_path,
+            global_pool=global_pool, dynamic_img_size=True, embed_layer=embed,
+        )
+
+    return build
+
+
+# The tiny ViT with a convolutional stem (32 channels) before its 7 px patch projection.
+BACKBONES.register("vit_tiny_c7_28")(_conv_vit(7, 192, 6, 3, 32))
 
 
 def _timm_vit(name: str):
