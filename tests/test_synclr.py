@@ -188,15 +188,19 @@ def test_low_res_share_trains_whole_groups_at_low_resolution():
     m = build_method(cfg).eval()  # eval: no drop-path, running BN statistics in the head
     x = (torch.rand(6, 2, 1, 28, 28) * 255).to(torch.uint8)
     v = m.views(x, torch.Generator().manual_seed(3))
-    low = v["low"].view(2, 6, 2)  # (global crop, group, image): view-major rows
+    hi, lo = v["low"]
+    assert sorted(torch.cat([hi, lo]).tolist()) == list(range(24))  # each row once
+    is_low = torch.zeros(24, dtype=torch.bool)
+    is_low[lo] = True
+    low = is_low.view(2, 6, 2)  # (global crop, group, image): view-major rows
     assert (low == low[:, :, :1]).all() and (low[0] == low[1]).all()  # whole groups, every crop
     assert int(low[0, :, 0].sum()) == 3
     with torch.no_grad():
         got = m._encode(m.encoder, v["global"], v["low"])
         rows = []
-        for view, is_low in zip(v["global"], v["low"].tolist()):
+        for view, small in zip(v["global"], is_low.tolist()):
             view = view[None]
-            if is_low:
+            if small:
                 view = F.interpolate(view, size=(14, 14), mode="bilinear", antialias=True,
                                      align_corners=False)
             rows.append(m.encoder(view)[0])
@@ -227,9 +231,20 @@ def test_low_res_share_lowers_training_flops():
     assert flops[0.5] < 0.7 * flops[0.0]
 
 
+@pytest.mark.parametrize("share, groups, expected", [
+    (0.5, 6, 3), (0.5, 5, 3), (0.5, 3, 2),  # half rounded up
+    (0.25, 2, 1), (0.9, 4, 3),  # at least one group at each resolution
+    (0.5, 1, 1), (0.4, 1, 0), (0.0, 8, 0),
+])
+def test_low_res_group_count(share, groups, expected):
+    m = build_method(_cfg(teacher=False, ibot_weight=0.0, low_res_share=share))
+    assert m.low_res_groups(groups) == expected
+
+
 @pytest.mark.parametrize("changes,needle", [
     ({"low_res_share": 1.0}, "low_res_share must be in"),
-    ({"low_res_share": 0.5, "low_res_size": 28}, "low_res_size=28 must be in"),
+    ({"low_res_share": 0.5, "low_res_size": 28}, "low_res_size=28 must be a multiple"),
+    ({"low_res_share": 0.5, "low_res_size": 10}, "multiple of the patch size 7"),
     ({"low_res_share": 0.5}, "ibot_weight=0"),
 ])
 def test_bad_low_res_settings_are_refused(changes, needle):
@@ -239,6 +254,19 @@ def test_bad_low_res_settings_are_refused(changes, needle):
     cfg.method.name = "stablerep"
     with pytest.raises(ConfigError, match="synclr option"):
         build_method(cfg)
+    cnn = _cfg(teacher=False, ibot_weight=0.0, low_res_share=0.5)
+    cnn.model.backbone = "resnet18_28"
+    with pytest.raises(ConfigError, match="needs a ViT backbone"):
+        build_method(cnn)
+
+
+def test_ibot_refuses_a_convolutional_stem():
+    cfg = _cfg()
+    cfg.model.backbone = "vit_tiny_c7_28"
+    with pytest.raises(ConfigError, match="across patch borders"):
+        build_method(cfg)
+    cfg.method.ibot_weight = 0.0
+    build_method(cfg)  # the contrastive term alone is fine
 
 
 def test_global_batchnorm_is_batchnorm_in_one_process():

@@ -28,6 +28,7 @@ import math
 from typing import Any
 
 import torch
+from timm.layers import HybridEmbed
 from torch import nn
 
 from synrep.config import Config
@@ -65,13 +66,23 @@ def _check(cfg: Config, encoder: Encoder) -> None:
     if not 0 <= m.low_res_share < 1:
         raise ConfigError(f"method.low_res_share must be in [0, 1), got {m.low_res_share}")
     if m.low_res_share > 0:
-        if not 1 <= m.low_res_size < cfg.aug.size:
-            raise ConfigError(f"method.low_res_size={m.low_res_size} must be in "
-                              f"[1, aug.size={cfg.aug.size}) to train groups at a lower resolution")
+        if not encoder.is_vit:
+            raise ConfigError("method.low_res_share needs a ViT backbone: a CNN's batch-norm "
+                              "statistics would mix the two resolutions; set it to 0")
+        p = encoder.backbone.patch_embed.patch_size[0]
+        if not (p <= m.low_res_size < cfg.aug.size and m.low_res_size % p == 0):
+            raise ConfigError(
+                f"method.low_res_size={m.low_res_size} must be a multiple of the patch size {p} "
+                f"below aug.size={cfg.aug.size} (e.g. {max(p, cfg.aug.size // 2 // p * p)})")
         if m.ibot_weight > 0:
             raise ConfigError("method.low_res_share needs method.ibot_weight=0: iBOT masks are "
                               "drawn on the full-resolution patch grid")
-
+    if m.ibot_weight > 0 and isinstance(getattr(encoder.backbone, "patch_embed", None),
+                                        HybridEmbed):
+        raise ConfigError(
+            f"iBOT masks patch tokens, but the convolutional stem of model.backbone="
+            f"{cfg.model.backbone!r} lets visible tokens see across patch borders: set "
+            "method.ibot_weight=0 or use a plain patch embedding (e.g. vit_tiny_p7_28)")
 
 class SynCLR(Method):
     batch_kind = "groups"
@@ -133,8 +144,9 @@ class SynCLR(Method):
         """Crops and masks of a (G, m, C, H, W) caption-group batch.
 
         Returns ``global`` (Vg*N, C, S, S), ``local`` (Vl*N, C, s, s) or None, ``masks``
-        (Vg*N, h, w) bool or None, ``low`` (Vg*N,) bool or None (global rows that the encoders
-        see at ``low_res_size``), and ``groups`` G, ``m``; N = G*m, views are view-major.
+        (Vg*N, h, w) bool or None, ``low`` None or the (full-resolution, low-resolution) row
+        indices of ``global`` (rows the encoders see at ``low_res_size``), and ``groups`` G,
+        ``m``; N = G*m, views are view-major.
         """
         if x.ndim != 5:
             raise ConfigError("method 'synclr' needs caption-group batches: set data.source=shards")
@@ -143,12 +155,14 @@ class SynCLR(Method):
         glob = torch.cat(crops[: self.cfg.global_crops])
         loc = torch.cat(crops[self.cfg.global_crops:]) if self.cfg.local_crops else None
         low = None
-        if self.cfg.low_res_share > 0:  # Flexi: whole caption groups at low resolution
-            k = round(self.cfg.low_res_share * n_groups)
-            chosen = torch.randperm(n_groups, generator=g, device=g.device)[:k].to(x.device)
-            low = torch.zeros(n_groups, dtype=torch.bool, device=x.device)
-            low[chosen] = True
-            low = low.repeat_interleave(m).repeat(self.cfg.global_crops)  # view-major rows
+        k = self.low_res_groups(n_groups)
+        if k:  # Flexi: whole caption groups at low resolution, as (full-res, low-res) row indices
+            perm = torch.randperm(n_groups, generator=g, device=g.device).to(x.device)
+            rows = torch.arange(m, device=x.device)
+            crops = torch.arange(self.cfg.global_crops, device=x.device)[:, None] * (n_groups * m)
+            hi, lo = ((crops + (grp[:, None] * m + rows).flatten()).flatten()
+                      for grp in (perm[k:], perm[:k]))  # view-major rows of every global crop
+            low = (hi, lo)
         masks = None
         if self.ibot_head is not None:
             h, w = self.encoder.grid(glob.shape[-1])
@@ -158,15 +172,26 @@ class SynCLR(Method):
                 "m": m}
 
     # -- losses ------------------------------------------------------------------------------
-    def _encode(self, enc: Encoder, glob: torch.Tensor, low: torch.Tensor | None) -> torch.Tensor:
-        """Pooled features of the global views; rows in ``low`` downsampled to low_res_size."""
-        if low is None or not bool(low.any()):
+    def low_res_groups(self, n_groups: int) -> int:
+        """How many of ``n_groups`` caption groups train at low_res_size: the share rounded half
+        up, and at least one group at each resolution when there are two or more groups."""
+        share = self.cfg.low_res_share
+        if share <= 0:
+            return 0
+        k = math.floor(share * n_groups + 0.5)
+        return min(max(k, 1), n_groups - 1) if n_groups >= 2 else k
+
+    def _encode(self, enc: Encoder, glob: torch.Tensor,
+                low: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Pooled features of the global views; the rows ``low[1]`` downsampled to low_res_size
+        (``low[0]`` the rows kept at full resolution)."""
+        if low is None:
             return enc(glob)
-        if bool(low.all()):
-            return enc(resize(glob, self.cfg.low_res_size))
-        hi, lo = (~low).nonzero()[:, 0], low.nonzero()[:, 0]
-        feats = torch.cat([enc(glob[hi]), enc(resize(glob[lo], self.cfg.low_res_size))])
-        return feats[torch.cat([hi, lo]).argsort()]
+        hi, lo = low
+        small = enc(resize(glob[lo], self.cfg.low_res_size))
+        if hi.numel() == 0:
+            return small
+        return torch.cat([enc(glob[hi]), small])[torch.cat([hi, lo]).argsort()]
 
     def losses(self, v: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The weighted loss of precomputed :meth:`views` (split out so tests can feed the same
