@@ -300,6 +300,14 @@ class GeneratorConfig:
     cond_drop: float = 0.1  # probability of an empty caption (classifier-free guidance)
     ckpt_every: int = 250
     sample_steps: int = 10  # the pipeline's recommended sampling steps (DPM-Solver++)
+    # Adversarial fine-tuning of the autoencoder's decoder with its encoder frozen (latents, so the
+    # denoiser, unchanged), as Stable Diffusion's autoencoders: L1 + MSE + a hinge patch critic.
+    decoder_steps: int = 0
+    decoder_batch_size: int = 128
+    decoder_lr: float = 2e-4
+    decoder_gan_weight: float = 0.05
+    init: str = ""  # a saved mini pipeline to continue from ("fashion-mini" or a folder): its
+    # autoencoder, denoiser and text encoder are kept and only the decoder fine-tuning runs
     train_limit: int | None = None  # train on a seeded subset of this many images (smoke tests)
 
 

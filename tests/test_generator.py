@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,6 +111,78 @@ def test_train_generator_and_render_through_the_images_stage(tmp_path):
 
 @needs_fashion
 @pytest.mark.slow
+def test_decoder_finetune_changes_only_the_decoder(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from synrep.cli import main
+
+    tiny = ["generator.train_limit=128", "generator.batch_size=16", "generator.vae_batch_size=16"]
+    assert main(["train-generator", "configs/generator_fashion.yaml", f"run.dir={tmp_path / 'g'}",
+                 "generator.vae_steps=2", "generator.steps=2", "generator.decoder_steps=0",
+                 *tiny]) == 0
+    base = tmp_path / "g" / "generator" / "pipeline"
+
+    def finetune(name: str) -> Path:
+        assert main(["train-generator", "configs/generator_fashion.yaml",
+                     f"run.dir={tmp_path / name}", f"generator.init={base}",
+                     "generator.decoder_steps=3", "generator.decoder_batch_size=8",
+                     "generator.decoder_lr=1e-2", "generator.ckpt_every=2", *tiny]) == 0
+        return tmp_path / name / "generator" / "pipeline"
+
+    ft = finetune("ft")
+    vae0 = load_file(base / "vae" / "diffusion_pytorch_model.safetensors")
+    vae1 = load_file(ft / "vae" / "diffusion_pytorch_model.safetensors")
+    assert vae0.keys() == vae1.keys()
+    frozen = [k for k in vae0 if k.startswith(("encoder.", "quant_conv."))]
+    tuned = [k for k in vae0 if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and tuned and len(frozen) + len(tuned) == len(vae0)
+    assert all(torch.equal(vae0[k], vae1[k]) for k in frozen)  # latents unchanged
+    assert sum(not torch.equal(vae0[k], vae1[k]) for k in tuned) > len(tuned) // 2
+    for part in ("unet", "text_encoder"):  # the denoiser and text encoder are kept as they were
+        f = "diffusion_pytorch_model.safetensors" if part == "unet" else "model.safetensors"
+        a, b = load_file(base / part / f), load_file(ft / part / f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta0 = json.loads((base / "synrep.json").read_text())
+    meta1 = json.loads((ft / "synrep.json").read_text())
+    assert meta1["decoder_steps"] == 3 and meta1["train_steps"] == meta0["train_steps"] == 2
+    # deterministic: the same config fine-tunes the same decoder
+    again = load_file(finetune("ft2") / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(vae1[k], again[k]) for k in vae1)
+
+
+def test_decoder_finetune_refuses_a_folder_that_is_not_a_mini_pipeline(tmp_path, capsys):
+    from synrep.cli import main
+
+    (tmp_path / "model_index.json").write_text("{}")
+    code = main(["train-generator", "configs/generator_fashion.yaml", f"run.dir={tmp_path / 'r'}",
+                 f"generator.init={tmp_path}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "generator.init" in err and "not a mini pipeline folder" in err
+    assert not (tmp_path / "r" / "generator" / "pipeline").exists()
+    code = main(["train-generator", "configs/generator_fashion.yaml", f"run.dir={tmp_path / 'r'}",
+                 "generator.decoder_steps=-1"])
+    assert code == 2 and "generator.decoder_steps must be >= 0" in capsys.readouterr().err
+
+
+def test_sharpness_is_the_mean_neighbour_pixel_difference():
+    from synrep.images.evaluate import sharpness
+
+    flat = np.full((2, 6, 6), 90, np.uint8)
+    assert sharpness(flat) == 0.0
+    stripes = np.zeros((1, 4, 4), np.uint8)
+    stripes[:, :, 1::2] = 200  # columns alternate 0, 200: horizontal steps 200, vertical 0
+    assert sharpness(stripes) == pytest.approx(100.0)
+    checker = (np.indices((5, 5)).sum(0) % 2 * 255).astype(np.uint8)[None]
+    assert sharpness(checker) == pytest.approx(255.0)
+    rgb = np.repeat(checker[..., None], 3, axis=-1)  # RGB renders are judged in grey
+    assert sharpness(rgb) == pytest.approx(255.0)
+
+
+@needs_fashion
+@pytest.mark.slow
 def test_eval_generator_on_a_tiny_pipeline(tmp_path):
     import json
 
@@ -125,6 +198,8 @@ def test_eval_generator_on_a_tiny_pipeline(tmp_path):
     assert 0.0 <= res["class_consistency"] <= 100.0
     assert set(res["attribute_adherence_per_attribute"]) == set(ATTRIBUTES)
     assert res["diversity_real"] > 0 and np.isfinite(res["frechet_distance"])
+    assert res["sharpness_real"] > 0 and res["sharpness_ratio"] == pytest.approx(
+        res["sharpness_generated"] / res["sharpness_real"])
     assert res["images_rendered"] == 10 * 2 * 2 + 3 * 10 * 1 * 2 * 2
     saved = json.loads((tmp_path / "run" / "generator_eval" / "results.json").read_text())
     assert saved["class_consistency"] == res["class_consistency"]

@@ -11,7 +11,10 @@ reported beside the metrics):
   moves the captioned way;
 - **diversity**: mean pairwise distance between images of one caption in the judge's feature
   space, divided by the same for real test images of one class (>= 0.5 asked);
-- **Frechet distance** between the judge's features of generated and real test images.
+- **Frechet distance** between the judge's features of generated and real test images;
+- **sharpness**: mean absolute difference between neighbouring pixels (0-255 scale, vertical and
+  horizontal) of generated images, divided by the same for the real test images (reported: a
+  decoder that draws the average of what a latent could be scores well below 1).
 """
 
 from __future__ import annotations
@@ -115,6 +118,14 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
+def sharpness(images: np.ndarray) -> float:
+    """Mean absolute difference between vertically and horizontally neighbouring pixels of uint8
+    images ``(N, H, W)`` (or ``(N, H, W, C)``, averaged over channels), on the 0-255 scale."""
+    x = torch.from_numpy(_gray(images)).float()
+    return float(((x[:, 1:] - x[:, :-1]).abs().mean() + (x[:, :, 1:] - x[:, :, :-1]).abs().mean())
+                 / 2)
+
+
 def _mean_pairwise(f: torch.Tensor) -> torch.Tensor:
     """(G, k, d) -> (G,) mean distance between the k members of each group."""
     d = torch.cdist(f, f)
@@ -169,6 +180,7 @@ def evaluate_generator(cfg: Config, captions_per_class: int = 20, pairs_per_clas
     real_div = float(_mean_pairwise(torch.stack(groups)).mean())
     fd = frechet_distance(feats.numpy().astype(np.float64),
                           real_feats.numpy().astype(np.float64))
+    sharp_gen, sharp_real = sharpness(imgs), sharpness(xt)
 
     # 2. caption pairs that differ in one attribute: lowest vs highest value, same seeds
     pair_caps, meta = [], []
@@ -206,6 +218,8 @@ def evaluate_generator(cfg: Config, captions_per_class: int = 20, pairs_per_clas
                                               for a, v in moved.items()},
         "diversity_generated": gen_div, "diversity_real": real_div,
         "diversity_ratio": gen_div / real_div, "frechet_distance": fd,
+        "sharpness_generated": sharp_gen, "sharpness_real": sharp_real,
+        "sharpness_ratio": sharp_gen / sharp_real,
         "images_rendered": len(imgs) + len(pimgs), "seconds": round(seconds, 1),
         "targets": TARGETS}
     write_json_atomic(out / "results.json", results)
@@ -218,7 +232,9 @@ def evaluate_generator(cfg: Config, captions_per_class: int = 20, pairs_per_clas
              adherence >= TARGETS["attribute_adherence"]),
             ("diversity ratio", f"{gen_div / real_div:.2f} ({gen_div:.2f} / {real_div:.2f})",
              ">= 0.5", gen_div / real_div >= TARGETS["diversity_ratio"]),
-            ("Frechet distance", f"{fd:.2f}", "(reported)", True)]
+            ("Frechet distance", f"{fd:.2f}", "(reported)", True),
+            ("sharpness ratio", f"{sharp_gen / sharp_real:.2f} ({sharp_gen:.1f} / "
+             f"{sharp_real:.1f})", "(reported)", True)]
     for name, value, target, ok in rows:
         print(f"  {name:20s} {value:24s} target {target:10s} {'OK' if ok else 'MISSED'}")
     print(f"results: {out / 'results.json'}; samples: {out / 'samples.png'}")

@@ -38,7 +38,8 @@ from synrep.concepts.fashion import (
     measure_attributes,
 )
 from synrep.config import Config
-from synrep.errors import CheckpointError
+from synrep.errors import CheckpointError, ConfigError
+from synrep.images.render import resolve_pipeline
 from synrep.utils import ensure_writable_dir, write_json_atomic
 
 IMAGE_SIZE = 32  # Fashion-MNIST's 28 px padded to a multiple of 8, as diffusers pipelines need
@@ -212,6 +213,99 @@ def train_vae(vae, images: torch.Tensor, cfg, state: Path, bar_desc: str = "vae"
     return float(1.0 / lat.std())
 
 
+class _PatchCritic(torch.nn.Module):
+    """Hinge-loss patch discriminator of the decoder fine-tuning: 32 px -> 8 x 8 patch logits,
+    spectrally normalised convolutions (as the critics of Stable Diffusion's autoencoders)."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        sn = torch.nn.utils.parametrizations.spectral_norm
+        act = torch.nn.LeakyReLU(0.2)
+        self.net = torch.nn.Sequential(
+            sn(torch.nn.Conv2d(1, width, 4, 2, 1)), act,
+            sn(torch.nn.Conv2d(width, 2 * width, 4, 2, 1)), act,
+            sn(torch.nn.Conv2d(2 * width, 2 * width, 3, 1, 1)), act,
+            torch.nn.Conv2d(2 * width, 1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class _Optimizers:
+    """Several optimizers saved and restored as one state (for :func:`_save_state`)."""
+
+    def __init__(self, **opts: torch.optim.Optimizer) -> None:
+        self.opts = opts
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: o.state_dict() for k, o in self.opts.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, o in self.opts.items():
+            o.load_state_dict(state[k])
+
+
+def finetune_decoder(vae, images: torch.Tensor, cfg, state: Path) -> None:
+    """Sharpen the autoencoder's decoder adversarially with its encoder frozen; resumable.
+
+    Pixel losses alone (L1 + MSE) make the decoder draw the mean of what a latent could be, so
+    fine prints and seams come out smooth. As with Stable Diffusion's autoencoders, a patch critic
+    (hinge loss, weight ``decoder_gan_weight``) asks for real-looking texture while L1 + MSE keep
+    the reconstruction. The encoder, hence every latent and the denoiser trained on them, is left
+    untouched, so the fine-tuned decoder drops into an already trained pipeline. Latents are drawn
+    from the encoder's posterior (mean + std * noise), as in the autoencoder's own training.
+    """
+    g = cfg.generator
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        posts = [vae.encode(images[i:i + 2000]).latent_dist for i in range(0, len(images), 2000)]
+        mu = torch.cat([p.mean for p in posts])
+        std = torch.cat([p.std for p in posts])
+    del posts
+    decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in decoder:
+        p.requires_grad_(True)
+    torch.manual_seed(cfg.run.seed)
+    critic = _PatchCritic()
+    opt_g = torch.optim.AdamW(decoder, lr=g.decoder_lr, betas=(0.5, 0.9), weight_decay=0.0)
+    opt_d = torch.optim.AdamW(critic.parameters(), lr=2 * g.decoder_lr, betas=(0.5, 0.9),
+                              weight_decay=0.0)
+    opts = _Optimizers(decoder=opt_g, critic=opt_d)
+    modules = {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv, "critic": critic}
+    step = 0
+    if state.exists():
+        step, extra = _load_state(state, modules, opts)
+        if extra.get("config") != _fingerprint(cfg):
+            raise CheckpointError(f"{str(state)!r} was fine-tuned with another generator config; "
+                                  "use the same config or a new run.dir")
+    gen = torch.Generator()
+    vae.decoder.train()
+    critic.train()
+    with tqdm(total=g.decoder_steps, initial=step, desc="decoder", dynamic_ncols=True) as bar:
+        while step < g.decoder_steps:
+            gen.manual_seed(cfg.run.seed * 1_000_003 + step)
+            idx = torch.randint(len(images), (g.decoder_batch_size,), generator=gen)
+            x = images[idx]
+            z = mu[idx] + std[idx] * torch.randn(mu[idx].shape, generator=gen)
+            rec = vae.decode(z).sample
+            d_loss = F.relu(1 - critic(x)).mean() + F.relu(1 + critic(rec.detach())).mean()
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+            loss = rec_loss - g.decoder_gan_weight * critic(rec).mean()
+            opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_g.step()
+            step += 1
+            bar.update()
+            if step % 50 == 0:
+                bar.set_postfix(rec=f"{rec_loss.item():.4f}", critic=f"{d_loss.item():.3f}")
+            if step % g.ckpt_every == 0 or step == g.decoder_steps:
+                _save_state(state, modules, opts, step, {"config": _fingerprint(cfg)})
+    vae.eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, scale: float) -> torch.Tensor:
     """Posterior means of every training image, scaled: (N, 4, 8, 8)."""
@@ -219,24 +313,44 @@ def encode_latents(vae, images: torch.Tensor, scale: float) -> torch.Tensor:
                       for i in range(0, len(images), 1000)])
 
 
-def train_generator(cfg: Config) -> Path:
-    """Train the mini pipeline and save it in diffusers format; resumable. Returns its folder."""
-    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+_NOISE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+              beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1)
+
+
+def _init_folder(name: str) -> Path:
+    folder = Path(resolve_pipeline(name))
+    if not all((folder / part).is_dir() for part in ("vae", "unet", "text_encoder")) or \
+            not (folder / "synrep.json").is_file():
+        raise ConfigError(f"generator.init {name!r} is not a mini pipeline folder (vae, unet, "
+                          "text_encoder and synrep.json); give 'fashion-mini' or a folder "
+                          "written by `synrep train-generator`")
+    return folder
+
+
+def _load_pipeline_parts(folder: Path, vocab_size: int):
+    """The autoencoder, denoiser and text encoder of a saved mini pipeline (``generator.init``)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    name = str(folder)
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    if text.config.vocab_size != vocab_size or vae.config.in_channels != 1:
+        raise ConfigError(f"generator.init {name!r} is not a mini pipeline of this synrep (its "
+                          f"text encoder knows {text.config.vocab_size} words, the caption "
+                          f"grammar {vocab_size}); retrain it with `synrep train-generator`")
+    return vae, unet.eval().requires_grad_(False), text.eval().requires_grad_(False)
+
+
+def _train_vae_and_denoiser(cfg: Config, images, labels, measures, thresholds, tokenizer,
+                            work: Path):
+    """The autoencoder, then the denoiser and text encoder on its latents (EMA weights returned)."""
+    from diffusers import DDPMScheduler
 
     g = cfg.generator
-    if cfg.run.threads > 0:
-        torch.set_num_threads(cfg.run.threads)
-    work = ensure_writable_dir(cfg.run_dir / "generator", "run.dir")
-    out = Path(g.out) if g.out else work / "pipeline"
-    images, labels = training_images(cfg.eval.root)
-    if g.train_limit:
-        keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(
-            cfg.run.seed))[:g.train_limit]
-        images, labels = images[keep], labels[keep]
-    tokenizer = build_tokenizer()
     parts = build_components(len(tokenizer), cfg.run.seed)
     vae, unet, text = parts["vae"], parts["unet"], parts["text_encoder"]
-
     scale_file = work / "vae_scale.json"
     if scale_file.exists():
         _load_state(work / "vae.safetensors", {"vae": vae}, None)
@@ -247,16 +361,9 @@ def train_generator(cfg: Config) -> Path:
     vae.eval().requires_grad_(False)
     vae.register_to_config(scaling_factor=scale)
     latents = encode_latents(vae, images, scale)
-
-    pix = (images[:, 0, 2:-2, 2:-2] + 1) / 2
-    measures = measure_attributes(pix)
-    thresholds = attribute_thresholds(measures, labels)
     levels = attribute_levels(measures, labels, thresholds).tolist()
     labels_l = labels.tolist()
-
-    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                beta_schedule="scaled_linear", prediction_type="epsilon",
-                                steps_offset=1)
+    noise_sched = DDPMScheduler(**_NOISE)
     params = [*unet.parameters(), *text.parameters()]
     opt = torch.optim.AdamW(params, lr=g.lr, weight_decay=0.01)
     ema = {"unet": _ema_copy(unet), "text_encoder": _ema_copy(text)}
@@ -266,7 +373,7 @@ def train_generator(cfg: Config) -> Path:
         step, extra = _load_state(state, {"unet": unet, "text_encoder": text,
                                           "ema_unet": ema["unet"],
                                           "ema_text_encoder": ema["text_encoder"]}, opt)
-        if extra.get("config") != _fingerprint(cfg):
+        if extra.get("config") != _fingerprint(cfg, "denoiser"):
             raise CheckpointError(f"{str(state)!r} was trained with another generator config; "
                                   "use the same config or a new run.dir")
     maker = CaptionMaker(g.attr_p, g.cond_drop)
@@ -304,20 +411,62 @@ def train_generator(cfg: Config) -> Path:
             if step % g.ckpt_every == 0 or step == g.steps:
                 _save_state(state, {"unet": unet, "text_encoder": text, "ema_unet": ema["unet"],
                                     "ema_text_encoder": ema["text_encoder"]}, opt, step,
-                            {"config": _fingerprint(cfg)})
+                            {"config": _fingerprint(cfg, "denoiser")})
+    return vae, ema["text_encoder"], ema["unet"], scale
+
+
+def train_generator(cfg: Config) -> Path:
+    """Train the mini pipeline and save it in diffusers format; resumable. Returns its folder."""
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    g = cfg.generator
+    for key in ("vae_steps", "steps", "decoder_steps"):
+        if getattr(g, key) < 0:
+            raise ConfigError(f"generator.{key} must be >= 0, got {getattr(g, key)}")
+    if not (g.decoder_lr > 0 and g.decoder_gan_weight >= 0 and g.decoder_batch_size > 0):
+        raise ConfigError("generator.decoder_lr and decoder_batch_size must be > 0 and "
+                          f"decoder_gan_weight >= 0, got {g.decoder_lr}, "
+                          f"{g.decoder_batch_size} and {g.decoder_gan_weight}")
+    init = _init_folder(g.init) if g.init else None
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
+    work = ensure_writable_dir(cfg.run_dir / "generator", "run.dir")
+    out = Path(g.out) if g.out else work / "pipeline"
+    images, labels = training_images(cfg.eval.root)
+    if g.train_limit:
+        keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(
+            cfg.run.seed))[:g.train_limit]
+        images, labels = images[keep], labels[keep]
+    tokenizer = build_tokenizer()
+    pix = (images[:, 0, 2:-2, 2:-2] + 1) / 2
+    measures = measure_attributes(pix)
+    thresholds = attribute_thresholds(measures, labels)
+    if init is not None:
+        vae, unet, text = _load_pipeline_parts(init, len(tokenizer))
+        scale = vae.config.scaling_factor
+    else:
+        vae, text, unet, scale = _train_vae_and_denoiser(cfg, images, labels, measures,
+                                                         thresholds, tokenizer, work)
+    if g.decoder_steps:
+        finetune_decoder(vae, images, cfg, work / "decoder.safetensors")
+    noise_sched = DDPMScheduler(**_NOISE)
     scheduler = DPMSolverMultistepScheduler.from_config(noise_sched.config,
                                                         algorithm_type="dpmsolver++")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=ema["text_encoder"],
-                                   tokenizer=tokenizer, unet=ema["unet"], scheduler=scheduler,
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     tmp = out.with_name(out.name + ".tmp")
     pipe.save_pretrained(tmp)
+    trained = {"train_steps": g.steps, "batch_size": g.batch_size, "vae_steps": g.vae_steps}
+    if init is not None:  # the kept parts were trained as the initial pipeline says
+        saved = json.loads((init / "synrep.json").read_text())
+        trained = {k: saved[k] for k in trained if k in saved}
     write_json_atomic(tmp / "synrep.json", {
         "steps": g.sample_steps, "guidance_scale": 2.5, "image_size": IMAGE_SIZE,
         "crop": 28, "attribute_thresholds": thresholds.tolist(),
         "attributes": {k: list(v) for k, v in ATTRIBUTES.items()},
-        "train_steps": g.steps, "batch_size": g.batch_size, "vae_steps": g.vae_steps})
+        **trained, "decoder_steps": g.decoder_steps})
     if out.exists():
         import shutil
 
@@ -327,12 +476,17 @@ def train_generator(cfg: Config) -> Path:
     return out
 
 
-def _fingerprint(cfg: Config) -> dict[str, Any]:
+def _fingerprint(cfg: Config, stage: str = "decoder") -> dict[str, Any]:
+    """The settings a stage's saved state depends on (the denoiser ignores the decoder's)."""
     from dataclasses import asdict
 
     d = asdict(cfg.generator)
     d.pop("out")
     d.pop("ckpt_every")
+    if stage == "denoiser":
+        for k in ("decoder_steps", "decoder_batch_size", "decoder_lr", "decoder_gan_weight",
+                  "init"):
+            d.pop(k)
     if d["train_limit"] is None:  # the whole train split
         d.pop("train_limit")
     return {"seed": cfg.run.seed, **d}
