@@ -365,6 +365,7 @@ def sampler_part(args, results: dict) -> list[str]:
     )
     from synrep.train.loop import _param_groups, build_method, build_source
 
+    corrupt_pool(make_pool(args), Path(args.work) / "noisy")  # the step is timed on its batches
     cfg = _cfg(args)
     method = build_method(cfg).train()
     opt = torch.optim.AdamW(_param_groups(method, 0.04), lr=1e-4)

@@ -336,3 +336,48 @@ def test_two_gloo_processes_select_as_one(tmp_path):
             continue
         single = joint_sample_from_embeddings(*_local_pairs(kind, -1, world), 8, 3, gen(11))
         np.testing.assert_array_equal(idx[0], single.numpy())
+
+
+def test_fast_log1p_and_softplus_match_float64_references():
+    from synrep.selection.jest import _log1p_, _Scratch, _softplus_
+
+    scratch = _Scratch()
+    g = gen(3)
+    # log1p on [0, 3e38]: tiny values (where 1 + x rounds to 1), the bulk, and huge values
+    x = torch.cat([torch.tensor([0.0, 1e-30, 1e-10, 5.9e-8, 6e-8, 1.2e-7, 1.0, 1e30, 3e38]),
+                   torch.rand(5000, generator=g) * 1e-6,
+                   torch.exp(torch.randn(5000, generator=g) * 10).clamp(max=3e38)])
+    got = _log1p_(x.clone(), scratch).double()
+    want = torch.log1p(x.double())
+    assert torch.isfinite(got).all()
+    assert ((got - want).abs() <= 4e-7 * want.abs() + 1e-45).all()  # a few float32 ulps
+    # softplus on the whole line, through the same (grown and reused) scratch buffers
+    for scale in (1.0, 10.0, 100.0):
+        z = torch.randn(3, 700, generator=g) * scale
+        got = _softplus_(z.clone(), scratch).double()
+        want = F.softplus(z.double())
+        assert ((got - want).abs() <= 4e-7 * want.abs() + 1e-37).all(), scale  # float32 range
+
+
+@pytest.mark.parametrize("t, b", [(10.0, -10.0), (100.0, -10.0)])  # exp bounded / unbounded path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sigmoid_tracker_gains_equal_dense_conditional_scores(t, b, dtype):
+    g = gen(21)
+    n = 40
+    pairs = SigmoidPairs(torch.randn(n, 8, generator=g, dtype=dtype),
+                         torch.randn(n, 8, generator=g, dtype=dtype), t, b)
+    x, y = F.normalize(pairs.img.double(), dim=1), F.normalize(pairs.txt.double(), dim=1)
+    dense = -F.logsigmoid((torch.eye(n, dtype=torch.float64) * 2 - 1) * (t * x @ y.T + b))
+    torch.testing.assert_close(pairs.dense().double(), dense, rtol=1e-5, atol=1e-6)
+    tracker = pairs.tracker()
+    selected = []
+    for chunk in ([5, 17, 3], [0, 39], [8, 9, 10, 11]):  # chunks of different sizes reuse buffers
+        tracker.add(torch.tensor(chunk))
+        selected += chunk
+        sel = torch.tensor(selected)
+        # every entry, the selected ones included (which conditional_scores masks with -inf)
+        want = dense.diagonal() + dense[:, sel].sum(dim=1) + dense[sel, :].sum(dim=0)
+        keep = torch.isfinite(conditional_scores(dense, sel))
+        assert torch.equal(keep, ~torch.isin(torch.arange(n), sel))
+        tol = 1e-5 if dtype == torch.float32 else 1e-10
+        torch.testing.assert_close(tracker.scores().double(), want, rtol=tol, atol=tol)

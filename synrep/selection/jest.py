@@ -117,6 +117,60 @@ def _as_float(x: Tensor) -> Tensor:
     return F.normalize(x, dim=1)
 
 
+# ---------------------------------------------------------------------------------------------
+# Element-wise kernels of the sampler
+
+
+class _Scratch:
+    """Reusable buffers for the temporaries every chunk of a selection needs again.
+
+    The sampler's element-wise passes run on ~1 MB blocks many times per step. Allocated afresh,
+    such blocks go back and forth between the C allocator and the OS (glibc trims and re-maps
+    them), and on CPU the page faults cost more than the arithmetic (4x on the sigmoid sampler).
+    Each named buffer grows to the largest request and is handed out as a view.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        n = math.prod(shape)
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = like.new_empty(n)
+            self._bufs[name] = buf
+        return buf[:n].view(shape)
+
+
+# exp(x) stays finite in float32 for x up to ~88.7; below this bound no overflow handling is needed
+_EXP_SAFE = 80.0
+
+
+def _log1p_(x: Tensor, scratch: _Scratch) -> Tensor:
+    """``log(1 + x)`` in place for ``x >= 0``, to a few ulps, from vectorised ``log`` alone.
+
+    Some CPU builds run ``torch.log1p`` element by element (12x slower than ``log`` on the 2-core
+    reference machine). Goldberg's identity ``log1p(x) = log(u) * x / (u - 1)`` with ``u = 1 + x``
+    rounded is accurate to rounding; where ``u`` rounds to 1 (``x < 2^-24``) it is 0/0, replaced
+    by ``log1p(x) = x``. Other devices use ``log1p_``.
+    """
+    if x.device.type != "cpu":
+        return x.log1p_()
+    u = torch.add(x, 1, out=scratch.get("log1p_u", tuple(x.shape), x))
+    q = torch.log(u, out=scratch.get("log1p_q", tuple(x.shape), x))
+    q.div_(u.sub_(1)).nan_to_num_(nan=1.0)
+    return x.mul_(q)
+
+
+def _softplus_(x: Tensor, scratch: _Scratch) -> Tensor:
+    """``log(1 + exp(x))`` in place, for any finite ``x``: ``max(x, 0) + log1p(exp(-|x|))``."""
+    if x.device.type != "cpu":
+        return x.copy_(F.softplus(x))
+    pos = torch.clamp_min(x, 0, out=scratch.get("softplus_pos", tuple(x.shape), x))
+    _log1p_(x.abs_().neg_().exp_(), scratch)
+    return x.add_(pos)
+
+
 def selected_count(super_batch: int, filter_ratio: float) -> int:
     """``b = (1 - f) B`` rounded half up: how many of a super-batch of ``B`` examples to keep.
 
@@ -325,7 +379,6 @@ class SigmoidPairs(_AdditivePairs):
         logits = torch.addmm(x.new_full((), self.bias), x, y.T, alpha=self.t)  # (r, c)
         # Negatives: -log sigmoid(-l) = softplus(l). The few positives (i = j) are then fixed:
         # -log sigmoid(l) = softplus(l) - l. No (r, c) identity mask is formed.
-        loss = F.softplus(logits)
         if rows is None and cols is None:
             pr = pc = torch.arange(self.size, device=logits.device)
         elif rows is None:
@@ -334,12 +387,51 @@ class SigmoidPairs(_AdditivePairs):
             pr, pc = torch.arange(rows.numel(), device=logits.device), rows
         else:
             pr, pc = (rows[:, None] == cols[None, :]).nonzero(as_tuple=True)
-        loss[pr, pc] -= logits[pr, pc]
+        pos = logits[pr, pc]
+        loss = _softplus_(logits, _Scratch())
+        loss[pr, pc] -= pos
         return loss
+
+    def tracker(self) -> Tracker:
+        return _SigmoidTracker(self)
 
     def gather(self) -> SigmoidPairs:
         _check_same_size_on_ranks(self.size)
         return SigmoidPairs(gather_no_grad(self.img), gather_no_grad(self.txt), self.t, self.bias)
+
+
+class _SigmoidTracker:
+    """:class:`_AdditiveTracker` for :class:`SigmoidPairs`, both blocks of a chunk in one pass.
+
+    The transposed column block ``S[:, chunk]^T`` and the row block ``S[chunk, :]`` are both
+    (c, B) with their positives at the same places ``(j, chunk_j)``, so they share one buffer, one
+    softplus pass and one reduction; the positives' ``-l`` correction is ``-2 l_kk`` on the chunk's
+    own entries (precomputed diagonal logits). Buffers are reused from chunk to chunk.
+    """
+
+    def __init__(self, pairs: SigmoidPairs) -> None:
+        self.pairs = pairs
+        self.g = pairs.diagonal().clone()  # (B,)
+        self.diag_logits = pairs.t * (pairs.img * pairs.txt).sum(dim=1) + pairs.bias  # (B,)
+        self.scratch = _Scratch()
+        self.bounded = pairs.t + abs(pairs.bias) <= _EXP_SAFE
+
+    def scores(self) -> Tensor:
+        return self.g
+
+    def add(self, chunk: Tensor) -> None:
+        p = self.pairs
+        size, c = p.size, chunk.numel()
+        logits = self.scratch.get("logits", (2, c, size), p.img)
+        # [0, j, k] = S[k, chunk_j] (image k, text chunk_j); [1, j, k] = S[chunk_j, k]
+        torch.addmm(p.img.new_full((), p.bias), p.txt[chunk], p.img.T, alpha=p.t, out=logits[0])
+        torch.addmm(p.img.new_full((), p.bias), p.img[chunk], p.txt.T, alpha=p.t, out=logits[1])
+        if self.bounded:  # |l| <= t + |b|: exp(l) cannot overflow, softplus(l) = log1p(exp(l))
+            _log1p_(logits.exp_(), self.scratch)
+        else:
+            _softplus_(logits, self.scratch)
+        self.g += logits.sum(dim=(0, 1))
+        self.g[chunk] -= 2 * self.diag_logits[chunk]  # positives: -log sigmoid(l) = softplus(l) - l
 
 
 def _row_logsumexp(q: Tensor, k: Tensor, scale: float, exclude_self: bool) -> Tensor:
@@ -374,10 +466,12 @@ def _self_logsumexp(x: Tensor, scale: float) -> Tensor:
     n = x.shape[0]
     acc = x.new_zeros(n)
     blk = _SYM_BLOCK * (8 if x.is_cuda else 1)  # fewer, larger GEMMs where launches cost more
+    scratch = _Scratch()
     for i0 in range(0, n, blk):
         xi = x[i0:i0 + blk] * scale
         for j0 in range(i0, n, blk):
-            e = (xi @ x[j0:j0 + blk].T).exp_()
+            xj = x[j0:j0 + blk]
+            e = torch.mm(xi, xj.T, out=scratch.get("e", (xi.shape[0], xj.shape[0]), x)).exp_()
             if j0 == i0:
                 e.fill_diagonal_(0)  # an image is not in its own denominator
             acc[i0:i0 + e.shape[0]] += e.sum(dim=1)
@@ -637,6 +731,7 @@ class _MultiposGroupTracker:
         self.sel = torch.empty(0, dtype=torch.long, device=groups.z.device)  # (a,) groups
         self._rows = groups.z.new_empty(0, groups.size)  # (capacity, G)
         self.n_rows = 0  # filled rows: one per image of the selected groups, a m in all
+        self.scratch = _Scratch()
 
     def scores(self) -> Tensor:
         gr = self.groups
@@ -648,7 +743,8 @@ class _MultiposGroupTracker:
         rows = self._rows[:self.n_rows]
         if not self.fast:
             return own + F.softplus(rows - log_z_sel).sum(dim=0)  # log(1 + E / Z) summed
-        return own + (rows / log_z_sel.exp()).log1p_().sum(dim=0)  # log(1 + E / Z) summed
+        ratio = torch.div(rows, log_z_sel.exp(), out=self.scratch.get("ratio", rows.shape, rows))
+        return own + _log1p_(ratio, self.scratch).sum(dim=0)  # log(1 + E / Z) summed
 
     def _append(self, rows: Tensor) -> None:
         need = self.n_rows + rows.shape[0]
@@ -670,7 +766,8 @@ class _MultiposGroupTracker:
             x = gr.z[cg].reshape(c * m, -1)  # (c m, d) their images
             own = (torch.arange(c, device=cg.device), slice(None), cg)  # each image's own group
             if self.fast:  # plain exps, no per-row maximum (see _FAST_MAX_SCALE)
-                e = ((x * scale) @ gr.images.T).exp_()  # (c m, G m)
+                e = torch.mm(x * scale, gr.images.T,
+                             out=self.scratch.get("e", (c * m, g * m), x)).exp_()  # (c m, G m)
                 self._append(e.view(-1, g, m).sum(dim=2))  # (c m, G) E
                 e.view(c, m, g, m)[own] = 0
                 den = torch.logaddexp(den, e.sum(dim=0).log_())
