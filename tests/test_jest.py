@@ -359,9 +359,11 @@ def test_fast_log1p_and_softplus_match_float64_references():
         assert ((got - want).abs() <= 4e-7 * want.abs() + 1e-37).all(), scale  # float32 range
 
 
-@pytest.mark.parametrize("t, b", [(10.0, -10.0), (100.0, -10.0)])  # exp bounded / unbounded path
+# t + b (the largest logit) picks the path: 3, 1 or 0 row merges before log1p, or softplus
+@pytest.mark.parametrize("t, b, merges", [(10.0, -10.0, 3), (60.0, -30.0, 1), (70.0, -20.0, 0),
+                                          (100.0, -10.0, -1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_sigmoid_tracker_gains_equal_dense_conditional_scores(t, b, dtype):
+def test_sigmoid_tracker_gains_equal_dense_conditional_scores(t, b, merges, dtype):
     g = gen(21)
     n = 40
     pairs = SigmoidPairs(torch.randn(n, 8, generator=g, dtype=dtype),
@@ -370,8 +372,10 @@ def test_sigmoid_tracker_gains_equal_dense_conditional_scores(t, b, dtype):
     dense = -F.logsigmoid((torch.eye(n, dtype=torch.float64) * 2 - 1) * (t * x @ y.T + b))
     torch.testing.assert_close(pairs.dense().double(), dense, rtol=1e-5, atol=1e-6)
     tracker = pairs.tracker()
+    assert tracker.merges == merges
     selected = []
-    for chunk in ([5, 17, 3], [0, 39], [8, 9, 10, 11]):  # chunks of different sizes reuse buffers
+    # chunks of different sizes (odd row counts carried through the merges) reuse buffers
+    for chunk in ([5, 17, 3], [0, 39], [8, 9, 10, 11, 12], [30]):
         tracker.add(torch.tensor(chunk))
         selected += chunk
         sel = torch.tensor(selected)

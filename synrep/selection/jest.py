@@ -144,6 +144,7 @@ class _Scratch:
 
 # exp(x) stays finite in float32 for x up to ~88.7; below this bound no overflow handling is needed
 _EXP_SAFE = 80.0
+_MAX_MERGES = 3  # row-halving merges of the sigmoid tracker before its log1p (see _SigmoidTracker)
 
 
 def _log1p_(x: Tensor, scratch: _Scratch) -> Tensor:
@@ -414,7 +415,15 @@ class _SigmoidTracker:
         self.g = pairs.diagonal().clone()  # (B,)
         self.diag_logits = pairs.t * (pairs.img * pairs.txt).sum(dim=1) + pairs.bias  # (B,)
         self.scratch = _Scratch()
-        self.bounded = pairs.t + abs(pairs.bias) <= _EXP_SAFE
+        # Every logit is at most t + b (unit vectors). Up to _EXP_SAFE its exp is finite, and a
+        # product of 2^k factors 1 + exp(l) stays below exp(_EXP_SAFE) while
+        # 2^k softplus(t + b) <= _EXP_SAFE: so many row-halving merges run before log1p
+        # (-1: the general softplus, for larger logits).
+        top = pairs.t + pairs.bias
+        self.merges = -1
+        if top <= _EXP_SAFE:
+            most = _EXP_SAFE / F.softplus(torch.tensor(top, dtype=torch.float64)).item()
+            self.merges = min(_MAX_MERGES, max(0, int(math.floor(math.log2(most)))))
 
     def scores(self) -> Tensor:
         return self.g
@@ -426,11 +435,22 @@ class _SigmoidTracker:
         # [0, j, k] = S[k, chunk_j] (image k, text chunk_j); [1, j, k] = S[chunk_j, k]
         torch.addmm(p.img.new_full((), p.bias), p.txt[chunk], p.img.T, alpha=p.t, out=logits[0])
         torch.addmm(p.img.new_full((), p.bias), p.img[chunk], p.txt.T, alpha=p.t, out=logits[1])
-        if self.bounded:  # |l| <= t + |b|: exp(l) cannot overflow, softplus(l) = log1p(exp(l))
-            _log1p_(logits.exp_(), self.scratch)
-        else:
-            _softplus_(logits, self.scratch)
-        self.g += logits.sum(dim=(0, 1))
+        if self.merges < 0:
+            self.g += _softplus_(logits, self.scratch).sum(dim=(0, 1))
+        else:  # l <= t + b: exp(l) cannot overflow and softplus(l) = log1p(exp(l))
+            y = logits.exp_().view(2 * c, size)
+            for _ in range(self.merges):
+                # log1p(y) + log1p(z) = log1p(y + z + y z): half the rows go through log1p
+                h, odd = divmod(y.shape[0], 2)
+                if h == 0:
+                    break
+                top, bottom = y[:h], y[h:2 * h]
+                yz = torch.mul(top, bottom, out=self.scratch.get("yz", (h, size), y))
+                top.add_(bottom).add_(yz)
+                if odd:
+                    y[h] = y[2 * h]
+                y = y[:h + odd]
+            self.g += _log1p_(y, self.scratch).sum(dim=0)
         self.g[chunk] -= 2 * self.diag_logits[chunk]  # positives: -log sigmoid(l) = softplus(l) - l
 
 
