@@ -422,8 +422,9 @@ class _SigmoidTracker:
         top = pairs.t + pairs.bias
         self.merges = -1
         if top <= _EXP_SAFE:
-            most = _EXP_SAFE / F.softplus(torch.tensor(top, dtype=torch.float64)).item()
+            most = _EXP_SAFE / (max(top, 0.0) + math.log1p(math.exp(-abs(top))))  # / softplus
             self.merges = min(_MAX_MERGES, max(0, int(math.floor(math.log2(most)))))
+        self.bias = pairs.img.new_full((), pairs.bias)
 
     def scores(self) -> Tensor:
         return self.g
@@ -433,8 +434,8 @@ class _SigmoidTracker:
         size, c = p.size, chunk.numel()
         logits = self.scratch.get("logits", (2, c, size), p.img)
         # [0, j, k] = S[k, chunk_j] (image k, text chunk_j); [1, j, k] = S[chunk_j, k]
-        torch.addmm(p.img.new_full((), p.bias), p.txt[chunk], p.img.T, alpha=p.t, out=logits[0])
-        torch.addmm(p.img.new_full((), p.bias), p.img[chunk], p.txt.T, alpha=p.t, out=logits[1])
+        torch.addmm(self.bias, p.txt[chunk], p.img.T, alpha=p.t, out=logits[0])
+        torch.addmm(self.bias, p.img[chunk], p.txt.T, alpha=p.t, out=logits[1])
         if self.merges < 0:
             self.g += _softplus_(logits, self.scratch).sum(dim=(0, 1))
         else:  # l <= t + b: exp(l) cannot overflow and softplus(l) = log1p(exp(l))
@@ -444,9 +445,9 @@ class _SigmoidTracker:
                 h, odd = divmod(y.shape[0], 2)
                 if h == 0:
                     break
-                top, bottom = y[:h], y[h:2 * h]
-                yz = torch.mul(top, bottom, out=self.scratch.get("yz", (h, size), y))
-                top.add_(bottom).add_(yz)
+                upper, lower = y[:h], y[h:2 * h]
+                yz = torch.mul(upper, lower, out=self.scratch.get("yz", (h, size), y))
+                upper.add_(lower).add_(yz)
                 if odd:
                     y[h] = y[2 * h]
                 y = y[:h + odd]
