@@ -171,7 +171,8 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 256  # global batch (summed over ranks), in samples before augmentation
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: bf16 autocast where the device computes bf16 natively (GPUs, AVX512-BF16/AMX CPUs)
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     ckpt_every: int = 200
     keep_every: int = 0  # also keep the weights every n steps (checkpoints/step_000100...); 0 = no
     log_every: int = 10

@@ -197,12 +197,17 @@ def _header(cfg: Config, run_dir: Path, sections: list[_Section],
     m, t = cfg.method, cfg.train
     data = (f"{cfg.data.dataset} ({cfg.data.split})" if cfg.data.source == "dataset"
             else f"caption-group shards {cfg.data.shards or 'in images/ (this run)'}")
+    precision = t.precision
+    env = run_dir / "train" / "env.json"
+    if env.is_file():  # what the trainer ran (train.precision=auto resolves per device)
+        ran = json.loads(env.read_text()).get("precision", precision)
+        precision = ran if ran == precision else f"{ran} ({precision})"
     summary = {
         "method": m.name,
         "backbone": f"{cfg.model.backbone} ({cfg.model.img_size} px, {cfg.model.in_chans} ch)",
         "training data": data,
         "training": f"{t.steps} steps x {t.batch_size} images, peak lr {cfg.optim.lr:g}, "
-                    f"{t.precision}",
+                    f"{precision}",
         "stages": ", ".join(cfg.run.stages),
         "seed": cfg.run.seed,
     }

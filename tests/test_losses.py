@@ -58,6 +58,27 @@ def test_matches_reference_value_and_grad(tau):
     torch.testing.assert_close(z.grad, z_ref.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_logits_stay_float32_under_bf16_autocast():
+    # Mixed-precision training runs the losses inside autocast; their logits must not drop to
+    # bf16 (an error of ~0.04 at tau = 0.1), so the value and gradient equal the fp32 ones.
+    from synrep.losses.clip import ClipLoss
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(32, 16, generator=g, requires_grad=True)
+    labels = torch.arange(8).repeat_interleave(4)
+    img, txt = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    scale = torch.tensor(math.log(1 / 0.07))
+    plain = MultiPosConLoss(0.1)(z, labels)
+    (grad,) = torch.autograd.grad(plain, z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = MultiPosConLoss(0.1)(z, labels)
+        clip_mixed = ClipLoss()(img, txt, scale)
+    (grad_mixed,) = torch.autograd.grad(mixed, z)
+    assert mixed.dtype == torch.float32 and mixed.item() == plain.item()
+    assert torch.equal(grad, grad_mixed)
+    assert clip_mixed.item() == ClipLoss()(img, txt, scale).item()
+
+
 def test_equals_ntxent_with_pairs():
     g = torch.Generator().manual_seed(1)
     z1, z2 = torch.randn(10, 8, generator=g), torch.randn(10, 8, generator=g)

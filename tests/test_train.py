@@ -253,3 +253,34 @@ def test_supervised_method_learns_labels(tmp_path):
     rows = [json.loads(x) for x in (run / "train/metrics.jsonl").open()]
     assert "train_acc" in rows[-1]
     assert rows[-1]["loss"] < rows[0]["loss"] < 2.5  # falls from ~log(10) = 2.30 at the start
+
+
+@needs_fashion
+def test_bf16_autocast_is_deterministic_and_recorded(tmp_path):
+    args = [*TINY, "train.steps=3", "run.stages=[train]", "train.precision=bf16"]
+    for run in ("a", "b"):
+        assert main(["run", CONFIG, *args, f"run.dir={tmp_path / run}"]) == 0
+    assert main(["run", CONFIG, *args[:-1], f"run.dir={tmp_path / 'fp32'}"]) == 0
+    final = "train/checkpoints/final.safetensors"
+    fa = Checkpoint(tmp_path / "a" / final).model_state
+    fb = Checkpoint(tmp_path / "b" / final).model_state
+    f32 = Checkpoint(tmp_path / "fp32" / final).model_state
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+    assert not all(torch.equal(fa[k], f32[k]) for k in fa)  # autocast really was on
+    env = json.loads((tmp_path / "a/train/env.json").read_text())
+    assert env["precision"] == "bf16" and env["precision_config"] == "bf16"
+    assert json.loads((tmp_path / "fp32/train/env.json").read_text())["precision"] == "fp32"
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "expected"), [
+    (True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(
+        monkeypatch, avx512_bf16, amx, expected):
+    from synrep.train.loop import resolve_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == expected
+    for explicit in ("fp32", "bf16", "fp16"):  # an explicit choice is never overridden
+        assert resolve_precision(explicit, cpu) == explicit

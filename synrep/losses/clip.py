@@ -66,15 +66,16 @@ class ClipLoss(nn.Module):
             raise ValueError(
                 f"image and text features must both be [n, d], got "
                 f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
-        img = F.normalize(image_features.float(), dim=1)
-        txt = F.normalize(text_features.float(), dim=1)
-        scale = logit_scale(log_scale, self.max_logit_scale)
-        n = img.shape[0]
-        # This rank's rows against every rank's columns; the positives sit at rank * n + i.
-        labels = torch.arange(n, device=img.device) + rank() * n
-        logits_img = scale * img @ gather_with_grad(txt).T  # (n, N)
-        logits_txt = scale * txt @ gather_with_grad(img).T  # (n, N)
-        return (F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_txt, labels)) / 2
+        with torch.autocast(image_features.device.type, enabled=False):  # logits in float32
+            img = F.normalize(image_features.float(), dim=1)
+            txt = F.normalize(text_features.float(), dim=1)
+            scale = logit_scale(log_scale, self.max_logit_scale)
+            n = img.shape[0]
+            # This rank's rows against every rank's columns; the positives sit at rank * n + i.
+            labels = torch.arange(n, device=img.device) + rank() * n
+            logits_img = scale * img @ gather_with_grad(txt).T  # (n, N)
+            logits_txt = scale * txt @ gather_with_grad(img).T  # (n, N)
+            return (F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_txt, labels)) / 2
 
 
 class MultiPosImageTextLoss(nn.Module):
