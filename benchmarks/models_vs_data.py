@@ -8,7 +8,7 @@ with the same frozen-feature protocol on the real Fashion-MNIST test set:
   shipped fashion-mini text-to-image model, 4 images per caption); no real image is used before
   evaluation.
 - **SimCLR on the real data**: ``configs/fashion_simclr.yaml`` on the 60,000 real train images
-  (labels unused), with the quickstart's steps; half as many images per step, each seen in two
+  (labels unused), with the quickstart's steps and precision; half as many images per step, each seen in two
   views, so the encoder processes as many views per step as the quickstart's 4 images x captions.
 
 Target: learning from the model matches or beats learning from the data (linear-probe top-1).
@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     synth = run(QUICKSTART, root / "quickstart", [])
     real = run(REAL, root / "simclr_real", [
         f"train.steps={q.train.steps}", f"train.batch_size={images_per_step // 2}",
-        f"optim.warmup_steps={q.optim.warmup_steps}", f"eval.linear_cs={q.eval.linear_cs}"])
+        f"optim.warmup_steps={q.optim.warmup_steps}", f"eval.linear_cs={q.eval.linear_cs}",
+        f"train.precision={q.train.precision}"])
 
     rows = [
         (f"SynCLR, synthetic images ({QUICKSTART})", synth),
