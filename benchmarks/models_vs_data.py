@@ -8,8 +8,9 @@ with the same frozen-feature protocol on the real Fashion-MNIST test set:
   shipped fashion-mini text-to-image model, 4 images per caption); no real image is used before
   evaluation.
 - **SimCLR on the real data**: ``configs/fashion_simclr.yaml`` on the 60,000 real train images
-  (labels unused), with the quickstart's steps and precision; half as many images per step, each seen in two
-  views, so the encoder processes as many views per step as the quickstart's 4 images x captions.
+  (labels unused), with the quickstart's steps and precision; half as many images per step, each
+  seen in two views, so the encoder processes as many views per step as the quickstart's 4 images
+  x captions.
 
 Target: learning from the model matches or beats learning from the data (linear-probe top-1).
 Results go to ``benchmarks/results/models_vs_data.json``; the table is printed in Markdown.
