@@ -35,7 +35,6 @@ Results go to ``benchmarks/results/jest.json``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -364,7 +363,13 @@ def sampler_part(args, results: dict) -> list[str]:
         joint_sample_from_embeddings,
         selected_count,
     )
-    from synrep.train.loop import _param_groups, build_method, build_source, resolve_precision
+    from synrep.train.loop import (
+        _param_groups,
+        autocast_for,
+        build_method,
+        build_source,
+        resolve_precision,
+    )
 
     corrupt_pool(make_pool(args), Path(args.work) / "noisy")  # the step is timed on its batches
     cfg = _cfg(args)
@@ -373,16 +378,14 @@ def sampler_part(args, results: dict) -> list[str]:
     src = build_source(cfg, "groups")
     # The quickstart's step as it trains (train.precision, `auto` resolved on this machine),
     # timed side by side with a full-precision step.
-    precision = resolve_precision(cfg.train.precision, torch.device("cpu"))
-    contexts = {"fp32": contextlib.nullcontext}
-    if precision != "fp32":
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        contexts[precision] = lambda: torch.autocast("cpu", dtype=dtype)
+    cpu = torch.device("cpu")
+    precision = resolve_precision(cfg.train.precision, cpu)
+    contexts = {p: autocast_for(p, cpu) for p in dict.fromkeys(["fp32", precision])}
     step_times: dict[str, list[float]] = {k: [] for k in contexts}
     for step in range(args.cost_reps + 1):
         for name, ctx in contexts.items():
             t = time.perf_counter()
-            with ctx():
+            with ctx:
                 loss = method(src.batch(step), torch.Generator().manual_seed(step))["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -69,6 +69,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def autocast_for(precision: str, device: torch.device):
+    """The autocast context of a resolved precision (fp32: none). Reusable across steps."""
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def shards_dir(cfg: Config, after_select: bool = True) -> str:
     """The caption-group shards a run trains on: ``data.shards``, else the ``select`` stage's
     output when the run has that stage (``after_select``), else the images stage's output."""
@@ -353,11 +361,7 @@ def train(cfg: Config) -> Path:
     # Autocast is chosen once: bf16/fp16 when asked (or by `auto`), full fp32 otherwise. The
     # losses compute their logits in float32 either way.
     precision = resolve_precision(cfg.train.precision, device)
-    if precision == "fp32":
-        autocast = nullcontext()
-    else:
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        autocast = torch.autocast(device.type, dtype=dtype)
+    autocast = autocast_for(precision, device)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16" and device.type == "cuda")
     if is_main:
         write_json_atomic(run_dir / "train" / "env.json", {
