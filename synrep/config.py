@@ -352,6 +352,9 @@ class SelectionConfig:
     log_ids: bool = True  # write the selected sample ids of every step (RUN/train/selected.jsonl)
     learner: str = ""  # select stage: learner checkpoint (needed unless score = easy_reference)
     super_batch: int | None = None  # select stage: groups per super-batch; None = online's B
+    # The sampler's similarity GEMMs: bf16 operands (float32 sums, exps and logs) or fp32.
+    # auto: bf16 where training runs in bf16 (train.precision, resolved on the device), else fp32.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 @dataclass

@@ -385,3 +385,54 @@ def test_sigmoid_tracker_gains_equal_dense_conditional_scores(t, b, merges, dtyp
         assert torch.equal(keep, ~torch.isin(torch.arange(n), sel))
         tol = 1e-5 if dtype == torch.float32 else 1e-10
         torch.testing.assert_close(tracker.scores().double(), want, rtol=tol, atol=tol)
+
+
+def _clustered(g: torch.Generator, n: int = 512, d: int = 64, k: int = 16) -> torch.Tensor:
+    """Embeddings with structure (k clusters), so scores differ and selection has signal."""
+    centres = torch.randn(k, d, generator=g)
+    return centres[torch.randint(0, k, (n,), generator=g)] + 0.7 * torch.randn(n, d, generator=g)
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "softmax", "groups"])
+def test_bf16_gemms_keep_gains_close_and_select_the_same(kind):
+    from synrep.selection import MultiposGroups
+
+    g = gen(40)
+    x1, y1, x2, y2 = (_clustered(g) for _ in range(4))
+    make = {
+        "sigmoid": lambda p: (SigmoidPairs(x1, y1, 10.0, -10.0, p),
+                              SigmoidPairs(x2, y2, 10.0, -10.0, p)),
+        "softmax": lambda p: (SoftmaxPairs(x1, y1, 0.1, p), SoftmaxPairs(x2, y2, 0.1, p)),
+        "groups": lambda p: (MultiposGroups(x1.view(128, 4, -1), 0.2, p),
+                             MultiposGroups(x2.view(128, 4, -1), 0.2, p)),
+    }[kind]
+    gains, picks = {}, {}
+    for p in ("fp32", "bf16"):
+        learner, reference = make(p)
+        tracker, size = learner.tracker(), learner.size
+        gains[p] = []
+        for chunk in (torch.arange(0, size, 16), torch.arange(3, size, 16)):
+            tracker.add(chunk)
+            gains[p].append(tracker.scores().clone())
+        picks[p] = set(joint_sample_from_embeddings(learner, reference, size // 5, 8,
+                                                    gen(1)).tolist())
+    for fp, bf in zip(gains["fp32"], gains["bf16"]):
+        assert not torch.equal(fp, bf)  # the bf16 GEMMs ran
+        assert ((bf - fp).abs() <= 5e-3 * (fp.abs() + 1)).all(), float((bf - fp).abs().max())
+    assert len(picks["fp32"] & picks["bf16"]) >= 0.9 * len(picks["fp32"])
+
+
+def test_merged_log1p_row_sums_match_float64():
+    from synrep.selection.jest import _merge_limit, _Scratch, _sum_log1p_rows
+
+    g = gen(41)
+    for rows, top in ((1, 0.0), (7, 2.0), (64, 5.0), (33, 30.0)):
+        y = torch.exp(torch.rand(rows, 50, generator=g) * (top + 20) - 20)  # y <= exp(top)
+        k = _merge_limit(top)
+        assert 0 <= k <= 3 and 2 ** k * math.log1p(math.exp(top)) <= 80.0
+        got = _sum_log1p_rows(y.clone(), k, _Scratch()).double()
+        want = torch.log1p(y.double()).sum(dim=0)
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+    assert _merge_limit(100.0) == 0 and _merge_limit(math.nan) == 0
+    with pytest.raises(ValueError, match="precision"):
+        SigmoidPairs(torch.randn(4, 3), torch.randn(4, 3), 10.0, -10.0, "fp16")

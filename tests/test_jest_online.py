@@ -234,3 +234,19 @@ def test_checkpoints_from_before_a_new_config_key_still_resume():
     cfg.selection.score_images = 2  # not the default: a different run
     with pytest.raises(CheckpointError, match="selection.score_images"):
         check_same_run(SimpleNamespace(config=stored, path="old.safetensors"), cfg)
+
+
+def test_sampler_precision_follows_the_training_precision(monkeypatch):
+    from synrep.config import load_config
+    from synrep.selection import online
+    from synrep.train import loop
+
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(loop, "native_bf16", lambda device, native=native: native)
+        for train, sel, want in (("auto", "auto", "bf16" if native else "fp32"),
+                                 ("bf16", "auto", "bf16"), ("fp32", "auto", "fp32"),
+                                 ("fp16", "auto", "fp32"), ("bf16", "fp32", "fp32"),
+                                 ("fp32", "bf16", "bf16")):
+            cfg = load_config(CONFIG, [f"train.precision={train}", f"selection.precision={sel}"])
+            assert online.sampler_precision(cfg, cpu) == want, (native, train, sel)

@@ -43,6 +43,7 @@ from torch import Tensor
 from synrep.train.dist import gather_no_grad, rank, world_size
 
 Score = Literal["learnability", "hard_learner", "easy_reference"]
+Precision = Literal["fp32", "bf16"]
 PerExample = Literal["diagonal", "row_sum"]
 
 # Rows of a similarity matrix computed at once when a full row statistic (log-sum-exp over the
@@ -109,6 +110,29 @@ def _check_embeddings(names: tuple[str, ...], *xs: Tensor) -> None:
         raise ValueError(f"embeddings must all have the same shape [B, d], got {got}")
 
 
+def _check_precision(precision: str) -> str:
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    return precision
+
+
+def _mm_operand(x: Tensor, precision: str) -> Tensor:
+    """``x`` as the sampler's similarity GEMMs read it: rounded to bf16 under ``"bf16"``.
+
+    The products are accumulated in float32 and everything after them (exponentials, logs, the
+    running scores) stays float32; only the GEMM inputs and outputs are rounded (relative error
+    about 2^-9 each), as on accelerators that train in bf16.
+    """
+    return x.to(torch.bfloat16) if precision == "bf16" else x
+
+
+def _mm_into(out: Tensor, a: Tensor, b: Tensor, scratch: _Scratch, name: str) -> Tensor:
+    """``out = a @ b`` into the float32 buffer ``out``, for float32 or bf16 operands."""
+    if a.dtype == out.dtype:
+        return torch.mm(a, b, out=out)
+    return out.copy_(torch.mm(a, b, out=scratch.get(name, tuple(out.shape), a)))
+
+
 def _as_float(x: Tensor) -> Tensor:
     """Detached, at least float32 (float64 stays float64), L2-normalised rows."""
     x = x.detach()
@@ -144,7 +168,8 @@ class _Scratch:
 
 # exp(x) stays finite in float32 for x up to ~88.7; below this bound no overflow handling is needed
 _EXP_SAFE = 80.0
-_MAX_MERGES = 3  # row-halving merges of the sigmoid tracker before its log1p (see _SigmoidTracker)
+_MAX_MERGES = 3  # row-halving merges before a log1p (see _sum_log1p_rows)
+_MAX_PRODUCT_MERGES = 6  # row-halving products before a log (see _MultiposGroupTracker)
 
 
 def _log1p_(x: Tensor, scratch: _Scratch) -> Tensor:
@@ -170,6 +195,39 @@ def _softplus_(x: Tensor, scratch: _Scratch) -> Tensor:
     pos = torch.clamp_min(x, 0, out=scratch.get("softplus_pos", tuple(x.shape), x))
     _log1p_(x.abs_().neg_().exp_(), scratch)
     return x.add_(pos)
+
+
+def _merge_limit(top: float) -> int:
+    """Row-halving merges :func:`_sum_log1p_rows` may run when every entry ``y <= exp(top)``.
+
+    A product of ``2^k`` factors ``1 + y`` stays below ``exp(_EXP_SAFE)`` while
+    ``2^k log1p(exp(top)) <= _EXP_SAFE``; at most ``_MAX_MERGES``.
+    """
+    if not top <= _EXP_SAFE:  # also NaN
+        return 0
+    most = _EXP_SAFE / (max(top, 0.0) + math.log1p(math.exp(-abs(top))))  # / softplus(top)
+    return min(_MAX_MERGES, max(0, int(math.floor(math.log2(most)))))
+
+
+def _sum_log1p_rows(y: Tensor, merges: int, scratch: _Scratch) -> Tensor:
+    """``sum_i log(1 + y[i, :])`` for ``y >= 0`` (r, n), overwriting ``y``. (n,).
+
+    ``log1p(y) + log1p(z) = log1p(y + z + y z)``: ``merges`` times, the lower half of the rows
+    is folded into the upper half with one multiply and two adds, so only ``r / 2^merges`` rows
+    go through the (much dearer) log. The caller bounds ``merges`` (:func:`_merge_limit`) so the
+    products stay finite.
+    """
+    for _ in range(merges):
+        h, odd = divmod(y.shape[0], 2)
+        if h == 0:
+            break
+        upper, lower = y[:h], y[h:2 * h]
+        yz = torch.mul(upper, lower, out=scratch.get("yz", (h, y.shape[1]), y))
+        upper.add_(lower).add_(yz)
+        if odd:
+            y[h] = y[2 * h]
+        y = y[:h + odd]
+    return _log1p_(y, scratch).sum(dim=0)
 
 
 def selected_count(super_batch: int, filter_ratio: float) -> int:
@@ -360,14 +418,18 @@ class SigmoidPairs(_AdditivePairs):
     Exact: the SigLIP loss of a sub-batch ``A`` is ``sum_{i,j in A} S_ij / |A|``.
 
     Shapes: img [B, d], txt [B, d] (L2-normalised inside); ``t`` the logit scale (not its log),
-    ``b`` the bias of the model being scored.
+    ``b`` the bias of the model being scored. ``precision="bf16"``: the sampler's GEMMs (the
+    tracker's (c, B) logit blocks) read bf16 operands (see :func:`_mm_operand`); :meth:`block`
+    and :meth:`diagonal` stay float32.
     """
 
-    def __init__(self, img: Tensor, txt: Tensor, t: float, b: float) -> None:
+    def __init__(self, img: Tensor, txt: Tensor, t: float, b: float,
+                 precision: Precision = "fp32") -> None:
         _check_embeddings(("img", "txt"), img, txt)
         _check_temperature("t (sigmoid logit scale)", t)
         if not math.isfinite(b):
             raise ValueError(f"b (sigmoid bias) must be finite, got {b!r}")
+        self.precision = _check_precision(precision)
         self.img, self.txt = _as_float(img), _as_float(txt)
         self.t, self.bias = float(t), float(b)
         self.size, self.device = img.shape[0], img.device
@@ -398,7 +460,8 @@ class SigmoidPairs(_AdditivePairs):
 
     def gather(self) -> SigmoidPairs:
         _check_same_size_on_ranks(self.size)
-        return SigmoidPairs(gather_no_grad(self.img), gather_no_grad(self.txt), self.t, self.bias)
+        return SigmoidPairs(gather_no_grad(self.img), gather_no_grad(self.txt), self.t, self.bias,
+                            self.precision)
 
 
 class _SigmoidTracker:
@@ -415,16 +478,16 @@ class _SigmoidTracker:
         self.g = pairs.diagonal().clone()  # (B,)
         self.diag_logits = pairs.t * (pairs.img * pairs.txt).sum(dim=1) + pairs.bias  # (B,)
         self.scratch = _Scratch()
-        # Every logit is at most t + b (unit vectors). Up to _EXP_SAFE its exp is finite, and a
-        # product of 2^k factors 1 + exp(l) stays below exp(_EXP_SAFE) while
-        # 2^k softplus(t + b) <= _EXP_SAFE: so many row-halving merges run before log1p
-        # (-1: the general softplus, for larger logits).
+        # Every logit is at most t + b (unit vectors). Up to _EXP_SAFE its exp is finite and
+        # softplus(l) = log1p(exp(l)) is summed with row-halving merges (_sum_log1p_rows); above
+        # it (-1) the general softplus runs.
         top = pairs.t + pairs.bias
-        self.merges = -1
-        if top <= _EXP_SAFE:
-            most = _EXP_SAFE / (max(top, 0.0) + math.log1p(math.exp(-abs(top))))  # / softplus
-            self.merges = min(_MAX_MERGES, max(0, int(math.floor(math.log2(most)))))
+        self.merges = _merge_limit(top) if top <= _EXP_SAFE else -1
         self.bias = pairs.img.new_full((), pairs.bias)
+        self.bf16 = pairs.precision == "bf16"
+        if self.bf16:  # the scale goes into one operand before rounding, the bias after the GEMM
+            self.img_mm = _mm_operand(pairs.img * pairs.t, "bf16")
+            self.txt_mm = _mm_operand(pairs.txt, "bf16")
 
     def scores(self) -> Tensor:
         return self.g
@@ -434,24 +497,18 @@ class _SigmoidTracker:
         size, c = p.size, chunk.numel()
         logits = self.scratch.get("logits", (2, c, size), p.img)
         # [0, j, k] = S[k, chunk_j] (image k, text chunk_j); [1, j, k] = S[chunk_j, k]
-        torch.addmm(self.bias, p.txt[chunk], p.img.T, alpha=p.t, out=logits[0])
-        torch.addmm(self.bias, p.img[chunk], p.txt.T, alpha=p.t, out=logits[1])
+        if self.bf16:
+            dots = self.scratch.get("dots", (2, c, size), self.img_mm)
+            torch.mm(self.txt_mm[chunk], self.img_mm.T, out=dots[0])
+            torch.mm(self.img_mm[chunk], self.txt_mm.T, out=dots[1])
+            logits.copy_(dots).add_(p.bias)
+        else:
+            torch.addmm(self.bias, p.txt[chunk], p.img.T, alpha=p.t, out=logits[0])
+            torch.addmm(self.bias, p.img[chunk], p.txt.T, alpha=p.t, out=logits[1])
         if self.merges < 0:
             self.g += _softplus_(logits, self.scratch).sum(dim=(0, 1))
         else:  # l <= t + b: exp(l) cannot overflow and softplus(l) = log1p(exp(l))
-            y = logits.exp_().view(2 * c, size)
-            for _ in range(self.merges):
-                # log1p(y) + log1p(z) = log1p(y + z + y z): half the rows go through log1p
-                h, odd = divmod(y.shape[0], 2)
-                if h == 0:
-                    break
-                upper, lower = y[:h], y[h:2 * h]
-                yz = torch.mul(upper, lower, out=self.scratch.get("yz", (h, size), y))
-                upper.add_(lower).add_(yz)
-                if odd:
-                    y[h] = y[2 * h]
-                y = y[:h + odd]
-            self.g += _log1p_(y, self.scratch).sum(dim=0)
+            self.g += _sum_log1p_rows(logits.exp_().view(2 * c, size), self.merges, self.scratch)
         self.g[chunk] -= 2 * self.diag_logits[chunk]  # positives: -log sigmoid(l) = softplus(l) - l
 
 
@@ -475,12 +532,13 @@ _FAST_MAX_SCALE = 40.0
 _SYM_BLOCK = 512  # block edge of the symmetric self-similarity pass on CPU (x8 on GPUs)
 
 
-def _self_logsumexp(x: Tensor, scale: float) -> Tensor:
+def _self_logsumexp(x: Tensor, scale: float, precision: Precision = "fp32") -> Tensor:
     """``logsumexp_{j != i} scale * x_i . x_j`` for unit rows ``x`` (n, d). (n,).
 
     The similarity matrix is symmetric: each block pair is computed once and feeds the row sums
     of both its row and its column block (half the GEMMs and exps of the row-by-row pass).
-    Memory ``O(block^2)``.
+    Memory ``O(block^2)``. ``precision``: of the GEMM operands (:func:`_mm_operand`; the
+    log-space path above ``_FAST_MAX_SCALE`` is always float32).
     """
     if scale > _FAST_MAX_SCALE:
         return _row_logsumexp(x, x, scale, exclude_self=True)
@@ -488,11 +546,13 @@ def _self_logsumexp(x: Tensor, scale: float) -> Tensor:
     acc = x.new_zeros(n)
     blk = _SYM_BLOCK * (8 if x.is_cuda else 1)  # fewer, larger GEMMs where launches cost more
     scratch = _Scratch()
+    xs, xm = _mm_operand(x * scale, precision), _mm_operand(x, precision)
     for i0 in range(0, n, blk):
-        xi = x[i0:i0 + blk] * scale
+        xi = xs[i0:i0 + blk]
         for j0 in range(i0, n, blk):
-            xj = x[j0:j0 + blk]
-            e = torch.mm(xi, xj.T, out=scratch.get("e", (xi.shape[0], xj.shape[0]), x)).exp_()
+            xj = xm[j0:j0 + blk]
+            e = _mm_into(scratch.get("e", (xi.shape[0], xj.shape[0]), x), xi, xj.T, scratch,
+                         "e_mm").exp_()
             if j0 == i0:
                 e.fill_diagonal_(0)  # an image is not in its own denominator
             acc[i0:i0 + e.shape[0]] += e.sum(dim=1)
@@ -590,13 +650,18 @@ class SoftmaxPairs:
     singleton has zero CLIP loss, so the first chunk is drawn instead from each example's loss
     against the whole super-batch (RHO-LOSS style; the diagonal of :func:`softmax_pair_loss`).
 
-    Shapes: img [B, d], txt [B, d] (L2-normalised inside).
+    Shapes: img [B, d], txt [B, d] (L2-normalised inside). ``precision="bf16"``: the tracker's
+    logit blocks (:meth:`logits`) come from bf16 GEMM operands (:func:`_mm_operand`).
     """
 
-    def __init__(self, img: Tensor, txt: Tensor, temperature: float) -> None:
+    def __init__(self, img: Tensor, txt: Tensor, temperature: float,
+                 precision: Precision = "fp32") -> None:
         _check_embeddings(("img", "txt"), img, txt)
         self.temperature = _check_temperature("temperature", temperature)
+        self.precision = _check_precision(precision)
         self.img, self.txt = _as_float(img), _as_float(txt)
+        self._img_mm = _mm_operand(self.img, precision)
+        self._txt_mm = _mm_operand(self.txt, precision)
         self.size, self.device = img.shape[0], img.device
         scale = 1 / self.temperature
         self.diag_logits = (self.img * self.txt).sum(dim=1) * scale  # (B,) s_ii
@@ -605,15 +670,17 @@ class SoftmaxPairs:
         self.per_example = 0.5 * (row + col) - self.diag_logits  # (B,)
 
     def logits(self, rows: Tensor | None, cols: Tensor | None) -> Tensor:
-        """``s[rows][:, cols]`` (r, c)."""
-        return _take(self.img, rows) @ _take(self.txt, cols).T / self.temperature
+        """``s[rows][:, cols]`` (r, c), in the embeddings' float dtype."""
+        s = _take(self._img_mm, rows) @ _take(self._txt_mm, cols).T
+        return s.to(self.img.dtype) / self.temperature
 
     def tracker(self) -> Tracker:
         return _SoftmaxTracker(self)
 
     def gather(self) -> SoftmaxPairs:
         _check_same_size_on_ranks(self.size)
-        return SoftmaxPairs(gather_no_grad(self.img), gather_no_grad(self.txt), self.temperature)
+        return SoftmaxPairs(gather_no_grad(self.img), gather_no_grad(self.txt), self.temperature,
+                            self.precision)
 
 
 class _SoftmaxTracker:
@@ -676,7 +743,7 @@ class MultiposGroups:
     with ``O_i = sum_{j in grp(i), j != i} exp s_ij`` (own group), ``D_i`` the same sum over the
     images of ``A`` outside ``grp(i)``, ``Z_i = D_i + O_i`` and ``E_ik = sum_{j in k} exp s_ij``:
     ``k``'s own anchors, then ``k``'s images entering the denominators of the selected anchors
-    (the coupling between groups). ``log D`` is a running ``(G, m)`` log-sum-exp and ``E`` the
+    (the coupling between groups). ``D`` is a running ``(G, m)`` sum and ``E`` the
     ``(|A| m, G)`` rows of the selected images, filled once per chunk. Up to ``1/tau = 40`` the
     exponentials are summed directly (they cannot leave float32's range for unit vectors); below
     ``tau = 0.025`` everything is kept in log space, so it is finite for any temperature. Memory
@@ -690,12 +757,15 @@ class MultiposGroups:
     :meth:`example_losses`, each group's loss against the whole super-batch; with one chunk the
     sampler is therefore independent (RHO-LOSS style) selection by that loss.
 
-    Shapes: z [G, m, d] (every image L2-normalised inside), ``m >= 2``.
+    Shapes: z [G, m, d] (every image L2-normalised inside), ``m >= 2``. ``precision="bf16"``:
+    the similarity GEMMs read bf16 operands (:func:`_mm_operand`); the exponentials, logs and
+    running sums stay float32. The own-group terms (``O``, positives) are always float32.
     """
 
-    def __init__(self, z: Tensor, temperature: float) -> None:
+    def __init__(self, z: Tensor, temperature: float, precision: Precision = "fp32") -> None:
         _check_groups("z", z)
         self.temperature = _check_temperature("temperature", temperature)
+        self.precision = _check_precision(precision)
         self.z = _as_float_groups(z)  # (G, m, d)
         self.size, self.m = z.shape[0], z.shape[1]
         self.device = z.device
@@ -717,7 +787,7 @@ class MultiposGroups:
         ``O((G m)^2 d)`` time in row blocks, computed once and kept (the sampler's first chunk
         and the selection statistics both use it)."""
         if self._example_losses is None:
-            lse = _self_logsumexp(self.images, 1 / self.temperature)
+            lse = _self_logsumexp(self.images, 1 / self.temperature, self.precision)
             self._example_losses = (lse.view(self.size, self.m) - self.pos_mean).sum(dim=1)
         return self._example_losses
 
@@ -731,41 +801,69 @@ class MultiposGroups:
             return self
         if self._gathered is None:
             _check_same_size_on_ranks(self.size)
-            self._gathered = MultiposGroups(gather_no_grad(self.z), self.temperature)
+            self._gathered = MultiposGroups(gather_no_grad(self.z), self.temperature,
+                                            self.precision)
         return self._gathered
 
 
 class _MultiposGroupTracker:
     """Running state of :class:`MultiposGroups` over a growing selection (see its doc).
 
-    Per selected image ``i`` it keeps the row ``E[i, k]`` over candidate groups ``k``: ``E``
-    itself on the fast path (``1/tau <= _FAST_MAX_SCALE``), so a chunk's gains cost one division
-    and one ``log1p`` per entry; ``log E`` otherwise. Rows grow by
-    doubling, so adding chunks never re-copies the whole history.
+    Per selected image ``i`` it keeps the row ``E[i, k]`` over candidate groups ``k``, and per
+    image the denominator ``D``. On the fast path (``1/tau <= _FAST_MAX_SCALE``) both are plain
+    sums of exponentials (finite in float32, see ``_FAST_MAX_SCALE``) and a chunk's gains cost
+    one fused multiply-add per entry, ``1 + E_ik / Z_i``, whose products over the selected
+    images are taken in row-halving merges before one ``log`` per column: the sum of logs is the
+    log of the product, to float32 rounding of each factor. Otherwise ``log E`` and ``log D``
+    are kept and everything runs in log space. Rows grow by doubling, so adding chunks never
+    re-copies the whole history.
     """
 
     def __init__(self, groups: MultiposGroups) -> None:
         self.groups = groups
         self.scale = 1 / groups.temperature
         self.fast = self.scale <= _FAST_MAX_SCALE
-        self.log_den = torch.full_like(groups.log_own, -math.inf)  # (G, m) log D_i
         self.sel = torch.empty(0, dtype=torch.long, device=groups.z.device)  # (a,) groups
         self._rows = groups.z.new_empty(0, groups.size)  # (capacity, G)
         self.n_rows = 0  # filled rows: one per image of the selected groups, a m in all
         self.scratch = _Scratch()
+        if self.fast:
+            self.images_mm = _mm_operand(groups.images, groups.precision)
+            self.den = torch.zeros_like(groups.log_own)  # (G, m) D_i
+            self.own_exp = groups.log_own.exp()  # (G, m) O_i
+            self.max_e = 0.0  # the largest entry of E so far: bounds the merged products
+            self.ones_m = groups.z.new_ones(groups.m)
+        else:
+            self.log_den = torch.full_like(groups.log_own, -math.inf)  # (G, m) log D_i
 
     def scores(self) -> Tensor:
         gr = self.groups
-        log_z = torch.logaddexp(self.log_den, gr.log_own)  # (G, m) log Z_i against A
-        own = (log_z - gr.pos_mean).sum(dim=1)  # (G,) k's anchors against A + k
         if self.sel.numel() == 0:
             return gr.example_losses()  # a group alone has (almost) no loss: see the class doc
-        log_z_sel = log_z[self.sel].reshape(-1, 1)  # (a m, 1), rows ordered as the E rows
         rows = self._rows[:self.n_rows]
         if not self.fast:
+            log_z = torch.logaddexp(self.log_den, gr.log_own)  # (G, m) log Z_i against A
+            own = (log_z - gr.pos_mean).sum(dim=1)  # (G,) k's anchors against A + k
+            log_z_sel = log_z[self.sel].reshape(-1, 1)  # (a m, 1), rows ordered as the E rows
             return own + F.softplus(rows - log_z_sel).sum(dim=0)  # log(1 + E / Z) summed
-        ratio = torch.div(rows, log_z_sel.exp(), out=self.scratch.get("ratio", rows.shape, rows))
-        return own + _log1p_(ratio, self.scratch).sum(dim=0)  # log(1 + E / Z) summed
+        z = self.den + self.own_exp  # (G, m) Z_i against A
+        own = (z.log() - gr.pos_mean).sum(dim=1)  # (G,) k's anchors against A + k
+        inv = z[self.sel].reshape(-1, 1).reciprocal_()  # (a m, 1) 1 / Z_i, as the E rows
+        f = torch.mul(rows, inv, out=self.scratch.get("factors", rows.shape, rows)).add_(1)
+        # sum_i log f_i = log prod_i f_i: merge rows while 2^k log(max f) <= _EXP_SAFE
+        top = math.log1p(self.max_e * float(inv.max()))
+        merges = _MAX_PRODUCT_MERGES
+        if top > 0:
+            merges = min(merges, max(0, int(math.floor(math.log2(_EXP_SAFE / top)))))
+        for _ in range(merges):
+            h, odd = divmod(f.shape[0], 2)
+            if h == 0:
+                break
+            f[:h].mul_(f[h:2 * h])
+            if odd:
+                f[h] = f[2 * h]
+            f = f[:h + odd]
+        return own + f.log_().sum(dim=0)
 
     def _append(self, rows: Tensor) -> None:
         need = self.n_rows + rows.shape[0]
@@ -779,7 +877,6 @@ class _MultiposGroupTracker:
     def add(self, chunk: Tensor) -> None:
         gr = self.groups
         g, m, scale = gr.size, gr.m, self.scale
-        den = torch.full((g * m,), -math.inf, dtype=gr.z.dtype, device=gr.z.device)
         per = max(1, _ROW_BLOCK // m)  # whole groups per row block
         for start in range(0, chunk.numel(), per):
             cg = chunk[start:start + per]  # (c,) groups of this block
@@ -787,17 +884,20 @@ class _MultiposGroupTracker:
             x = gr.z[cg].reshape(c * m, -1)  # (c m, d) their images
             own = (torch.arange(c, device=cg.device), slice(None), cg)  # each image's own group
             if self.fast:  # plain exps, no per-row maximum (see _FAST_MAX_SCALE)
-                e = torch.mm(x * scale, gr.images.T,
-                             out=self.scratch.get("e", (c * m, g * m), x)).exp_()  # (c m, G m)
-                self._append(e.view(-1, g, m).sum(dim=2))  # (c m, G) E
+                e = _mm_into(self.scratch.get("e", (c * m, g * m), x),
+                             _mm_operand(x * scale, gr.precision), self.images_mm.T,
+                             self.scratch, "e_mm").exp_()  # (c m, G m)
+                rows = e.view(-1, g, m) @ self.ones_m  # (c m, G) E (a GEMV: faster than sum)
+                self.max_e = max(self.max_e, float(rows.max()))
+                self._append(rows)
                 e.view(c, m, g, m)[own] = 0
-                den = torch.logaddexp(den, e.sum(dim=0).log_())
+                self.den += e.sum(dim=0).view(g, m)
             else:
                 s = (x * scale) @ gr.images.T  # (c m, G m) s[chunk image, j]
                 self._append(torch.logsumexp(s.view(-1, g, m), dim=2))  # (c m, G) log E
                 s.view(c, m, g, m)[own] = -math.inf
-                den = torch.logaddexp(den, torch.logsumexp(s, dim=0))
-        self.log_den = torch.logaddexp(self.log_den, den.view(g, m))
+                self.log_den = torch.logaddexp(self.log_den,
+                                               torch.logsumexp(s, dim=0).view(g, m))
         self.sel = torch.cat([self.sel, chunk])
 
 

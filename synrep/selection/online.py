@@ -80,6 +80,18 @@ def check_selection(cfg: Config, b: int) -> int:
     return big
 
 
+def sampler_precision(cfg: Config, device: torch.device) -> str:
+    """``selection.precision`` resolved: ``auto`` follows the precision training runs in."""
+    from synrep.train.loop import resolve_precision
+
+    p = cfg.selection.precision
+    if p not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"selection.precision={p!r}: choose auto, fp32 or bf16")
+    if p == "auto":
+        return "bf16" if resolve_precision(cfg.train.precision, device) == "bf16" else "fp32"
+    return p
+
+
 def scoring_view(images: Tensor, size: int) -> Tensor:
     """uint8 (N, C, H, W) -> float (N, C, size, size) in [0, 1] (antialiased resize)."""
     return resize(images.float() / 255, size)
@@ -195,22 +207,25 @@ class Selection:
     stats: dict[str, float]
 
 
-def _pairs(z: Tensor | None, temperature: float) -> MultiposGroups | None:
-    return None if z is None else MultiposGroups(z, temperature)
+def _pairs(z: Tensor | None, temperature: float, precision: str) -> MultiposGroups | None:
+    return None if z is None else MultiposGroups(z, temperature, precision)
 
 
 def select_groups(learner: Tensor | None, reference: Tensor | None, b: int,
                   generator: torch.Generator, *, score: str, joint: bool, chunks: int,
                   temperature: float, loss_temperature: float, greedy: bool,
-                  balance: bool) -> tuple[jest.GlobalSelection, dict[str, float]]:
+                  balance: bool, precision: str = "fp32",
+                  ) -> tuple[jest.GlobalSelection, dict[str, float]]:
     """Select ``b`` of the (global) super-batch's caption groups from scoring embeddings.
 
     ``learner`` / ``reference`` are this rank's (n, m, d) embeddings (None where the score does
     not use the model). Joint: blocked sequential JEST sampling with exact multi-positive gains.
     Independent: each group's own loss against the whole super-batch (RHO-LOSS style), drawn
-    without replacement. Returns the selection and score statistics (per-image losses).
+    without replacement. ``precision``: of the sampler's GEMMs (:class:`MultiposGroups`).
+    Returns the selection and score statistics (per-image losses).
     """
-    lp, rp = _pairs(learner, loss_temperature), _pairs(reference, loss_temperature)
+    lp = _pairs(learner, loss_temperature, precision)
+    rp = _pairs(reference, loss_temperature, precision)
     # One chunk is independent selection: MultiposGroups draws the first chunk from each group's
     # loss against the whole super-batch.
     sel = jest.global_joint_sample(lp, rp, b, chunks if joint else 1, generator, score=score,
@@ -236,6 +251,7 @@ class OnlineSelector:
         self.b = cfg.train.batch_size
         self.super_batch = check_selection(cfg, self.b)
         self.size = s.score_size or cfg.aug.size
+        self.precision = sampler_precision(cfg, device)
         c_learner, c_reference = _COEF[s.score]
         self.use_learner, self.use_reference = c_learner != 0, c_reference != 0
         probe = pool[:2, :1].to(device)  # the learner's embedding size, from a 2-image forward
@@ -274,7 +290,7 @@ class OnlineSelector:
             learner, reference, self.b, self.generator(step), score=s.score, joint=s.joint,
             chunks=s.chunks, temperature=s.temperature,
             loss_temperature=self.cfg.method.temperature, greedy=s.greedy,
-            balance=dist.world_size() > 1)
+            balance=dist.world_size() > 1, precision=self.precision)
         local = sel.local.to(batch["images"].device)
         sub = {k: [v[i] for i in local.tolist()] if isinstance(v, list) else v[local]  # texts
                for k, v in batch.items()}
@@ -349,6 +365,7 @@ def select_offline(cfg: Config) -> Path:
     order = torch.randperm(len(images), generator=g)
     kept, t0 = [], time.perf_counter()
     sel_gen = torch.Generator().manual_seed(cfg.run.seed + 1)
+    precision = sampler_precision(cfg, device)
     for start in tqdm(range(0, len(order), big), desc="select", dynamic_ncols=True):
         part = order[start:start + big]
         b = jest.selected_count(len(part), s.filter_ratio)
@@ -357,7 +374,7 @@ def select_offline(cfg: Config) -> Path:
         sel, _ = select_groups(sub["learner"], sub["reference"], b, sel_gen, score=s.score,
                                joint=s.joint, chunks=chunks, temperature=s.temperature,
                                loss_temperature=cfg.method.temperature, greedy=s.greedy,
-                               balance=False)
+                               balance=False, precision=precision)
         kept.append(part[sel.indices.cpu()])
     ids = torch.cat(kept).sort().values
     seconds = time.perf_counter() - t0
