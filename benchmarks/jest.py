@@ -18,6 +18,9 @@ Three parts, each printed beside the issue's targets (exit status 1 when one is 
     beats hard learner and easy reference. Each saving is checked on the learnability variant
     that does best on it (the paper's iteration saving is JEST's, its compute saving
     Flexi-JEST's); whether a single variant meets both is reported beside them.
+    ``--redundant R`` builds a second pool where a share R of the groups (taken from the clean
+    half) are exact copies of 16 curated groups: data that is easy for the reference but, once
+    learned, redundant. Easy reference keeps choosing it; learnability should not.
 ``cost``  Side by side in one process, medians of repeated steps: a uniform step, a JEST step
     (super-batch scored at 28 px), a step that only scores at 14 px, and a Flexi-JEST step
     (scored at 14 px, half the batch trained at 14 px), each including data, scoring, selection
@@ -95,9 +98,17 @@ def make_pool(args) -> Path:
     return run_dir / "images"
 
 
-def corrupt_pool(pool: Path, out: Path, seed: int = 0) -> list[str]:
+DUP_SOURCES = 16  # redundant pools: the curated groups that the "dup" groups copy
+
+
+def corrupt_pool(pool: Path, out: Path, seed: int = 0, redundant: float = 0.0) -> list[str]:
     """Write the pool with half its groups corrupted to ``out/shards``; return each group's kind
-    (clean, swap, noise), also stored in ``out/kinds.json`` and in every group's metadata."""
+    (clean, swap, noise, dup), also stored in ``out/kinds.json`` and in every group's metadata.
+
+    ``redundant``: this share of the pool (taken from the clean half) becomes exact copies of
+    ``DUP_SOURCES`` curated groups: easy for the reference (it trained on them) but redundant,
+    so once the learner has fitted them they teach it nothing (JEST's "easy but learned" data).
+    """
     kinds_path = out / "kinds.json"
     if kinds_path.exists():
         return json.loads(kinds_path.read_text())
@@ -110,22 +121,33 @@ def corrupt_pool(pool: Path, out: Path, seed: int = 0) -> list[str]:
         kinds[i] = "swap"
     for i in order[n // 4 : n // 2]:
         kinds[i] = "noise"
+    n_dup = round(redundant * n)
+    if not 0 <= n_dup <= n // 2 - 1000 - DUP_SOURCES:
+        raise SystemExit(f"--redundant {redundant}: at most {(n // 2 - 1016) / n:.2f} of this "
+                         f"{n}-group pool (half stays clean, 1,000 clean groups are curated)")
+    for i in order[n - n_dup:]:
+        kinds[i] = "dup"
+    curated_idx = [i for i in range(n) if kinds[i] == "clean"][:1000]
+    sources = curated_idx[:DUP_SOURCES]
     shard, written = [], 0
     for i, g in enumerate(groups):
-        images = g.images
-        if kinds[i] == "swap":  # every image from another random caption
+        images, caption = g.images, g.caption
+        if kinds[i] == "dup":  # an exact copy of one of the curated source groups
+            src = groups[sources[rng.integers(len(sources))]]
+            images, caption = src.images, src.caption
+        elif kinds[i] == "swap":  # every image from another random caption
             others = rng.choice(np.delete(np.arange(n), i), size=len(images), replace=False)
             images = [groups[j].images[rng.integers(len(groups[j].images))] for j in others]
         elif kinds[i] == "noise":  # heavy noise: 80% uniform noise, 20% image
             images = [np.clip(0.2 * im + 0.8 * rng.uniform(0, 255, im.shape), 0, 255)
                       .astype(np.uint8) for im in images]
-        shard.append(CaptionGroup(key=g.key, caption=g.caption, images=images,
+        shard.append(CaptionGroup(key=g.key, caption=caption, images=images,
                                   meta={**g.meta, "corrupt": kinds[i]}))
         if len(shard) == 1000 or i == n - 1:
             write_shard(out / "shards" / f"{written:05d}.tar", shard)
             shard, written = [], written + 1
     write_sizes(out / "shards")
-    curated = [g for g, k in zip(groups, kinds) if k == "clean"][:1000]
+    curated = [groups[i] for i in curated_idx]
     write_shard(out / "curated" / "00000.tar", curated)
     write_sizes(out / "curated")
     kinds_path.write_text(json.dumps(kinds))
@@ -151,10 +173,10 @@ def probe(checkpoint: Path, out_dir: Path) -> float:
     return res["linear_probe_top1"]
 
 
-def train_policy(args, name: str, shards: Path, reference: Path, every: int) -> Path:
+def train_policy(args, work: Path, name: str, shards: Path, reference: Path, every: int) -> Path:
     """Train one policy, keeping the weights every ``every`` steps (its own run directory per
     spacing: the trajectory is the same, only more checkpoints are kept)."""
-    run_dir = Path(args.work) / (name if every == BASE_EVERY else f"{name}_every{every}")
+    run_dir = work / (name if every == BASE_EVERY else f"{name}_every{every}")
     over = [f"run.dir={run_dir}", f"data.shards={shards}", f"train.steps={args.steps}",
             f"train.keep_every={every}", "selection.filter_ratio=0.8",
             f"selection.reference={reference}", *POLICIES[name]]
@@ -181,17 +203,21 @@ def curve(args, run_dir: Path, stop_at: float | None = None) -> dict[int, float]
     return out
 
 
-def clean_share(run_dir: Path, kinds: list[str]) -> float | None:
+def kind_shares(run_dir: Path, kinds: list[str]) -> dict[str, float] | None:
+    """The share of each kind of group among those a selecting run trained on."""
     path = run_dir / "train" / "selected.jsonl"
     if not path.exists():
         return None
     ids = [i for line in path.read_text().splitlines() for i in json.loads(line)["ids"]]
-    return sum(kinds[i] == "clean" for i in ids) / len(ids)
+    return {k: sum(kinds[i] == k for i in ids) / len(ids) for k in sorted(set(kinds))}
 
 
 def selection_part(args, results: dict) -> list[str]:
+    pool = make_pool(args)
     work = Path(args.work)
-    kinds = corrupt_pool(make_pool(args), work / "noisy")
+    if args.redundant:  # its own pool, references and runs
+        work = work / f"redundant{round(100 * args.redundant)}"
+    kinds = corrupt_pool(pool, work / "noisy", redundant=args.redundant)
     shards = work / "noisy" / "shards"
     references = {}
     for ref_name, extra in (("reference", []), ("reference_mixed", MIXED)):
@@ -204,13 +230,13 @@ def selection_part(args, results: dict) -> list[str]:
     ref_summary = json.loads((work / "reference" / "train" / "summary.json").read_text())
     rows: dict[str, dict] = {}
     # uniform sets the target (its final accuracy): probed at the base spacing whatever --every
-    uniform_dir = train_policy(args, "uniform", shards, reference, BASE_EVERY)
+    uniform_dir = train_policy(args, work, "uniform", shards, reference, BASE_EVERY)
     uniform_curve = curve(args, uniform_dir)
     target = uniform_curve[args.steps]
     policies = ["uniform", *[p for p in (args.policies or POLICIES) if p != "uniform"]]
     for name in policies:
         ref = references["reference_mixed" if name in MIXED_REFERENCE else "reference"]
-        run_dir = uniform_dir if name == "uniform" else train_policy(args, name, shards, ref,
+        run_dir = uniform_dir if name == "uniform" else train_policy(args, work, name, shards, ref,
                                                                      args.every)
         acc = uniform_curve if name == "uniform" else curve(args, run_dir, stop_at=target)
         acct = json.loads((run_dir / "train" / "summary.json").read_text())["accounting"]
@@ -223,7 +249,8 @@ def selection_part(args, results: dict) -> list[str]:
             "score_flops_per_step": acct["score_flops_per_step"],
             "reference_pool_flops": acct["reference_pool_flops"],
             "images_read_per_step": acct["images_read_per_step"],
-            "clean_share": clean_share(run_dir, kinds),
+            "kind_shares": (shares := kind_shares(run_dir, kinds)),
+            "clean_share": None if shares is None else shares["clean"],
             "score_seconds": acct["score_seconds"], "train_seconds": acct["train_seconds"],
         }
         if reached is not None:
@@ -235,20 +262,27 @@ def selection_part(args, results: dict) -> list[str]:
             r["steps_ratio"] = base["steps_to_target"] / r["steps_to_target"]
             r["flops_ratio"] = base_flops / r["flops_to_target"]
     res_key = "selection" if args.every == BASE_EVERY else f"selection_every{args.every}"
+    if args.redundant:
+        res_key += f"_redundant{round(100 * args.redundant)}"
     results[res_key] = {
         "target_top1": target, "steps": args.steps, "every": args.every, "filter_ratio": 0.8,
         "reference": {"groups": 1000, "steps": args.ref_steps,
                       "train_flops": ref_summary["accounting"]["total_flops"]},
         "pool": {"groups": len(kinds), "clean": kinds.count("clean"),
-                 "swap": kinds.count("swap"), "noise": kinds.count("noise")},
+                 "swap": kinds.count("swap"), "noise": kinds.count("noise"),
+                 "dup": kinds.count("dup"), "dup_sources": DUP_SOURCES if args.redundant else 0},
         "policies": rows}
 
-    print(f"\nJEST on the noisy pool (half of {len(kinds)} caption groups corrupted), f = 0.8, "
-          f"{args.steps} steps; target: uniform's final linear probe {target:.2f} %\n")
-    print("| policy | final top-1 | steps to target | steps ratio | FLOPs ratio | clean share |")
+    dups = (f", {kinds.count('dup')} copies of {DUP_SOURCES} curated groups" if args.redundant
+            else "")
+    print(f"\nJEST on the noisy pool (half of {len(kinds)} caption groups corrupted{dups}), "
+          f"f = 0.8, {args.steps} steps; target: uniform's final linear probe {target:.2f} %\n")
+    print("| policy | final top-1 | steps to target | steps ratio | FLOPs ratio | groups trained "
+          "on (share of each kind) |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
-        share = "" if r["clean_share"] is None else f"{100 * r['clean_share']:.0f} %"
+        shares = r["kind_shares"] or {}
+        share = ", ".join(f"{k} {100 * v:.0f} %" for k, v in shares.items())
         sr, fr = r.get("steps_ratio", float("nan")), r.get("flops_ratio", float("nan"))
         print(f"| {name} | {r['final_top1']:.2f} % | {r['steps_to_target'] or 'not reached'} | "
               f"{sr:.2f}x | {fr:.2f}x | {share} |")
@@ -459,6 +493,10 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated subset of {','.join(POLICIES)} (uniform always runs)")
     p.add_argument("--ref-steps", type=int, default=400, help="reference training steps")
     p.add_argument("--cost-reps", type=int, default=7)
+    p.add_argument("--redundant", type=float, default=0.0,
+                   help="selection: also turn this share of the pool into exact copies of "
+                        f"{DUP_SOURCES} curated groups (easy but redundant data); its runs go "
+                        "under WORK/redundant<percent>")
     p.add_argument("--json", default="benchmarks/results/jest.json")
     args = p.parse_args(argv)
     if args.policies and set(args.policies) - set(POLICIES):
