@@ -269,7 +269,34 @@ def test_bf16_autocast_is_deterministic_and_recorded(tmp_path):
     assert not all(torch.equal(fa[k], f32[k]) for k in fa)  # autocast really was on
     env = json.loads((tmp_path / "a/train/env.json").read_text())
     assert env["precision"] == "bf16" and env["precision_config"] == "bf16"
-    assert json.loads((tmp_path / "fp32/train/env.json").read_text())["precision"] == "fp32"
+    assert env["attention"] == "explicit"  # bf16 on a CPU: see choose_attention
+    env32 = json.loads((tmp_path / "fp32/train/env.json").read_text())
+    assert env32["precision"] == "fp32" and env32["attention"] == "fused"
+
+
+def test_explicit_and_fused_attention_compute_the_same():
+    from synrep.config import load_config
+    from synrep.models import build_encoder
+    from synrep.train.loop import choose_attention
+
+    cfg = load_config("configs/quickstart.yaml")
+    torch.manual_seed(0)
+    enc = build_encoder(cfg.model).double()  # float64: the two paths agree to rounding
+    x = torch.rand(6, 1, 28, 28, dtype=torch.float64)
+    cpu = torch.device("cpu")
+    outs, grads = {}, {}
+    for precision in ("fp32", "bf16"):
+        kind = choose_attention(enc, cpu, precision)
+        assert kind == ("fused" if precision == "fp32" else "explicit")
+        flags = {m.fused_attn for m in enc.modules() if hasattr(m, "fused_attn")}
+        assert flags == {kind == "fused"} and len(enc.backbone.blocks) > 0
+        enc.zero_grad()
+        out = enc(x)  # no autocast either time: only the attention path differs
+        out.square().sum().backward()
+        outs[kind] = out.detach()
+        grads[kind] = enc.backbone.blocks[0].attn.qkv.weight.grad.clone()
+    torch.testing.assert_close(outs["explicit"], outs["fused"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads["explicit"], grads["fused"], rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize(("avx512_bf16", "amx", "expected"), [
