@@ -404,6 +404,7 @@ def sampler_part(args, results: dict) -> list[str]:
         autocast_for,
         build_method,
         build_source,
+        choose_attention,
         resolve_precision,
     )
 
@@ -412,14 +413,15 @@ def sampler_part(args, results: dict) -> list[str]:
     method = build_method(cfg).train()
     opt = torch.optim.AdamW(_param_groups(method, 0.04), lr=1e-4)
     src = build_source(cfg, "groups")
-    # The quickstart's step as it trains (train.precision, `auto` resolved on this machine),
-    # timed side by side with a full-precision step.
+    # The quickstart's step as it trains (train.precision, `auto` resolved on this machine, and
+    # the attention path the trainer picks for it), timed side by side with a full-precision step.
     cpu = torch.device("cpu")
     precision = resolve_precision(cfg.train.precision, cpu)
     contexts = {p: autocast_for(p, cpu) for p in dict.fromkeys(["fp32", precision])}
     step_times: dict[str, list[float]] = {k: [] for k in contexts}
     for step in range(args.cost_reps + 1):
         for name, ctx in contexts.items():
+            choose_attention(method, cpu, name)
             t = time.perf_counter()
             with ctx:
                 loss = method(src.batch(step), torch.Generator().manual_seed(step))["loss"]
