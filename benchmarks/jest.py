@@ -399,6 +399,7 @@ def sampler_part(args, results: dict) -> list[str]:
         joint_sample_from_embeddings,
         selected_count,
     )
+    from synrep.selection.online import sampler_precision
     from synrep.train.loop import (
         _param_groups,
         autocast_for,
@@ -435,8 +436,6 @@ def sampler_part(args, results: dict) -> list[str]:
     n, d, m = 4096, cfg.method.proj_dim, cfg.method.images_per_caption
     # The sampler's GEMMs run in the precision training runs in (selection.precision=auto);
     # the fp32 sampler is timed beside it against the fp32 step.
-    from synrep.selection.online import sampler_precision
-
     sp = sampler_precision(cfg, cpu)
     gen = torch.Generator().manual_seed(0)
     cases = {

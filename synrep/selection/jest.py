@@ -197,16 +197,38 @@ def _softplus_(x: Tensor, scratch: _Scratch) -> Tensor:
     return x.add_(pos)
 
 
-def _merge_limit(top: float) -> int:
-    """Row-halving merges :func:`_sum_log1p_rows` may run when every entry ``y <= exp(top)``.
+def _merge_count(log_factor: float, cap: int) -> int:
+    """Row-halving merges that keep a product of ``2^k`` factors, each at most
+    ``exp(log_factor)``, below ``exp(_EXP_SAFE)``: ``2^k log_factor <= _EXP_SAFE``; at most
+    ``cap``."""
+    if not log_factor <= _EXP_SAFE:  # also NaN
+        return 0
+    if log_factor <= 0:
+        return cap
+    return min(cap, max(0, int(math.floor(math.log2(_EXP_SAFE / log_factor)))))
 
-    A product of ``2^k`` factors ``1 + y`` stays below ``exp(_EXP_SAFE)`` while
-    ``2^k log1p(exp(top)) <= _EXP_SAFE``; at most ``_MAX_MERGES``.
-    """
+
+def _merge_limit(top: float) -> int:
+    """Row-halving merges :func:`_sum_log1p_rows` may run when every entry ``y <= exp(top)``:
+    its factors ``1 + y`` are at most ``exp(softplus(top))``; at most ``_MAX_MERGES``."""
     if not top <= _EXP_SAFE:  # also NaN
         return 0
-    most = _EXP_SAFE / (max(top, 0.0) + math.log1p(math.exp(-abs(top))))  # / softplus(top)
-    return min(_MAX_MERGES, max(0, int(math.floor(math.log2(most)))))
+    return _merge_count(max(top, 0.0) + math.log1p(math.exp(-abs(top))), _MAX_MERGES)
+
+
+def _fold_rows(y: Tensor, merges: int, fold) -> Tensor:
+    """Halve the rows of ``y`` (r, n) ``merges`` times: ``fold(upper, lower)`` combines the
+    lower half into the upper half in place (an odd last row is carried). Returns the
+    remaining ``ceil(r / 2^merges)`` rows, a view of ``y``."""
+    for _ in range(merges):
+        h, odd = divmod(y.shape[0], 2)
+        if h == 0:
+            break
+        fold(y[:h], y[h:2 * h])
+        if odd:
+            y[h] = y[2 * h]
+        y = y[:h + odd]
+    return y
 
 
 def _sum_log1p_rows(y: Tensor, merges: int, scratch: _Scratch) -> Tensor:
@@ -217,17 +239,11 @@ def _sum_log1p_rows(y: Tensor, merges: int, scratch: _Scratch) -> Tensor:
     go through the (much dearer) log. The caller bounds ``merges`` (:func:`_merge_limit`) so the
     products stay finite.
     """
-    for _ in range(merges):
-        h, odd = divmod(y.shape[0], 2)
-        if h == 0:
-            break
-        upper, lower = y[:h], y[h:2 * h]
-        yz = torch.mul(upper, lower, out=scratch.get("yz", (h, y.shape[1]), y))
+    def fold(upper: Tensor, lower: Tensor) -> None:
+        yz = torch.mul(upper, lower, out=scratch.get("yz", tuple(upper.shape), y))
         upper.add_(lower).add_(yz)
-        if odd:
-            y[h] = y[2 * h]
-        y = y[:h + odd]
-    return _log1p_(y, scratch).sum(dim=0)
+
+    return _log1p_(_fold_rows(y, merges, fold), scratch).sum(dim=0)
 
 
 def selected_count(super_batch: int, filter_ratio: float) -> int:
@@ -850,19 +866,10 @@ class _MultiposGroupTracker:
         own = (z.log() - gr.pos_mean).sum(dim=1)  # (G,) k's anchors against A + k
         inv = z[self.sel].reshape(-1, 1).reciprocal_()  # (a m, 1) 1 / Z_i, as the E rows
         f = torch.mul(rows, inv, out=self.scratch.get("factors", rows.shape, rows)).add_(1)
-        # sum_i log f_i = log prod_i f_i: merge rows while 2^k log(max f) <= _EXP_SAFE
-        top = math.log1p(self.max_e * float(inv.max()))
-        merges = _MAX_PRODUCT_MERGES
-        if top > 0:
-            merges = min(merges, max(0, int(math.floor(math.log2(_EXP_SAFE / top)))))
-        for _ in range(merges):
-            h, odd = divmod(f.shape[0], 2)
-            if h == 0:
-                break
-            f[:h].mul_(f[h:2 * h])
-            if odd:
-                f[h] = f[2 * h]
-            f = f[:h + odd]
+        # sum_i log f_i = log prod_i f_i: rows multiplied pairwise while the largest factor
+        # keeps the products finite
+        merges = _merge_count(math.log1p(self.max_e * float(inv.max())), _MAX_PRODUCT_MERGES)
+        f = _fold_rows(f, merges, lambda upper, lower: upper.mul_(lower))
         return own + f.log_().sum(dim=0)
 
     def _append(self, rows: Tensor) -> None:
