@@ -154,6 +154,9 @@ class MethodConfig:
     moce_top_k: int = 1  # experts per image (every token of an image takes the same route)
     moce_importance_weight: float = 0.01  # V-MoE importance loss (CV^2 of summed gate probs)
     moce_load_weight: float = 0.01  # load loss E * sum_e f_e * P_e (fraction routed x mean prob)
+    # "" trains from scratch; an MAE checkpoint of the same shape starts every weight from it and
+    # every expert from its block's dense MLP (sparse upcycling); gates start fresh
+    moce_init: str = ""
 
 
 @dataclass

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from synrep import cli
 from synrep.cluster import kmeans, load_clusters, nearest
 from synrep.config import Config
-from synrep.errors import ConfigError, DataError
+from synrep.errors import CheckpointError, ConfigError, DataError
 from synrep.eval.stage import load_encoder
 from synrep.methods.moce import (
     MoCE,
@@ -153,6 +153,27 @@ def test_moce_trains_every_part_and_logs_the_balance_terms():
     assert float(out["loss"].detach()) == pytest.approx(float(out["recon"] + hand), rel=1e-6)
 
 
+def test_moce_trains_under_bf16_autocast():
+    # train.precision=bf16 runs the experts in bf16 while the residual stream stays float32; the
+    # routed sum must keep the tokens' dtype (it once failed in index_add).
+    model = _model().train()
+    n = 8
+    model._assign = torch.arange(n) % model.cfg.method.moce_clusters
+    batch = {"images": torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8),
+             "index": torch.arange(n)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch, torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    for layer in model.moe_layers:
+        assert layer.gate.weight.grad is not None and layer.gate.weight.grad.abs().sum() > 0
+    x = torch.randn(3, 5, model.moe_layers[0].experts[0].fc1.in_features)
+    probs = model.moe_layers[0].gate_probs(torch.randn(3, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model.moe_layers[0](x, probs)
+    assert y.dtype == torch.float32
+
+
 # --- expert search and the dense export ------------------------------------------------------
 
 def test_search_picks_the_expert_of_the_matching_clusters():
@@ -200,6 +221,54 @@ def test_exported_dense_vit_equals_the_routed_moce(tmp_path):
     torch.testing.assert_close(encoder.tokens(x), routed, rtol=0, atol=1e-6)
     n_dense = sum(v.numel() for v in build_encoder(model.cfg.model).state_dict().values())
     assert sum(v.numel() for v in encoder.state_dict().values()) == n_dense
+
+
+def _mae_checkpoint(tmp_path, seed: int = 5, **method):
+    """A dense MAE of the tiny test config saved as a checkpoint (random weights)."""
+    from synrep.methods.mae import MAE
+    from synrep.train.checkpoint import save_checkpoint
+
+    cfg = _cfg(**method)
+    cfg.method.name = "mae"
+    torch.manual_seed(seed)
+    mae = MAE(cfg, build_encoder(cfg.model))
+    return mae, save_checkpoint(tmp_path / "mae.safetensors", mae, json.loads(cfg.to_json()),
+                                step=10)
+
+
+def test_upcycled_moce_starts_as_the_dense_mae_on_every_route(tmp_path):
+    mae, path = _mae_checkpoint(tmp_path)
+    model = _model(seed=1, moce_init=str(path))  # other random weights, then upcycled
+    x = torch.rand(4, 1, 28, 28)
+    dense = mae.encoder.eval().tokens(x)
+    for cluster in range(model.cfg.method.moce_clusters):
+        routed = model.encode_tokens(x, torch.full((4,), cluster))
+        torch.testing.assert_close(routed, dense, rtol=0, atol=1e-6)
+    for layer, i in zip(model.moe_layers, model.moe_indices):
+        w = mae.encoder.backbone.blocks[i].mlp.fc1.weight
+        assert all(torch.equal(e.fc1.weight, w) for e in layer.experts)
+        assert not any(e.fc1.weight is w for e in layer.experts)  # copies, trained apart
+    decoder = {k: v for k, v in mae.state_dict().items() if not k.startswith("encoder.")}
+    for k, v in decoder.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    # The gates are MoCE's own (the checkpoint has none), so routes still differ by cluster.
+    fresh = _model(seed=1)
+    for a, b in zip(model.moe_layers, fresh.moe_layers):
+        assert torch.equal(a.gate.weight, b.gate.weight)
+
+
+def test_upcycling_rejects_a_checkpoint_that_does_not_fit(tmp_path):
+    _, path = _mae_checkpoint(tmp_path, mae_decoder_dim=16)
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        _model(moce_init=str(path))
+    moce_path = export_expert(_model(), [0, 0], tmp_path / "x.safetensors")
+    from synrep.train.checkpoint import Checkpoint, save_checkpoint
+
+    ck = Checkpoint(moce_path)
+    cfg = dict(ck.config, method=dict(ck.config["method"], name="moce"))
+    other = save_checkpoint(tmp_path / "moce.safetensors", ck.model_state, cfg, step=1)
+    with pytest.raises(CheckpointError, match="upcycles a dense MAE"):
+        _model(moce_init=str(other))
 
 
 # --- distributed -----------------------------------------------------------------------------

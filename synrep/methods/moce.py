@@ -12,7 +12,9 @@ METHODS.md section 6. Three steps:
    balanced (*check* in the paper; here the V-MoE pair): the importance loss CV(Imp)^2 with
    Imp_e = sum_i p_ie, and the load loss E * sum_e f_e * mean_i p_ie with f_e the share of images
    whose top expert is e (Switch Transformer's differentiable form). Both are computed on the
-   batch gathered from all ranks, so N processes train exactly as one.
+   batch gathered from all ranks, so N processes train exactly as one. ``moce_init`` optionally
+   starts the model from a dense MAE checkpoint, every expert a copy of its block's MLP
+   (sparse upcycling, :meth:`MoCE.upcycle_from`); the default trains from scratch.
 3. Expert search (:func:`search_experts`, the ``search`` stage) assigns a downstream dataset's
    images to the nearest centroids, counts which expert each MoE block routes them to, keeps the
    most used expert per block and exports a dense, normal-size ViT (:func:`export_expert`): an
@@ -109,7 +111,9 @@ class MoEMlp(nn.Module):
         for e, expert in enumerate(self.experts):
             rows, slot = (idx == e).nonzero(as_tuple=True)
             y = expert(x.index_select(0, rows))
-            out = out.index_add(0, rows, y * w[rows, slot].to(y.dtype)[:, None, None])
+            # Under autocast the experts compute in bf16/fp16; the sum keeps the tokens' dtype.
+            out = out.index_add(0, rows, (y * w[rows, slot].to(y.dtype)[:, None, None]).to(
+                out.dtype))
         return out
 
 
@@ -122,7 +126,8 @@ def moe_block(blk: nn.Module, x: torch.Tensor, probs: torch.Tensor) -> torch.Ten
 class MoCE(MAE):
     batch_kind = "images"
 
-    def __init__(self, cfg: Config, encoder: Encoder, gate_dim: int | None = None) -> None:
+    def __init__(self, cfg: Config, encoder: Encoder, gate_dim: int | None = None,
+                 upcycle: bool = True) -> None:
         super().__init__(cfg, encoder)
         m = cfg.method
         vit = encoder.backbone
@@ -154,10 +159,51 @@ class MoCE(MAE):
         self.register_buffer(
             "centroids", centroids if centroids is not None
             else torch.zeros(m.moce_clusters, gate_dim))
+        if m.moce_init and upcycle:  # not when a trained MoCE checkpoint is loaded next
+            self.upcycle_from(m.moce_init)
         self.importance_weight = m.moce_importance_weight
         self.load_weight = m.moce_load_weight
         self.cfg = cfg
         self._assign: torch.Tensor | None = None
+
+    def upcycle_from(self, path: str | Path) -> None:
+        """Start from a dense MAE checkpoint (``method.moce_init``): every shared weight is
+        copied, and each MoE block's experts all start as that block's dense MLP (sparse
+        upcycling). The gates keep their fresh initialisation; the cluster routing then makes the
+        experts diverge, each on its clusters' images."""
+        from synrep.train.checkpoint import Checkpoint
+
+        ck = Checkpoint(path)
+        if ck.config.get("method", {}).get("name") != "mae":
+            raise CheckpointError(
+                f"method.moce_init={str(path)!r} is a {ck.config.get('method', {}).get('name')!r} "
+                "checkpoint; MoCE upcycles a dense MAE one (method.name=mae, same model and "
+                "decoder settings)")
+        dense = ck.model_state
+        own = self.state_dict()
+        state, used = {}, set()
+        for name, value in own.items():
+            src = name
+            if ".mlp.experts." in name:
+                head, rest = name.split(".mlp.experts.", 1)
+                src = f"{head}.mlp.{rest.split('.', 1)[1]}"
+            elif name == "centroids" or ".mlp.gate." in name:
+                state[name] = value
+                continue
+            if src not in dense or dense[src].shape != value.shape:
+                found = "missing" if src not in dense else f"of shape {tuple(dense[src].shape)}"
+                raise CheckpointError(
+                    f"method.moce_init={str(path)!r} does not fit this model: {src!r} is {found}, "
+                    f"the model needs {tuple(value.shape)}; upcycle an MAE trained with the same "
+                    "model.* and method.mae_* settings")
+            state[name] = dense[src]
+            used.add(src)
+        extra = sorted(set(dense) - used)
+        if extra:
+            raise CheckpointError(
+                f"method.moce_init={str(path)!r} holds weights this model lacks ({extra[:3]}); "
+                "upcycle an MAE trained with the same model.* and method.mae_* settings")
+        self.load_state_dict(state, strict=True)
 
     @property
     def moe_layers(self) -> list[MoEMlp]:
@@ -272,7 +318,8 @@ def load_moce(path: str | Path, device: torch.device | str = "cpu") -> MoCE:
         raise CheckpointError(f"{str(path)!r} is not a MoCE checkpoint (method "
                               f"{cfg.method.name!r}); expert search needs a method.name=moce one")
     torch.manual_seed(cfg.run.seed)
-    model = MoCE(cfg, build_encoder(cfg.model), gate_dim=ck.model_state["centroids"].shape[1])
+    model = MoCE(cfg, build_encoder(cfg.model), gate_dim=ck.model_state["centroids"].shape[1],
+                 upcycle=False)
     ck.load_model(model)
     return model.to(device).eval()
 
