@@ -136,12 +136,16 @@ def test_moe_block_without_a_route_names_expert_search():
         moe(torch.randn(2, 3, 8))
 
 
+def _training_batch(model: MoCE, n: int) -> dict:
+    """``n`` random images bound to clusters round-robin (the model's training assignment)."""
+    model._assign = torch.arange(n) % model.cfg.method.moce_clusters
+    return {"images": torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8),
+            "index": torch.arange(n)}
+
+
 def test_moce_trains_every_part_and_logs_the_balance_terms():
     model = _model().train()
-    n = 12
-    model._assign = torch.arange(n) % model.cfg.method.moce_clusters
-    batch = {"images": torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8),
-             "index": torch.arange(n)}
+    batch = _training_batch(model, 12)
     out = model(batch, torch.Generator().manual_seed(0))
     assert set(out) >= {"loss", "recon", "importance", "load", "experts_used"}
     out["loss"].backward()
@@ -157,10 +161,7 @@ def test_moce_trains_under_bf16_autocast():
     # train.precision=bf16 runs the experts in bf16 while the residual stream stays float32; the
     # routed sum must keep the tokens' dtype (it once failed in index_add).
     model = _model().train()
-    n = 8
-    model._assign = torch.arange(n) % model.cfg.method.moce_clusters
-    batch = {"images": torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8),
-             "index": torch.arange(n)}
+    batch = _training_batch(model, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(batch, torch.Generator().manual_seed(0))
     assert torch.isfinite(out["loss"])

@@ -183,11 +183,9 @@ class MoCE(MAE):
         own = self.state_dict()
         state, used = {}, set()
         for name, value in own.items():
-            src = name
-            if ".mlp.experts." in name:
-                head, rest = name.split(".mlp.experts.", 1)
-                src = f"{head}.mlp.{rest.split('.', 1)[1]}"
-            elif name == "centroids" or ".mlp.gate." in name:
+            expert = _expert_param(name)
+            src = expert[2] if expert else name
+            if not expert and (name == "centroids" or ".mlp.gate." in name):
                 state[name] = value
                 continue
             if src not in dense or dense[src].shape != value.shape:
@@ -353,6 +351,16 @@ def search_experts(model: MoCE, features: torch.Tensor) -> Search:
     return Search(chosen=counts.argmax(1).tolist(), counts=counts, cluster_hist=hist)
 
 
+def _expert_param(name: str) -> tuple[int, int, str] | None:
+    """For an expert's parameter ``...blocks.B.mlp.experts.E.sub``: (B, E, the dense block's
+    name ``...blocks.B.mlp.sub``); None for any other parameter."""
+    if ".mlp.experts." not in name:
+        return None
+    head, rest = name.split(".mlp.experts.", 1)
+    index, sub = rest.split(".", 1)
+    return int(head.rsplit(".", 1)[1]), int(index), f"{head}.mlp.{sub}"
+
+
 def dense_state(model: MoCE, chosen: list[int]) -> dict[str, torch.Tensor]:
     """The MoCE model's weights with each MoE block's MLP replaced by its chosen expert: the
     state dict of a plain MAE with the same config (gates and centroids dropped)."""
@@ -363,13 +371,11 @@ def dense_state(model: MoCE, chosen: list[int]) -> dict[str, torch.Tensor]:
     for name, v in model.state_dict().items():
         if name == "centroids" or ".mlp.gate." in name:
             continue
-        if ".mlp.experts." in name:
-            head, rest = name.split(".mlp.experts.", 1)
-            index, sub = rest.split(".", 1)
-            block = int(head.rsplit(".", 1)[1])
-            if int(index) != experts[block]:
+        expert = _expert_param(name)
+        if expert:
+            block, index, name = expert
+            if index != experts[block]:
                 continue
-            name = f"{head}.mlp.{sub}"
         state[name] = v
     return state
 
