@@ -115,6 +115,23 @@ def _probe(feats, classes: list[int], seed: int) -> dict[str, float]:
     return {"linear": lin["top1"], "knn": knn["top1"], "best_c": lin["best_c"]}
 
 
+def _cached_probe(feats, classes: list[int], seed: int, path: Path) -> dict[str, float]:
+    """:func:`_probe`, kept in ``path`` with the features' source stamps it was fitted on (new
+    features or another protocol setting fit it again)."""
+    stamps = [path.parent.joinpath(f"features_{s}.source").read_text() for s in ("train", "test")]
+    key = {"features": stamps, "classes": classes, "seed": seed, "cs": CS, "pool": POOL,
+           "blocks": BLOCKS}
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return stored["scores"]
+    out = _probe(feats, classes, seed)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "scores": out}, indent=2))
+    tmp.replace(path)
+    return out
+
+
 def _search(moce_dir: Path, half: str, classes: list[int], limit: int | None) -> Path:
     """Expert search for one half's train images; returns the exported dense checkpoint."""
     from synrep.cluster import cluster_features
@@ -125,7 +142,8 @@ def _search(moce_dir: Path, half: str, classes: list[int], limit: int | None) ->
     out = moce_dir / f"expert_{half}.safetensors"
     ck = moce_dir / "train" / "checkpoints" / "final.safetensors"
     report = moce_dir / f"search_{half}.json"
-    if out.exists() and report.exists() and out.stat().st_mtime_ns > ck.stat().st_mtime_ns:
+    if (out.exists() and report.exists() and out.stat().st_mtime_ns > ck.stat().st_mtime_ns
+            and "route_share" in json.loads(report.read_text())):  # else: the per-block rule
         return out
     model = load_moce(ck)
     featurer, fcfg = load_encoder(model.cfg.method.moce_features, weights="student")
@@ -138,8 +156,10 @@ def _search(moce_dir: Path, half: str, classes: list[int], limit: int | None) ->
     export_expert(model, found.chosen, out, extra={"half": half, "classes": classes})
     report.write_text(json.dumps({"half": half, "chosen": found.chosen,
                                   "counts": found.counts.tolist(),
+                                  "route_share": found.route_share,
                                   "cluster_hist": found.cluster_hist.tolist()}, indent=2))
-    print(f"[search] {half}: experts {found.chosen} (images per expert and block: "
+    print(f"[search] {half}: experts {found.chosen}, the route of "
+          f"{100 * found.route_share:.1f} % of its images (images per expert and block: "
           f"{found.counts.tolist()})")
     return out
 
@@ -213,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             feats = _features(ck, cache, limit)
             for half, classes in HALVES.items():
                 scores.setdefault(model, {}).setdefault(half, []).append(
-                    _probe(feats, classes, seed))
+                    _cached_probe(feats, classes, seed, cache / f"probe_{half}.json"))
 
     def mean(model: str, half: str, key: str = "linear") -> float:
         return statistics.fmean(r[key] for r in scores[model][half])

@@ -16,8 +16,8 @@ METHODS.md section 6. Three steps:
    starts the model from a dense MAE checkpoint, every expert a copy of its block's MLP
    (sparse upcycling, :meth:`MoCE.upcycle_from`); the default trains from scratch.
 3. Expert search (:func:`search_experts`, the ``search`` stage) assigns a downstream dataset's
-   images to the nearest centroids, counts which expert each MoE block routes them to, keeps the
-   most used expert per block and exports a dense, normal-size ViT (:func:`export_expert`): an
+   images to the nearest centroids, keeps the route through the MoE blocks that most of them take
+   (one expert per block) and exports a dense, normal-size ViT (:func:`export_expert`): an
    ordinary MAE checkpoint that every evaluation protocol reads.
 
 Expert outputs are combined with the top-k gate probabilities renormalised to sum to 1 (*check*).
@@ -326,15 +326,23 @@ def load_moce(path: str | Path, device: torch.device | str = "cpu") -> MoCE:
 class Search:
     """Expert search's outcome for one downstream dataset."""
 
-    chosen: list[int]  # the kept expert of each MoE block
+    chosen: list[int]  # the kept expert of each MoE block: the downstream set's most common route
     counts: torch.Tensor  # (blocks, E) downstream images routed to each expert (top-1)
     cluster_hist: torch.Tensor  # (K,) downstream images nearest to each centroid
+    route_share: float  # share of the downstream images whose route is ``chosen`` in every block
 
 
 @torch.no_grad()
 def search_experts(model: MoCE, features: torch.Tensor) -> Search:
     """Assign downstream features (N, D) (of the clustering model) to the nearest centroids and
-    keep, per MoE block, the expert that most of the images are routed to (top-1)."""
+    keep the route (one expert per MoE block, top-1) that most of the images take.
+
+    The route is chosen whole, not block by block: every cluster has one route through all MoE
+    blocks, so the kept experts are a combination that pretraining images actually passed through
+    in sequence (each expert trained on the outputs of the one before it), and the dense ViT is
+    exactly the MoCE model on those images. Keeping each block's most used expert separately can
+    join experts that no cluster ever chained. Ties go to the route of the lowest cluster index.
+    """
     from synrep.cluster import nearest
 
     centroids = model.centroids.float().cpu()
@@ -348,7 +356,12 @@ def search_experts(model: MoCE, features: torch.Tensor) -> Search:
     e = model.moe_layers[0].gate.out_features
     counts = torch.stack([torch.bincount(r, weights=hist.double(), minlength=e)
                           for r in route]).long()
-    return Search(chosen=counts.argmax(1).tolist(), counts=counts, cluster_hist=hist)
+    _, same = torch.unique(route.T, dim=0, return_inverse=True)  # (K,) one id per distinct route
+    images = torch.zeros(len(centroids), dtype=torch.long).index_add_(0, same, hist)[same]
+    best = int(torch.nonzero(images == images.max())[0])  # the lowest cluster on a top route
+    share = float(images[best]) / max(int(hist.sum()), 1)
+    return Search(chosen=route[:, best].tolist(), counts=counts, cluster_hist=hist,
+                  route_share=share)
 
 
 def _expert_param(name: str) -> tuple[int, int, str] | None:
@@ -402,7 +415,7 @@ def expert_checkpoint(cfg: Config) -> Path:
 def _search_key(cfg: Config, checkpoint: Path) -> dict[str, Any]:
     e = cfg.eval
     return {"checkpoint": str(checkpoint.resolve()), "mtime_ns": checkpoint.stat().st_mtime_ns,
-            "dataset": e.dataset, "split": e.train_split, "root": e.root,
+            "rule": "route", "dataset": e.dataset, "split": e.train_split, "root": e.root,
             "classes": e.classes, "limit": e.limit_train}
 
 
@@ -448,6 +461,7 @@ def run_search(cfg: Config) -> Path:
                         extra={"key": key, "source": str(ck)})
     report = {"dataset": ds.name, "images": len(ds), "chosen": found.chosen,
               "blocks": model.moe_indices, "counts": found.counts.tolist(),
+              "route_share": found.route_share,
               "cluster_hist": found.cluster_hist.tolist(), "checkpoint": str(out),
               "key": key}
     write_json_atomic(search_dir(cfg) / "search.json", report)
