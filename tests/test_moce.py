@@ -203,6 +203,20 @@ def test_search_picks_the_expert_of_the_matching_clusters():
         search_experts(model, torch.randn(3, 7))
 
 
+def _set_routes(model: MoCE, routes: dict[int, tuple[int, ...]]) -> None:
+    """Gate weights sending cluster c (centroid on axis c) through ``routes[c]``: its standardised
+    centroid is positive on axis c only, so a weight of 20 there wins the top-1."""
+    experts, dims = model.moe_layers[0].gate.weight.shape
+    with torch.no_grad():
+        for b, layer in enumerate(model.moe_layers):
+            w = torch.zeros(experts, dims)
+            for cluster, route in routes.items():
+                w[route[b], cluster] = 20.0
+            layer.gate.weight.copy_(w)
+            if layer.gate.bias is not None:
+                layer.gate.bias.zero_()
+
+
 def test_search_keeps_the_most_common_route_not_each_blocks_most_used_expert():
     model = _model(gate_dim=4, moce_clusters=4, moce_experts=3)
     model.centroids.copy_(torch.eye(4))  # cluster c sits on axis c
@@ -211,14 +225,7 @@ def test_search_keeps_the_most_common_route_not_each_blocks_most_used_expert():
     # expert 1 (55) are the most used, but only cluster 2's 20 images ever took (0, 1); the most
     # common whole route is cluster 1's (1, 1).
     routes = {0: (0, 2), 1: (1, 1), 2: (0, 1), 3: (2, 0)}
-    with torch.no_grad():
-        for b, layer in enumerate(model.moe_layers):
-            w = torch.zeros(3, 4)
-            for cluster, route in routes.items():
-                w[route[b], cluster] = 20.0
-            layer.gate.weight.copy_(w)
-            if layer.gate.bias is not None:
-                layer.gate.bias.zero_()
+    _set_routes(model, routes)
     top = [p.argmax(1).tolist() for p in model.gate_probs(torch.arange(4))]
     assert [tuple(r) for r in zip(*top)] == [routes[c] for c in range(4)]  # the gates as built
     g = torch.Generator().manual_seed(0)
@@ -231,12 +238,7 @@ def test_search_keeps_the_most_common_route_not_each_blocks_most_used_expert():
     assert found.route_share == pytest.approx(35 / 90)
     # Two clusters on one route pool their images: clusters 0 and 3 both on (0, 2) now win.
     routes[3] = (0, 2)
-    with torch.no_grad():
-        for b, layer in enumerate(model.moe_layers):
-            w = torch.zeros(3, 4)
-            for cluster, route in routes.items():
-                w[route[b], cluster] = 20.0
-            layer.gate.weight.copy_(w)
+    _set_routes(model, routes)
     feats = torch.cat([feats, torch.eye(4)[3] + 0.02 * torch.randn(10, 4, generator=g)])
     found = search_experts(model, feats)
     assert found.chosen == [0, 2] and found.route_share == pytest.approx(45 / 100)
