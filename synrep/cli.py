@@ -59,8 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                 "images; writes the centroids and every image's cluster into RUN/cluster")
     with_config("train", "pretrain the encoder; resumes from the run's last checkpoint")
     with_config("search", "MoCE expert search: route eval.dataset's train split (eval.classes) "
-                "through the clusters, keep the most used expert per block, export a dense ViT "
-                "into RUN/search")
+                "through the clusters, keep the route (one expert per MoE block) most of its "
+                "images take, export a dense ViT into RUN/search")
     ev = with_config("eval", "evaluate an encoder with frozen-feature protocols")
     ev.add_argument("--checkpoint", help="checkpoint to evaluate (default: the run's final one)")
     with_config("scale", "pretrain at several data sizes (scale.captions x "
