@@ -412,6 +412,10 @@ def test_cluster_train_search_eval_end_to_end(tmp_path):
     search = json.loads((run / "search" / "search.json").read_text())
     assert search["blocks"] == [4, 5] and len(search["chosen"]) == 2
     assert sum(search["counts"][0]) == 1000  # eval.limit_train images of classes 5 and 9
+    # The kept route is the one most images take: at least as many as any single route.
+    assert 1 / 4 ** 2 <= search["route_share"] <= 1.0
+    assert all(search["counts"][b][e] >= search["route_share"] * 1000
+               for b, e in enumerate(search["chosen"]))
     results = json.loads((run / "eval" / "results.json").read_text())
     entry = results["fashion-mnist[5,9]"]
     assert entry["checkpoint"].endswith("search/expert.safetensors")
