@@ -443,8 +443,8 @@ def sampler_part(args, results: dict) -> list[str]:
                 times.append(time.perf_counter() - t)
     step_med = {k: statistics.median(v) for k, v in step_times.items()}
     step_s = step_med["selected", precision]
+    # batches are (captions, images per caption, C, H, W): the images the encoder sees per step
     images = {b: src.batch(0)["images"].shape[:2].numel() for b, src in sources.items()}
-    # (captions, images per caption, C, H, W): the images the encoder sees per step
     # The sampler's GEMMs run in the precision training runs in (selection.precision=auto);
     # the fp32 sampler is timed beside it against the fp32 step.
     sp = sampler_precision(cfg, cpu)
