@@ -313,6 +313,9 @@ class GeneratorConfig:
     init: str = ""  # a saved mini pipeline to continue from ("fashion-mini" or a folder): its
     # autoencoder, denoiser and text encoder are kept and only the decoder fine-tuning runs
     train_limit: int | None = None  # train on a seeded subset of this many images (smoke tests)
+    # where to train: "auto" = the GPU where there is one, else the CPU. Batches are drawn on the
+    # CPU either way, so a config draws the same data on every device (the arithmetic differs)
+    device: str = "auto"
 
 
 @dataclass

@@ -165,6 +165,14 @@ def test_decoder_finetune_refuses_a_folder_that_is_not_a_mini_pipeline(tmp_path,
     code = main(["train-generator", "configs/generator_fashion.yaml", f"run.dir={tmp_path / 'r'}",
                  "generator.decoder_steps=-1"])
     assert code == 2 and "generator.decoder_steps must be >= 0" in capsys.readouterr().err
+    code = main(["train-generator", "configs/generator_fashion.yaml", f"run.dir={tmp_path / 'r'}",
+                 "generator.device=tpu"])
+    assert code == 2 and "generator.device must be 'auto', 'cpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        code = main(["train-generator", "configs/generator_fashion.yaml",
+                     f"run.dir={tmp_path / 'r'}", "generator.device=cuda"])
+        assert code == 2 and "has no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "generator" / "pipeline").exists()
 
 
 def test_sharpness_is_the_mean_neighbour_pixel_difference():

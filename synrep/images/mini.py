@@ -150,7 +150,7 @@ def _save_state(path: Path, modules: dict[str, torch.nn.Module], opt, step: int,
                 extra: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
-    tensors = {f"{name}.{k}": v.detach().contiguous() for name, m in modules.items()
+    tensors = {f"{name}.{k}": v.detach().cpu().contiguous() for name, m in modules.items()
                for k, v in m.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"step": str(step), "extra": json.dumps(extra)})
@@ -178,6 +178,7 @@ def train_vae(vae, images: torch.Tensor, cfg, state: Path, bar_desc: str = "vae"
     """Train the autoencoder (L1 + MSE reconstruction, a small KL term); resumable. Returns the
     latent scaling factor (1 / std of latents), as Stable Diffusion's 0.18215."""
     g = cfg.generator
+    dev = images.device
     opt = torch.optim.AdamW(vae.parameters(), lr=g.vae_lr, weight_decay=0.0)
     step = 0
     if state.exists():
@@ -188,11 +189,11 @@ def train_vae(vae, images: torch.Tensor, cfg, state: Path, bar_desc: str = "vae"
         while step < g.vae_steps:
             gen.manual_seed(cfg.run.seed * 1_000_003 + step)
             idx = torch.randint(len(images), (g.vae_batch_size,), generator=gen)
-            x = images[idx]
+            x = images[idx.to(dev)]
             for pg in opt.param_groups:
                 pg["lr"] = _lr(step, g.vae_steps, g.vae_lr, 100)
             post = vae.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(dev)
             rec = vae.decode(z).sample
             loss = (F.l1_loss(rec, x) + F.mse_loss(rec, x)
                     + g.vae_kl * post.kl().mean() / x[0].numel())
@@ -266,7 +267,8 @@ def finetune_decoder(vae, images: torch.Tensor, cfg, state: Path) -> None:
     for p in decoder:
         p.requires_grad_(True)
     torch.manual_seed(cfg.run.seed)
-    critic = _PatchCritic()
+    dev = images.device
+    critic = _PatchCritic().to(dev)
     opt_g = torch.optim.AdamW(decoder, lr=g.decoder_lr, betas=(0.5, 0.9), weight_decay=0.0)
     opt_d = torch.optim.AdamW(critic.parameters(), lr=2 * g.decoder_lr, betas=(0.5, 0.9),
                               weight_decay=0.0)
@@ -284,9 +286,9 @@ def finetune_decoder(vae, images: torch.Tensor, cfg, state: Path) -> None:
     with tqdm(total=g.decoder_steps, initial=step, desc="decoder", dynamic_ncols=True) as bar:
         while step < g.decoder_steps:
             gen.manual_seed(cfg.run.seed * 1_000_003 + step)
-            idx = torch.randint(len(images), (g.decoder_batch_size,), generator=gen)
+            idx = torch.randint(len(images), (g.decoder_batch_size,), generator=gen).to(dev)
             x = images[idx]
-            z = mu[idx] + std[idx] * torch.randn(mu[idx].shape, generator=gen)
+            z = mu[idx] + std[idx] * torch.randn(mu[idx].shape, generator=gen).to(dev)
             rec = vae.decode(z).sample
             d_loss = F.relu(1 - critic(x)).mean() + F.relu(1 + critic(rec.detach())).mean()
             opt_d.zero_grad(set_to_none=True)
@@ -349,7 +351,8 @@ def _train_vae_and_denoiser(cfg: Config, images, labels, measures, thresholds, t
     from diffusers import DDPMScheduler
 
     g = cfg.generator
-    parts = build_components(len(tokenizer), cfg.run.seed)
+    dev = images.device
+    parts = {k: m.to(dev) for k, m in build_components(len(tokenizer), cfg.run.seed).items()}
     vae, unet, text = parts["vae"], parts["unet"], parts["text_encoder"]
     scale_file = work / "vae_scale.json"
     if scale_file.exists():
@@ -386,13 +389,14 @@ def _train_vae_and_denoiser(cfg: Config, images, labels, measures, thresholds, t
             gen.manual_seed(cfg.run.seed * 1_000_003 + step)
             rng = random.Random(f"{cfg.run.seed}/generator/{step}")
             idx = torch.randint(len(latents), (g.batch_size,), generator=gen)
-            z0 = latents[idx]
+            z0 = latents[idx.to(dev)]
             il = idx.tolist()
             captions = maker([labels_l[i] for i in il], [levels[i] for i in il], rng)
             ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS,
-                            truncation=True, return_tensors="pt").input_ids
-            noise = torch.randn(z0.shape, generator=gen)
-            t = torch.randint(0, 1000, (len(z0),), generator=gen)
+                            truncation=True, return_tensors="pt").input_ids.to(dev)
+            # drawn on the CPU whatever the device: the same config draws the same batches
+            noise = torch.randn(z0.shape, generator=gen).to(dev)
+            t = torch.randint(0, 1000, (len(z0),), generator=gen).to(dev)
             zt = noise_sched.add_noise(z0, noise, t)
             for pg in opt.param_groups:
                 pg["lr"] = _lr(step, g.steps, g.lr, g.warmup_steps)
@@ -430,6 +434,7 @@ def train_generator(cfg: Config) -> Path:
     init = _init_folder(g.init) if g.init else None
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
+    dev = _train_device(g.device)
     work = ensure_writable_dir(cfg.run_dir / "generator", "run.dir")
     out = Path(g.out) if g.out else work / "pipeline"
     images, labels = training_images(cfg.eval.root)
@@ -441,14 +446,18 @@ def train_generator(cfg: Config) -> Path:
     pix = (images[:, 0, 2:-2, 2:-2] + 1) / 2
     measures = measure_attributes(pix)
     thresholds = attribute_thresholds(measures, labels)
+    print(f"generator: training on {dev}")
+    images = images.to(dev)
     if init is not None:
         vae, unet, text = _load_pipeline_parts(init, len(tokenizer))
+        vae = vae.to(dev)
         scale = vae.config.scaling_factor
     else:
         vae, text, unet, scale = _train_vae_and_denoiser(cfg, images, labels, measures,
                                                          thresholds, tokenizer, work)
     if g.decoder_steps:
         finetune_decoder(vae, images, cfg, work / "decoder.safetensors")
+    vae, text, unet = vae.cpu(), text.cpu(), unet.cpu()
     noise_sched = DDPMScheduler(**_NOISE)
     scheduler = DPMSolverMultistepScheduler.from_config(noise_sched.config,
                                                         algorithm_type="dpmsolver++")
@@ -481,8 +490,8 @@ def _fingerprint(cfg: Config, stage: str = "decoder") -> dict[str, Any]:
     from dataclasses import asdict
 
     d = asdict(cfg.generator)
-    d.pop("out")
-    d.pop("ckpt_every")
+    for k in ("out", "ckpt_every", "device"):  # a run may resume on another device
+        d.pop(k)
     if stage == "denoiser":
         for k in ("decoder_steps", "decoder_batch_size", "decoder_lr", "decoder_gan_weight",
                   "init"):
@@ -502,10 +511,21 @@ def _ema_copy(m: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm, 1.0 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
     for be, bm in zip(ema.buffers(), model.buffers()):
         be.copy_(bm)
+
+
+def _train_device(name: str) -> torch.device:
+    """``generator.device``: "auto" is the GPU where there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ConfigError(f"generator.device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}")
+    if name != "cpu" and not torch.cuda.is_available():
+        raise ConfigError(f"generator.device is {name!r} but this machine has no CUDA GPU; set "
+                          "generator.device=cpu (or auto)")
+    return torch.device(name)
 
 
 def sample_grid(pipe_dir: str | Path, captions: list[str], seed: int = 0) -> np.ndarray:
