@@ -316,6 +316,8 @@ class GeneratorConfig:
     # where to train: "auto" = the GPU where there is one, else the CPU. Batches are drawn on the
     # CPU either way, so a config draws the same data on every device (the arithmetic differs)
     device: str = "auto"
+    # processes drawing the denoiser's batches ahead of the GPU; -1: none on a CPU, <= 6 on a GPU
+    loader_workers: int = -1
 
 
 @dataclass

@@ -111,6 +111,26 @@ def test_train_generator_and_render_through_the_images_stage(tmp_path):
 
 @needs_fashion
 @pytest.mark.slow
+def test_loader_workers_draw_the_same_batches_as_one_process(tmp_path):
+    from safetensors.torch import load_file
+
+    from synrep.cli import main
+
+    def train(name: str, workers: int) -> dict:
+        assert main(["train-generator", "configs/generator_fashion.yaml",
+                     f"run.dir={tmp_path / name}", "generator.vae_steps=2", "generator.steps=3",
+                     "generator.decoder_steps=0", "generator.train_limit=128",
+                     "generator.batch_size=8", "generator.vae_batch_size=8",
+                     f"generator.loader_workers={workers}"]) == 0
+        return load_file(tmp_path / name / "generator" / "pipeline" / "unet" /
+                         "diffusion_pytorch_model.safetensors")
+
+    one, two = train("w0", 0), train("w2", 2)
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+@needs_fashion
+@pytest.mark.slow
 def test_decoder_finetune_changes_only_the_decoder(tmp_path):
     import json
 

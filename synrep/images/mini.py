@@ -345,6 +345,45 @@ def _load_pipeline_parts(folder: Path, vocab_size: int):
     return vae, unet.eval().requires_grad_(False), text.eval().requires_grad_(False)
 
 
+class _DenoiserBatches(torch.utils.data.Dataset):
+    """Step ``i``'s batch of the denoiser: image indices, caption token ids, noise and timesteps,
+    a function of (seed, i) alone, so loader workers and resumed runs draw exactly the same
+    batches as one process training from the start."""
+
+    def __init__(self, cfg: Config, n: int, labels: list[int], levels: list[list[int]],
+                 tokenizer, latent_shape: tuple[int, ...]) -> None:
+        g = cfg.generator
+        self.seed, self.batch, self.n = cfg.run.seed, g.batch_size, n
+        self.labels, self.levels, self.tokenizer = labels, levels, tokenizer
+        self.shape = (g.batch_size, *latent_shape)
+        self.maker = CaptionMaker(g.attr_p, g.cond_drop)
+        self.steps = g.steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        rng = random.Random(f"{self.seed}/generator/{step}")
+        idx = torch.randint(self.n, (self.batch,), generator=gen)
+        il = idx.tolist()
+        captions = self.maker([self.labels[i] for i in il], [self.levels[i] for i in il], rng)
+        ids = self.tokenizer(captions, padding="max_length", max_length=MAX_TOKENS,
+                             truncation=True, return_tensors="pt").input_ids
+        noise = torch.randn(self.shape, generator=gen)
+        t = torch.randint(0, 1000, (self.batch,), generator=gen)
+        return idx, ids, noise, t
+
+
+def _loader_workers(g, dev: torch.device) -> int:
+    """``generator.loader_workers``; -1 = none on a CPU (the cores train), up to 6 on a GPU."""
+    import os
+
+    if g.loader_workers >= 0:
+        return g.loader_workers
+    return 0 if dev.type == "cpu" else max(0, min(6, (os.cpu_count() or 1) - 2))
+
+
 def _train_vae_and_denoiser(cfg: Config, images, labels, measures, thresholds, tokenizer,
                             work: Path):
     """The autoencoder, then the denoiser and text encoder on its latents (EMA weights returned)."""
@@ -379,24 +418,27 @@ def _train_vae_and_denoiser(cfg: Config, images, labels, measures, thresholds, t
         if extra.get("config") != _fingerprint(cfg, "denoiser"):
             raise CheckpointError(f"{str(state)!r} was trained with another generator config; "
                                   "use the same config or a new run.dir")
-    maker = CaptionMaker(g.attr_p, g.cond_drop)
-    gen = torch.Generator()
+    # every draw is a function of (seed, step), made on the CPU whatever the device (in loader
+    # workers ahead of the GPU there): a resumed run continues identically
+    batches = _DenoiserBatches(cfg, len(latents), labels_l, levels, tokenizer,
+                               tuple(latents.shape[1:]))
+    workers = _loader_workers(g, dev)
+    if workers:
+        import os
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(batches, range(step, g.steps)), batch_size=None,
+        num_workers=workers, pin_memory=dev.type == "cuda",
+        prefetch_factor=8 if workers else None, persistent_workers=False)
     unet.train()
     text.train()
     with tqdm(total=g.steps, initial=step, desc="denoiser", dynamic_ncols=True) as bar:
-        while step < g.steps:
-            # every draw is a function of (seed, step): a resumed run continues identically
-            gen.manual_seed(cfg.run.seed * 1_000_003 + step)
-            rng = random.Random(f"{cfg.run.seed}/generator/{step}")
-            idx = torch.randint(len(latents), (g.batch_size,), generator=gen)
-            z0 = latents[idx.to(dev)]
-            il = idx.tolist()
-            captions = maker([labels_l[i] for i in il], [levels[i] for i in il], rng)
-            ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS,
-                            truncation=True, return_tensors="pt").input_ids.to(dev)
-            # drawn on the CPU whatever the device: the same config draws the same batches
-            noise = torch.randn(z0.shape, generator=gen).to(dev)
-            t = torch.randint(0, 1000, (len(z0),), generator=gen).to(dev)
+        for idx, ids, noise, t in loader:
+            nb = dev.type == "cuda"
+            z0 = latents[idx.to(dev, non_blocking=nb)]
+            ids = ids.to(dev, non_blocking=nb)
+            noise, t = noise.to(dev, non_blocking=nb), t.to(dev, non_blocking=nb)
             zt = noise_sched.add_noise(z0, noise, t)
             for pg in opt.param_groups:
                 pg["lr"] = _lr(step, g.steps, g.lr, g.warmup_steps)
@@ -490,7 +532,7 @@ def _fingerprint(cfg: Config, stage: str = "decoder") -> dict[str, Any]:
     from dataclasses import asdict
 
     d = asdict(cfg.generator)
-    for k in ("out", "ckpt_every", "device"):  # a run may resume on another device
+    for k in ("out", "ckpt_every", "device", "loader_workers"):  # same draws on every device
         d.pop(k)
     if stage == "denoiser":
         for k in ("decoder_steps", "decoder_batch_size", "decoder_lr", "decoder_gan_weight",
