@@ -81,7 +81,11 @@ def patch_features(
         )
     h, w = height // p[0], width // p[1]
     param = next(encoder.parameters())
-    if param.device != torch.device(device):
+    want = torch.device(device)
+    # "cuda" names the current GPU: it matches an encoder on cuda:0 when that is the current one
+    if want.type == "cuda" and want.index is None and torch.cuda.is_available():
+        want = torch.device("cuda", torch.cuda.current_device())
+    if param.device != want:
         raise ValueError(
             f"the encoder is on {param.device} but device={str(device)!r}; move it there first"
         )
