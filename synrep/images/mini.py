@@ -431,11 +431,11 @@ def _train_vae_and_denoiser(cfg: Config, images, labels, measures, thresholds, t
         torch.utils.data.Subset(batches, range(step, g.steps)), batch_size=None,
         num_workers=workers, pin_memory=dev.type == "cuda",
         prefetch_factor=8 if workers else None, persistent_workers=False)
+    nb = dev.type == "cuda"  # pinned batches copy asynchronously
     unet.train()
     text.train()
     with tqdm(total=g.steps, initial=step, desc="denoiser", dynamic_ncols=True) as bar:
         for idx, ids, noise, t in loader:
-            nb = dev.type == "cuda"
             z0 = latents[idx.to(dev, non_blocking=nb)]
             ids = ids.to(dev, non_blocking=nb)
             noise, t = noise.to(dev, non_blocking=nb), t.to(dev, non_blocking=nb)
@@ -473,6 +473,9 @@ def train_generator(cfg: Config) -> Path:
         raise ConfigError("generator.decoder_lr and decoder_batch_size must be > 0 and "
                           f"decoder_gan_weight >= 0, got {g.decoder_lr}, "
                           f"{g.decoder_batch_size} and {g.decoder_gan_weight}")
+    if g.loader_workers < -1:
+        raise ConfigError(f"generator.loader_workers must be >= 0, or -1 for automatic, got "
+                          f"{g.loader_workers}")
     init = _init_folder(g.init) if g.init else None
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
