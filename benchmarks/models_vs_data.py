@@ -6,7 +6,9 @@ with the same frozen-feature protocol on the real Fashion-MNIST test set:
 
 - **SynCLR on synthetic data**: ``configs/quickstart.yaml`` end to end (grammar captions, the
   shipped fashion-mini text-to-image model, 4 images per caption); no real image is used before
-  evaluation.
+  evaluation. ``--captions`` sets how many captions are drawn (each count is its own arm): the
+  demo's 5,000 (20,000 images) and 10,000 (40,000 images). Synthetic data costs only generation
+  time, so the target is judged on the last (largest) count; the training budget is the same.
 - **SimCLR on the real data**: ``configs/fashion_simclr.yaml`` on the 60,000 real train images
   (labels unused), with the quickstart's steps and precision; half as many images per step, each
   seen in two views, so the encoder processes as many views per step as the quickstart's 4 images
@@ -17,6 +19,7 @@ mean over ``--seeds``: each seed reruns both arms end to end, captions and image
 Results go to ``benchmarks/results/models_vs_data.json``; the table is printed in Markdown.
 
     python benchmarks/models_vs_data.py [--run-root runs/bench] [--seeds 0 1 2]
+                                        [--captions 5000 10000]
     python benchmarks/models_vs_data.py --seeds 0 1 2 --set run.device=cuda   # on one GPU
 """
 
@@ -44,46 +47,69 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="run.seed of each repeat of both arms (seed 0 runs in RUN_ROOT/quickstart "
                         "and RUN_ROOT/simclr_real, seed n in ..._seed{n})")
+    p.add_argument("--captions", type=int, nargs="+", default=[5000, 10000],
+                   help="captions.num of each synthetic arm (4 images each); the target is "
+                        "judged on the last. The quickstart's 5,000 runs in "
+                        "RUN_ROOT/quickstart[_seed{n}], other counts in "
+                        "RUN_ROOT/quickstart_c{N}[_seed{n}]")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides for both arms, e.g. run.device=cuda")
     args = p.parse_args(argv)
+    if any(n < 1 for n in args.captions):
+        p.error("--captions: each count must be a positive number of captions")
     root = Path(args.run_root)
 
     q = load_config(QUICKSTART)
     images_per_step = q.train.batch_size * q.method.images_per_caption
-    arms: dict[str, list[dict]] = {"synth": [], "real": []}
+    synth_arms: dict[int, list[dict]] = {n: [] for n in args.captions}
+    real_arm: list[dict] = []
     for seed in args.seeds:
         tag = "" if seed == 0 else f"_seed{seed}"
         common = [f"run.seed={seed}", *args.set]
-        arms["synth"].append(run(QUICKSTART, root / f"quickstart{tag}", common))
-        arms["real"].append(run(REAL, root / f"simclr_real{tag}", [
+        for n in args.captions:
+            if n == q.captions.num:
+                synth_arms[n].append(run(QUICKSTART, root / f"quickstart{tag}", common))
+            else:
+                synth_arms[n].append(run(QUICKSTART, root / f"quickstart_c{n}{tag}", [
+                    f"captions.num={n}", f"captions.shard_size={max(n, q.captions.shard_size)}",
+                    *common]))
+        real_arm.append(run(REAL, root / f"simclr_real{tag}", [
             f"train.steps={q.train.steps}", f"train.batch_size={images_per_step // 2}",
             f"optim.warmup_steps={q.optim.warmup_steps}", f"eval.linear_cs={q.eval.linear_cs}",
             f"train.precision={q.train.precision}", *common]))
-        gap = arms["synth"][-1]["linear_probe_top1"] - arms["real"][-1]["linear_probe_top1"]
-        print(f"seed {seed}: models - data (linear probe) {gap:+.2f} points", flush=True)
+        gaps_now = ", ".join(
+            f"{n * q.images.images_per_caption:,} synthetic images "
+            f"{synth_arms[n][-1]['linear_probe_top1'] - real_arm[-1]['linear_probe_top1']:+.2f}"
+            for n in args.captions)
+        print(f"seed {seed}: models - data (linear probe): {gaps_now} points", flush=True)
 
-    synth, real = _mean(arms["synth"]), _mean(arms["real"])
     seeds = f", mean of {len(args.seeds)} seeds" if len(args.seeds) > 1 else ""
-    rows = [
-        (f"SynCLR, synthetic images ({QUICKSTART}{seeds})", synth),
-        (f"SimCLR, real Fashion-MNIST train images ({REAL}{seeds})", real),
-    ]
+    rows = [(f"SynCLR, {n * q.images.images_per_caption:,} synthetic images from {n:,} captions "
+             f"({QUICKSTART}{'' if n == q.captions.num else f' captions.num={n}'}{seeds})",
+             _mean(synth_arms[n])) for n in args.captions]
+    real = _mean(real_arm)
+    rows.append((f"SimCLR, 60,000 real Fashion-MNIST train images ({REAL}{seeds})", real))
     for _, r in rows:  # the training stage's own time: right also when a rerun skips stages
         r["training minutes"] = f"{r['train_minutes']:.1f}"
     md = table(rows, extra=("training minutes",))
+    judged = args.captions[-1]
+    synth = _mean(synth_arms[judged])
     gaps = [s["linear_probe_top1"] - r["linear_probe_top1"]
-            for s, r in zip(arms["synth"], arms["real"])]
+            for s, r in zip(synth_arms[judged], real_arm)]
     gap = sum(gaps) / len(gaps)
     ok = gap >= 0
     print(f"\nSame encoder, {q.train.steps} steps x {images_per_step} views per step:\n")
     print(md)
     per_seed = ", ".join(f"{g:+.2f}" for g in gaps)
-    print(f"\nmodels - data (linear probe): {gap:+.2f} points (seeds {per_seed})   target >= 0   "
+    print(f"\nmodels ({judged * q.images.images_per_caption:,} synthetic images) - data "
+          f"(linear probe): {gap:+.2f} points (seeds {per_seed})   target >= 0   "
           f"{'OK' if ok else 'MISSED'}")
     out = {"steps": q.train.steps, "views_per_step": images_per_step, "seeds": args.seeds,
-           "overrides": args.set, "synthetic_synclr": synth, "real_simclr": real,
-           "synthetic_synclr_per_seed": arms["synth"], "real_simclr_per_seed": arms["real"],
+           "overrides": args.set, "captions": args.captions, "judged_captions": judged,
+           "synthetic_synclr": synth, "real_simclr": real,
+           "synthetic_synclr_per_captions": {str(n): _mean(v) for n, v in synth_arms.items()},
+           "synthetic_synclr_per_seed": {str(n): v for n, v in synth_arms.items()},
+           "real_simclr_per_seed": real_arm,
            "gap_points": gap, "gap_points_per_seed": gaps,
            "target": "synthetic >= real (mean over seeds)", "table": md}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
