@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     q = load_config(QUICKSTART)
     images_per_step = q.train.batch_size * q.method.images_per_caption
+    per_caption = q.images.images_per_caption
     synth_arms: dict[int, list[dict]] = {n: [] for n in args.captions}
     real_arm: list[dict] = []
     for seed in args.seeds:
@@ -78,22 +79,23 @@ def main(argv: list[str] | None = None) -> int:
             f"optim.warmup_steps={q.optim.warmup_steps}", f"eval.linear_cs={q.eval.linear_cs}",
             f"train.precision={q.train.precision}", *common]))
         gaps_now = ", ".join(
-            f"{n * q.images.images_per_caption:,} synthetic images "
+            f"{n * per_caption:,} synthetic images "
             f"{synth_arms[n][-1]['linear_probe_top1'] - real_arm[-1]['linear_probe_top1']:+.2f}"
             for n in args.captions)
         print(f"seed {seed}: models - data (linear probe): {gaps_now} points", flush=True)
 
     seeds = f", mean of {len(args.seeds)} seeds" if len(args.seeds) > 1 else ""
-    rows = [(f"SynCLR, {n * q.images.images_per_caption:,} synthetic images from {n:,} captions "
+    synth_means = {n: _mean(v) for n, v in synth_arms.items()}
+    rows = [(f"SynCLR, {n * per_caption:,} synthetic images from {n:,} captions "
              f"({QUICKSTART}{'' if n == q.captions.num else f' captions.num={n}'}{seeds})",
-             _mean(synth_arms[n])) for n in args.captions]
+             synth_means[n]) for n in args.captions]
     real = _mean(real_arm)
     rows.append((f"SimCLR, 60,000 real Fashion-MNIST train images ({REAL}{seeds})", real))
     for _, r in rows:  # the training stage's own time: right also when a rerun skips stages
         r["training minutes"] = f"{r['train_minutes']:.1f}"
     md = table(rows, extra=("training minutes",))
     judged = args.captions[-1]
-    synth = _mean(synth_arms[judged])
+    synth = synth_means[judged]
     gaps = [s["linear_probe_top1"] - r["linear_probe_top1"]
             for s, r in zip(synth_arms[judged], real_arm)]
     gap = sum(gaps) / len(gaps)
@@ -101,13 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nSame encoder, {q.train.steps} steps x {images_per_step} views per step:\n")
     print(md)
     per_seed = ", ".join(f"{g:+.2f}" for g in gaps)
-    print(f"\nmodels ({judged * q.images.images_per_caption:,} synthetic images) - data "
+    print(f"\nmodels ({judged * per_caption:,} synthetic images) - data "
           f"(linear probe): {gap:+.2f} points (seeds {per_seed})   target >= 0   "
           f"{'OK' if ok else 'MISSED'}")
     out = {"steps": q.train.steps, "views_per_step": images_per_step, "seeds": args.seeds,
            "overrides": args.set, "captions": args.captions, "judged_captions": judged,
            "synthetic_synclr": synth, "real_simclr": real,
-           "synthetic_synclr_per_captions": {str(n): _mean(v) for n, v in synth_arms.items()},
+           "synthetic_synclr_per_captions": {str(n): v for n, v in synth_means.items()},
            "synthetic_synclr_per_seed": {str(n): v for n, v in synth_arms.items()},
            "real_simclr_per_seed": real_arm,
            "gap_points": gap, "gap_points_per_seed": gaps,
