@@ -103,13 +103,19 @@ def make_pool(args) -> Path:
 DUP_SOURCES = 16  # redundant pools: the curated groups that the "dup" groups copy
 
 
-def corrupt_pool(pool: Path, out: Path, seed: int = 0, redundant: float = 0.0) -> list[str]:
+def corrupt_pool(pool: Path, out: Path, seed: int = 0, redundant: float = 0.0,
+                 collapsed: float = 0.0) -> list[str]:
     """Write the pool with half its groups corrupted to ``out/shards``; return each group's kind
-    (clean, swap, noise, dup), also stored in ``out/kinds.json`` and in every group's metadata.
+    (clean, swap, noise, dup, collapsed), also stored in ``out/kinds.json`` and in every group's
+    metadata.
 
     ``redundant``: this share of the pool (taken from the clean half) becomes exact copies of
     ``DUP_SOURCES`` curated groups: easy for the reference (it trained on them) but redundant,
     so once the learner has fitted them they teach it nothing (JEST's "easy but learned" data).
+    ``collapsed``: this share of the pool (taken from the clean half) shows a generator's mode
+    collapse: all images of the caption are the same image (its first). Their positives match
+    exactly, so every model, the reference included, finds them easy, and a learner fits them
+    quickly; they carry less than a group of distinct images of one caption.
     """
     kinds_path = out / "kinds.json"
     if kinds_path.exists():
@@ -123,12 +129,15 @@ def corrupt_pool(pool: Path, out: Path, seed: int = 0, redundant: float = 0.0) -
         kinds[i] = "swap"
     for i in order[n // 4 : n // 2]:
         kinds[i] = "noise"
-    n_dup = round(redundant * n)
-    if not 0 <= n_dup <= n // 2 - 1000 - DUP_SOURCES:
-        raise SystemExit(f"--redundant {redundant}: at most {(n // 2 - 1016) / n:.2f} of this "
-                         f"{n}-group pool (half stays clean, 1,000 clean groups are curated)")
+    n_dup, n_col = round(redundant * n), round(collapsed * n)
+    if not (0 <= n_dup and 0 <= n_col and n_dup + n_col <= n // 2 - 1000 - DUP_SOURCES):
+        raise SystemExit(f"--redundant {redundant} --collapsed {collapsed}: together at most "
+                         f"{(n // 2 - 1016) / n:.2f} of this {n}-group pool (half stays clean, "
+                         "1,000 clean groups are curated)")
     for i in order[n - n_dup:]:
         kinds[i] = "dup"
+    for i in order[n - n_dup - n_col : n - n_dup]:
+        kinds[i] = "collapsed"
     curated_idx = [i for i in range(n) if kinds[i] == "clean"][:1000]
     sources = curated_idx[:DUP_SOURCES]
     shard, written = [], 0
@@ -140,6 +149,8 @@ def corrupt_pool(pool: Path, out: Path, seed: int = 0, redundant: float = 0.0) -
         elif kinds[i] == "swap":  # every image from another random caption
             others = rng.choice(np.delete(np.arange(n), i), size=len(images), replace=False)
             images = [groups[j].images[rng.integers(len(groups[j].images))] for j in others]
+        elif kinds[i] == "collapsed":  # the generator drew one image for every seed
+            images = [images[0]] * len(images)
         elif kinds[i] == "noise":  # heavy noise: 80% uniform noise, 20% image
             images = [np.clip(0.2 * im + 0.8 * rng.uniform(0, 255, im.shape), 0, 255)
                       .astype(np.uint8) for im in images]
@@ -179,7 +190,10 @@ def train_policy(args, work: Path, name: str, shards: Path, reference: Path, eve
     """Train one policy, keeping the weights every ``every`` steps (its own run directory per
     spacing: the trajectory is the same, only more checkpoints are kept)."""
     run_dir = work / (name if every == BASE_EVERY else f"{name}_every{every}")
-    over = [f"run.dir={run_dir}", f"data.shards={shards}", f"train.steps={args.steps}",
+    if args.seed:  # the learner's seed (initialisation, data order, augmentation, sampling)
+        run_dir = run_dir.with_name(f"{run_dir.name}_seed{args.seed}")
+    over = [f"run.dir={run_dir}", f"run.seed={args.seed}", f"data.shards={shards}",
+            f"train.steps={args.steps}",
             f"train.keep_every={every}", "selection.filter_ratio=0.8",
             f"selection.reference={reference}", *POLICIES[name]]
     t = time.perf_counter()
@@ -214,12 +228,20 @@ def kind_shares(run_dir: Path, kinds: list[str]) -> dict[str, float] | None:
     return {k: sum(kinds[i] == k for i in ids) / len(ids) for k in sorted(set(kinds))}
 
 
+def pool_tag(args) -> str:
+    """The suffix naming a pool other than the default one (its runs and results key)."""
+    tag = f"_redundant{round(100 * args.redundant)}" if args.redundant else ""
+    return tag + (f"_collapsed{round(100 * args.collapsed)}" if args.collapsed else "")
+
+
 def selection_part(args, results: dict) -> list[str]:
     pool = make_pool(args)
     work = Path(args.work)
-    if args.redundant:  # its own pool, references and runs
-        work = work / f"redundant{round(100 * args.redundant)}"
-    kinds = corrupt_pool(pool, work / "noisy", redundant=args.redundant)
+    tag = pool_tag(args)
+    if tag:  # its own pool, references and runs
+        work = work / tag.lstrip("_")
+    kinds = corrupt_pool(pool, work / "noisy", redundant=args.redundant,
+                         collapsed=args.collapsed)
     shards = work / "noisy" / "shards"
     references = {}
     for ref_name, extra in (("reference", []), ("reference_mixed", MIXED)):
@@ -264,19 +286,22 @@ def selection_part(args, results: dict) -> list[str]:
             r["steps_ratio"] = base["steps_to_target"] / r["steps_to_target"]
             r["flops_ratio"] = base_flops / r["flops_to_target"]
     res_key = "selection" if args.every == BASE_EVERY else f"selection_every{args.every}"
-    if args.redundant:
-        res_key += f"_redundant{round(100 * args.redundant)}"
+    res_key += tag + (f"_seed{args.seed}" if args.seed else "")
     results[res_key] = {
-        "target_top1": target, "steps": args.steps, "every": args.every, "filter_ratio": 0.8,
+        "target_top1": target, "seed": args.seed, "steps": args.steps, "every": args.every,
+        "filter_ratio": 0.8,
         "reference": {"groups": 1000, "steps": args.ref_steps,
                       "train_flops": ref_summary["accounting"]["total_flops"]},
         "pool": {"groups": len(kinds), "clean": kinds.count("clean"),
                  "swap": kinds.count("swap"), "noise": kinds.count("noise"),
-                 "dup": kinds.count("dup"), "dup_sources": DUP_SOURCES if args.redundant else 0},
+                 "dup": kinds.count("dup"), "dup_sources": DUP_SOURCES if args.redundant else 0,
+                 "collapsed": kinds.count("collapsed")},
         "policies": rows}
 
     dups = (f", {kinds.count('dup')} copies of {DUP_SOURCES} curated groups" if args.redundant
             else "")
+    if args.collapsed:
+        dups += f", {kinds.count('collapsed')} collapsed (one image drawn 4 times)"
     print(f"\nJEST on the noisy pool (half of {len(kinds)} caption groups corrupted{dups}), "
           f"f = 0.8, {args.steps} steps; target: uniform's final linear probe {target:.2f} %\n")
     print("| policy | final top-1 | steps to target | steps ratio | FLOPs ratio | groups trained "
@@ -524,6 +549,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="selection: also turn this share of the pool into exact copies of "
                         f"{DUP_SOURCES} curated groups (easy but redundant data); its runs go "
                         "under WORK/redundant<percent>")
+    p.add_argument("--collapsed", type=float, default=0.0,
+                   help="also turn this share of the pool's clean groups into collapsed groups "
+                        "(one image drawn for every seed: easy for every model, little to "
+                        "learn); its runs go under WORK/collapsed<percent>")
+    p.add_argument("--seed", type=int, default=0,
+                   help="selection: the learners' seed (the pool and the reference stay those "
+                        "of seed 0); runs go under <policy>_seed<n>, results under "
+                        "selection..._seed<n>")
     p.add_argument("--json", default="benchmarks/results/jest.json")
     args = p.parse_args(argv)
     if args.policies and set(args.policies) - set(POLICIES):

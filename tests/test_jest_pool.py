@@ -1,4 +1,5 @@
-"""The noisy pool of benchmarks/jest.py: kinds, corruptions and the redundant variant."""
+"""The noisy pool of benchmarks/jest.py: kinds, corruptions and the redundant and collapsed
+variants."""
 
 from __future__ import annotations
 
@@ -58,3 +59,24 @@ def test_redundant_pool_copies_curated_groups(bench, pool, tmp_path):
     assert all(g.key in clean_keys for g in curated)
     with pytest.raises(SystemExit, match="at most"):
         bench.corrupt_pool(src, tmp_path / "too_many", redundant=0.4)
+
+
+def test_collapsed_pool_repeats_one_image(bench, pool, tmp_path):
+    src, groups = pool
+    kinds = bench.corrupt_pool(src, tmp_path / "noisy", collapsed=0.1)
+    assert Counter(kinds) == {"clean": 1200, "swap": 750, "noise": 750, "collapsed": 300}
+    out = list(iter_groups(tmp_path / "noisy" / "shards"))
+    for g, orig, kind in zip(out, groups, kinds):
+        assert g.key == orig.key and g.caption == orig.caption and g.meta["corrupt"] == kind
+        if kind == "collapsed":  # the group's own first image, drawn for every seed
+            assert len(g.images) == len(orig.images)
+            assert all(np.array_equal(im, orig.images[0]) for im in g.images)
+        elif kind == "clean":
+            assert all(np.array_equal(a, b) for a, b in zip(g.images, orig.images))
+    # the same draw of swapped and noisy groups as without collapsed groups
+    plain = bench.corrupt_pool(src, tmp_path / "plain")
+    assert [k if k != "collapsed" else "clean" for k in kinds] == plain
+    clean_keys = {g.key for g, k in zip(groups, kinds) if k == "clean"}
+    assert all(g.key in clean_keys for g in iter_groups(tmp_path / "noisy" / "curated"))
+    with pytest.raises(SystemExit, match="at most"):
+        bench.corrupt_pool(src, tmp_path / "too_many", redundant=0.1, collapsed=0.1)
