@@ -234,6 +234,79 @@ def pool_tag(args) -> str:
     return tag + (f"_collapsed{round(100 * args.collapsed)}" if args.collapsed else "")
 
 
+def result_key(args, seed: int | None = None) -> str:
+    """Where one seed's selection results go in the results file."""
+    seed = args.seed if seed is None else seed
+    key = "selection" if args.every == BASE_EVERY else f"selection_every{args.every}"
+    return key + pool_tag(args) + (f"_seed{seed}" if seed else "")
+
+
+def selection_seeds(args, results: dict) -> list[str]:
+    """The selection part for each of ``--seeds``; with several, their summary decides."""
+    fails = []
+    for seed in args.seeds:
+        args.seed = seed
+        fails += [f"seed {seed}: {f}" for f in selection_part(args, results)]
+    if len(args.seeds) == 1:
+        return fails
+    return seed_summary(args, results)
+
+
+def seed_summary(args, results: dict) -> list[str]:
+    """Means over the seeds of steps to uniform's final accuracy (a policy that never reaches it
+    counts as ``--steps`` + ``--every``, and is flagged) and of the final accuracy; the targets
+    are judged on these means."""
+    runs = {s: results[result_key(args, s)] for s in args.seeds}
+    names = list(runs[args.seeds[0]]["policies"])
+    miss = args.steps + args.every
+    summary: dict[str, dict] = {}
+    print(f"\nOver seeds {', '.join(map(str, args.seeds))} (probed every {args.every} steps; "
+          f"not reached counts as {miss})\n")
+    print("| policy | steps to uniform's final, per seed | mean | final top-1, per seed | mean |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        steps = [runs[s]["policies"][name]["steps_to_target"] for s in args.seeds]
+        finals = [runs[s]["policies"][name]["final_top1"] for s in args.seeds]
+        mean_steps = statistics.fmean(miss if x is None else x for x in steps)
+        summary[name] = {"steps_to_target": steps, "mean_steps": mean_steps,
+                         "final_top1": finals, "mean_final": statistics.fmean(finals),
+                         "flops_per_step": runs[args.seeds[0]]["policies"][name]["flops_per_step"],
+                         "reference_pool_flops":
+                             runs[args.seeds[0]]["policies"][name]["reference_pool_flops"]}
+        shown = " / ".join("not reached" if x is None else str(x) for x in steps)
+        print(f"| {name} | {shown} | {mean_steps:.1f} | "
+              f"{' / '.join(f'{f:.2f}' for f in finals)} | {summary[name]['mean_final']:.2f} |")
+    base = summary["uniform"]
+    for r in summary.values():
+        r["steps_ratio"] = base["mean_steps"] / r["mean_steps"]
+        r["flops_ratio"] = (base["mean_steps"] * base["flops_per_step"]) / (
+            r["mean_steps"] * r["flops_per_step"] + r["reference_pool_flops"])
+    fails = []
+    variants = [p for p in LEARNABILITY if p in summary]
+    best = {k: max(variants, key=lambda n, k=k: summary[n][k])
+            for k in ("steps_ratio", "flops_ratio")}
+    for k, name in best.items():
+        got = summary[name][k]
+        ok = got >= TARGETS[k]
+        print(f"mean {k}: {got:.2f}x by {name} (target >= {TARGETS[k]}x) "
+              f"{'ok' if ok else 'MISSED'}")
+        if not ok:
+            fails.append(f"mean {k} ({name})")
+    lr = summary[best["steps_ratio"]]
+    for other in (p for p in ("hard_learner", "easy_reference") if p in summary):
+        o = summary[other]
+        beats = lr["mean_steps"] < o["mean_steps"] or (
+            lr["mean_steps"] == o["mean_steps"] and lr["mean_final"] > o["mean_final"])
+        print(f"{best['steps_ratio']} beats {other} on the means (fewer steps to the target, or "
+              f"as few and a higher final accuracy): {'ok' if beats else 'MISSED'}")
+        if not beats:
+            fails.append(f"mean {best['steps_ratio']} vs {other}")
+    key = "selection" if args.every == BASE_EVERY else f"selection_every{args.every}"
+    results[key + pool_tag(args) + "_seeds"] = {"seeds": args.seeds, "not_reached_counts_as": miss,
+                                                "policies": summary, "checked": best}
+    return fails
+
+
 def selection_part(args, results: dict) -> list[str]:
     pool = make_pool(args)
     work = Path(args.work)
@@ -285,8 +358,7 @@ def selection_part(args, results: dict) -> list[str]:
         if r["steps_to_target"]:
             r["steps_ratio"] = base["steps_to_target"] / r["steps_to_target"]
             r["flops_ratio"] = base_flops / r["flops_to_target"]
-    res_key = "selection" if args.every == BASE_EVERY else f"selection_every{args.every}"
-    res_key += tag + (f"_seed{args.seed}" if args.seed else "")
+    res_key = result_key(args)
     results[res_key] = {
         "target_top1": target, "seed": args.seed, "steps": args.steps, "every": args.every,
         "filter_ratio": 0.8,
@@ -553,17 +625,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="also turn this share of the pool's clean groups into collapsed groups "
                         "(one image drawn for every seed: easy for every model, little to "
                         "learn); its runs go under WORK/collapsed<percent>")
-    p.add_argument("--seed", type=int, default=0,
-                   help="selection: the learners' seed (the pool and the reference stay those "
-                        "of seed 0); runs go under <policy>_seed<n>, results under "
-                        "selection..._seed<n>")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="selection: the learners' seeds (the pool and the reference stay those "
+                        "of seed 0); seed n > 0 runs under <policy>_seed<n>, results under "
+                        "selection..._seed<n>; with several, the targets are judged on their "
+                        "means (selection..._seeds)")
+    p.add_argument("--seed", type=int, default=None, help="one seed (the same as --seeds n)")
     p.add_argument("--json", default="benchmarks/results/jest.json")
     args = p.parse_args(argv)
     if args.policies and set(args.policies) - set(POLICIES):
         p.error(f"unknown policies {sorted(set(args.policies) - set(POLICIES))}; choose from "
                 f"{list(POLICIES)}")
     parts = [x for x in args.parts.split(",") if x]
-    known = {"selection": selection_part, "cost": cost_part, "sampler": sampler_part}
+    if args.seed is not None:
+        args.seeds = [args.seed]
+    args.seed = args.seeds[0]
+    known = {"selection": selection_seeds, "cost": cost_part, "sampler": sampler_part}
     if set(parts) - set(known):
         p.error(f"unknown parts {sorted(set(parts) - set(known))}; choose from {list(known)}")
     out_path = Path(args.json)
