@@ -26,8 +26,10 @@ def ensure_writable_dir(path: str | Path, key: str = "run.dir") -> Path:
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary file named after this process, so
+    that processes writing the same file at once (ranks finishing together) never collide."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 

@@ -117,6 +117,17 @@ def test_executors_write_identical_bytes(tmp_path, tiny_sd, captions):
     assert all(p.returncode == 0 for p in procs), logs
     assert _tars(tmp_path / "ranks") == ref
     assert (tmp_path / "ranks" / "images" / "stats.json").exists()
+    # ranks that start at different times: rank 0 is done before rank 1 lists what is left, and
+    # rank 1 must still render exactly its own share (the shards with an odd index)
+    late = _over(tiny_sd, captions, tmp_path / "late", "images.executor=ranks", "run.threads=1")
+    for r in range(2):
+        proc = subprocess.run([sys.executable, "-m", "synrep", "images", CONFIG, *late],
+                              env={**env, "RANK": str(r)}, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        names = sorted(_tars(tmp_path / "late"))
+        assert names == sorted(n for n in ref if r == 1 or int(n.split(".")[0]) % 2 == 0)
+    assert _tars(tmp_path / "late") == ref
+    assert (tmp_path / "late" / "images" / "stats.json").exists()
 
 
 @pytest.mark.slow

@@ -154,7 +154,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: ranks may race
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, sort_keys=True, indent=1)
         f.write("\n")

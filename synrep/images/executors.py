@@ -3,9 +3,11 @@ captions and the config, so all executors write the same bytes.
 
 - ``local``: this process, one shard after another.
 - ``pool``: a local process pool, one worker per entry of ``images.devices`` (one per GPU).
-- ``ranks``: rank ``r`` of ``W`` renders shards ``r, r+W, ...``; ``RANK``/``WORLD_SIZE`` come
-  from ``torchrun`` or SLURM (``SLURM_PROCID``/``SLURM_NTASKS``). No process group is needed: the
-  rank that completes the last shard writes the stage's stats.
+- ``ranks``: rank ``r`` of ``W`` renders the shards whose index is ``r`` modulo ``W``;
+  ``RANK``/``WORLD_SIZE`` come from ``torchrun`` or SLURM (``SLURM_PROCID``/``SLURM_NTASKS``). No
+  process group is needed: ranks that start at different times (one may already have finished a
+  shard when another lists what is left) still agree on who renders what, because the share is a
+  function of the shard's index alone; the rank that completes the last shard writes the stats.
 - ``ray``: Ray actors, one per device, on a local or existing cluster (``pip install
   'synrep[ray]'``; ``RAY_ADDRESS`` picks the cluster).
 """
@@ -99,13 +101,21 @@ def rank_and_world() -> tuple[int, int]:
     return rank, world
 
 
+def own_jobs(cfg: Config, jobs: list) -> list:
+    """The jobs of ``jobs`` this process renders: all of them, except under ``ranks``, where
+    rank ``r`` of ``W`` owns the shards with ``index % W == r``."""
+    if cfg.images.executor != "ranks":
+        return jobs
+    rank, world = rank_and_world()
+    return [j for j in jobs if j.index % world == rank]
+
+
 @EXECUTORS.register("ranks")
 def run_ranks(cfg: Config, jobs: list) -> None:
-    rank, world = rank_and_world()
     device = cfg.run.device
     if device == "cuda":
         device = f"cuda:{os.environ.get('LOCAL_RANK', os.environ.get('SLURM_LOCALID', 0))}"
-    mine = jobs[rank::world]
+    mine = own_jobs(cfg, jobs)
     if not mine:
         return
     renderer = _renderer(cfg, device)

@@ -140,7 +140,7 @@ def run_images(cfg: Config) -> dict[str, Any] | None:
 
     Returns the stage's stats once every shard is complete (None on a rank that finished its
     own shards while others still work)."""
-    from synrep.images.executors import EXECUTORS
+    from synrep.images.executors import EXECUTORS, own_jobs
 
     _check_config(cfg)
     out = ensure_writable_dir(images_dir(cfg), "run.dir")
@@ -148,7 +148,7 @@ def run_images(cfg: Config) -> dict[str, Any] | None:
     jobs = plan_jobs(cfg)
     done = {p.name for p in complete_shards(out)}
     pending = [j for j in jobs if j.name not in done]
-    for j in pending:  # a killed writer's leftovers
+    for j in own_jobs(cfg, pending):  # a killed writer's leftovers (never another rank's)
         (out / (j.name + ".tmp")).unlink(missing_ok=True)
     threads = torch.get_num_threads()
     if cfg.run.threads > 0:
