@@ -151,7 +151,7 @@ class MethodConfig:
     moce_cluster_file: str = ""  # clusters.safetensors to train with; "" = RUN/cluster's
     moce_experts: int = 4  # experts in each MoE block
     moce_blocks: int = 2  # the last n encoder blocks get MoE MLPs
-    moce_top_k: int = 1  # experts per image (every token of an image takes the same route)
+    moce_top_k: int = 1  # experts per image (all its tokens share the route); search needs 1
     moce_importance_weight: float = 0.01  # V-MoE importance loss (CV^2 of summed gate probs)
     moce_load_weight: float = 0.01  # load loss E * sum_e f_e * P_e (fraction routed x mean prob)
     # "" trains from scratch; an MAE checkpoint of the same shape starts every weight from it and

@@ -145,9 +145,6 @@ def _cluster_done(cfg: Config) -> bool:
 def _search(cfg: Config) -> None:
     from synrep.methods.moce import run_search
 
-    if cfg.method.name != "moce":
-        raise ConfigError(f"the search stage exports an expert of a MoCE model; this run's "
-                          f"method is {cfg.method.name!r} (set method.name=moce)")
     if dist.is_main():
         run_search(cfg)
     dist.barrier()
@@ -206,6 +203,10 @@ def run_stages(cfg: Config, stages: list[str] | None = None, force: bool = False
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"run.stages: unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    if "search" in stages:  # before any stage runs: training first would waste its budget
+        from synrep.methods.moce import check_searchable
+
+        check_searchable(cfg)
     if dist.is_main():
         ensure_writable_dir(cfg.run_dir, "run.dir")
         save_config(cfg, cfg.run_dir / "config.yaml")

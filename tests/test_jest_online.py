@@ -175,6 +175,34 @@ def test_reference_with_another_embedding_size_is_rejected(pool, tmp_path, capsy
     err = capsys.readouterr().err
     assert "embeds images in 32 dimensions but the learner in 128" in err
     assert "method.proj_dim" in err
+    # found before the reference's pass over the pool: no cache of the wrong size is left
+    assert not (tmp_path / "bad/train/reference_embeddings.safetensors").exists()
+    # offline: a learner and a reference of different embedding sizes
+    off = ["run", CONFIG, *pool["base"], "run.stages=[select]", "selection.filter_ratio=0.5",
+           "selection.chunks=2", "selection.super_batch=8", f"selection.reference={ref}",
+           f"selection.learner={pool['reference']}", f"run.dir={tmp_path / 'off'}"]
+    assert main(off) == 2
+    assert "selection.reference embeds images in 32 dimensions but selection.learner in 128" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "off/select/ids.json").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["selection.chunks=5"], "selection.chunks=5 must be in [1, 4]"),
+    (["selection.chunks=0"], "selection.chunks=0 must be in [1, 4]"),
+    (["selection.temperature=0"], "selection.temperature must be > 0"),
+    (["selection.filter_ratio=1.0"], "filter ratio f must be in [0, 1)"),
+    (["selection.super_batch=0"], "selection.super_batch must be >= 1"),
+])
+def test_offline_select_rejects_bad_settings(pool, tmp_path, capsys, extra, message):
+    # super_batch 8 at f = 0.5 keeps 4 groups per super-batch
+    args = ["run", CONFIG, *pool["base"], "run.stages=[select]", "selection.filter_ratio=0.5",
+            "selection.chunks=2", "selection.super_batch=8",
+            f"selection.reference={pool['reference']}", f"selection.learner={pool['reference']}",
+            f"run.dir={tmp_path / 'off'}", *extra]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "off/select/ids.json").exists()
 
 
 def test_reference_that_is_not_a_checkpoint_is_rejected(pool, tmp_path, capsys):

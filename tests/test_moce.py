@@ -428,3 +428,18 @@ def test_cluster_train_search_eval_end_to_end(tmp_path):
     assert cli.main([*args[:-2], "data.classes=[5]", "run.stages=[train]",
                      f"run.dir={tmp_path / 'other'}",
                      f"method.moce_cluster_file={run / 'cluster' / 'clusters.safetensors'}"]) == 2
+
+
+def test_search_with_top_k_above_one_is_refused_before_training(tmp_path, capsys):
+    # the exported single-expert ViT equals the routed model only at top-1; the run refuses
+    # before any stage, rather than after training
+    run = tmp_path / "topk"
+    code = cli.main(["run", "configs/moce_fashion.yaml", *TINY, f"run.dir={run}",
+                     "method.moce_top_k=2", "run.stages=[train,search]"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "method.moce_top_k=1" in err and "Traceback" not in err
+    assert not (run / "train").exists()
+    code = cli.main(["search", "configs/moce_fashion.yaml", *TINY, f"run.dir={run}",
+                     "method.moce_top_k=2"])
+    assert code == 2 and "method.moce_top_k=1" in capsys.readouterr().err

@@ -433,6 +433,21 @@ def search_done(cfg: Config) -> bool:
     return stored == _search_key(cfg, ck)
 
 
+def check_searchable(cfg: Config) -> None:
+    """Expert search exports one expert per MoE block, a normal-size ViT that equals the MoCE
+    model only when every image takes one expert per block (``method.moce_top_k=1``); with
+    top-k > 1 the routed model mixes k experts and no single-expert ViT reproduces it."""
+    if cfg.method.name != "moce":
+        raise ConfigError(f"the search stage exports an expert of a MoCE model; this run's "
+                          f"method is {cfg.method.name!r} (set method.name=moce)")
+    if cfg.method.moce_top_k != 1:
+        raise ConfigError(
+            f"the search stage exports one expert per MoE block, which is the MoCE model only "
+            f"with method.moce_top_k=1 (this run has {cfg.method.moce_top_k}: each image mixes "
+            f"{cfg.method.moce_top_k} experts); train with method.moce_top_k=1, or drop search "
+            "from run.stages and evaluate the MoCE checkpoint itself")
+
+
 def run_search(cfg: Config) -> Path:
     """Expert search for ``eval.dataset``'s train split (``eval.classes``, ``eval.limit_train``):
     writes RUN/search/expert.safetensors (a dense MAE checkpoint) and RUN/search/search.json."""
@@ -441,11 +456,13 @@ def run_search(cfg: Config) -> Path:
     from synrep.train.loop import final_checkpoint
     from synrep.utils import write_json_atomic
 
+    check_searchable(cfg)
     ck = final_checkpoint(cfg)
     if not ck.is_file():
         raise ConfigError(f"no trained MoCE checkpoint at {str(ck)!r}: run the train stage first")
     device = torch.device(cfg.run.device)
     model = load_moce(ck, device)
+    check_searchable(model.cfg)  # the checkpoint's own routing, whatever this config says
     feat_path = model.cfg.method.moce_features
     if not feat_path or not Path(feat_path).is_file():
         raise ConfigError(

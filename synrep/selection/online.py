@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,10 +60,11 @@ def _check_reference(cfg: Config) -> None:
             "set (or use selection.score=hard_learner)")
 
 
-def check_selection(cfg: Config, b: int) -> int:
-    """Validate ``cfg.selection`` for selecting ``b`` groups per super-batch; return ``B``."""
+def check_selection(cfg: Config, b: int, big: int | None = None) -> int:
+    """Validate ``cfg.selection`` for selecting ``b`` groups per super-batch; return ``B``
+    (``b / (1 - f)``, or ``big`` where the caller fixed it, as the offline stage does)."""
     s = cfg.selection
-    big = super_batch_size(b, s.filter_ratio)
+    big = super_batch_size(b, s.filter_ratio) if big is None else big
     if s.chunks < 1 or (s.joint and s.chunks > b):
         raise ConfigError(
             f"selection.chunks={s.chunks} must be in [1, {b}]: each chunk adds at least one of "
@@ -170,32 +172,40 @@ def reference_embeddings(cfg: Config, images: Tensor, size: int, device: torch.d
     """
     path = cfg.run_dir / "train" / "reference_embeddings.safetensors"
     meta = _cache_meta(cfg, images.shape[0], images.shape[1], size)
-    if dist.is_main():
-        cached = None
-        if path.exists():
-            with safe_open(str(path), framework="pt") as f:
-                if json.loads((f.metadata() or {}).get("synrep", "{}")).get("key") == meta:
-                    cached = f.get_tensor("embeddings")
-        if cached is None:
-            model = load_frozen(cfg.selection.reference, cfg, "reference", device)
+    cached = False
+    if path.exists():
+        with safe_open(str(path), framework="pt") as f:
+            cached = json.loads((f.metadata() or {}).get("synrep", "{}")).get("key") == meta
+    if not cached:
+        # every rank loads the reference and embeds one group, so that a checkpoint that does
+        # not fit (channels, embedding size) stops every rank at once, before the pool's pass
+        model = load_frozen(cfg.selection.reference, cfg, "reference", device)
+        with torch.no_grad():
+            probe = score_groups(model, images[:1].to(device), size)
+        _check_reference_dim(cfg, probe.shape[-1], learner_dim)
+        if dist.is_main():
             emb, flops = embed_pool(model, images, size, device, desc="reference embeddings")
-            del model
-            tmp = path.with_name(path.name + ".tmp")
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file({"embeddings": emb.contiguous()}, str(tmp),
                       metadata={"synrep": json.dumps({"key": meta, "flops": flops})})
             tmp.replace(path)
+        del model
     dist.barrier()
     with safe_open(str(path), framework="pt") as f:
         emb = f.get_tensor("embeddings")
         flops = float(json.loads(f.metadata()["synrep"])["flops"])
-    if emb.shape[-1] != learner_dim:
+    _check_reference_dim(cfg, emb.shape[-1], learner_dim)  # a cache made for another learner
+    return emb, flops
+
+
+def _check_reference_dim(cfg: Config, dim: int, learner_dim: int) -> None:
+    if dim != learner_dim:
         raise CheckpointError(
-            f"selection.reference={cfg.selection.reference!r} embeds images in {emb.shape[-1]} "
+            f"selection.reference={cfg.selection.reference!r} embeds images in {dim} "
             f"dimensions but the learner in {learner_dim}; learnability subtracts the two "
             "models' losses, so train the reference with this run's method.proj_dim "
             f"({learner_dim})")
-    return emb, flops
 
 
 @dataclass
@@ -326,15 +336,16 @@ def select_offline(cfg: Config) -> Path:
 
     s = cfg.selection
     device = resolve_device(cfg)
-    big = s.super_batch or check_selection(cfg, cfg.train.batch_size)
-    if s.super_batch is not None:
+    if s.super_batch is None:
+        big = check_selection(cfg, cfg.train.batch_size)
+    else:
         if s.super_batch < 1:
             raise ConfigError(f"selection.super_batch must be >= 1 or null, got {s.super_batch}")
         try:
-            jest.selected_count(big, s.filter_ratio)
+            b = jest.selected_count(s.super_batch, s.filter_ratio)
         except ValueError as e:
-            raise ConfigError(f"selection: {e}") from None
-    _check_reference(cfg)
+            raise ConfigError(f"selection (super_batch={s.super_batch}): {e}") from None
+        big = check_selection(cfg, b, big=s.super_batch)
     if s.score != "easy_reference" and not s.learner:
         raise ConfigError(
             f"the select stage with selection.score={s.score} needs a learner model: set "
@@ -369,7 +380,7 @@ def select_offline(cfg: Config) -> Path:
     for start in tqdm(range(0, len(order), big), desc="select", dynamic_ncols=True):
         part = order[start:start + big]
         b = jest.selected_count(len(part), s.filter_ratio)
-        chunks = min(s.chunks, b)
+        chunks = min(s.chunks, b)  # only the last, partial super-batch can keep fewer than chunks
         sub = {r: None if z is None else z[part].to(device) for r, z in emb.items()}
         sel, _ = select_groups(sub["learner"], sub["reference"], b, sel_gen, score=s.score,
                                joint=s.joint, chunks=chunks, temperature=s.temperature,
