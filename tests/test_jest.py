@@ -436,3 +436,47 @@ def test_merged_log1p_row_sums_match_float64():
     assert _merge_limit(100.0) == 0 and _merge_limit(math.nan) == 0
     with pytest.raises(ValueError, match="precision"):
         SigmoidPairs(torch.randn(4, 3), torch.randn(4, 3), 10.0, -10.0, "fp16")
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element count of the largest tensor any op produces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "softmax", "multipos", "groups"])
+def test_samplers_never_build_a_super_batch_square(kind):
+    # B = 8,192 candidates, b = 32 kept: B * b is 256x smaller than B * B, so any (B, B)
+    # temporary (identity, probabilities, pair scores) shows up as the largest tensor
+    from synrep.selection.jest import MultiposGroups
+
+    big, b, d, g = 8192, 32, 8, gen(0)
+
+    def unit(*shape):
+        return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+    def pairs():
+        if kind == "sigmoid":
+            return SigmoidPairs(unit(big, d), unit(big, d), 10.0, -5.0)
+        if kind == "softmax":
+            return SoftmaxPairs(unit(big, d), unit(big, d), 0.1)
+        if kind == "multipos":
+            return MultiposPairs(unit(big, d), torch.arange(big) // 4, 0.1)
+        return MultiposGroups(unit(big // 4, 4, d), 0.1)  # 2,048 groups of 4 images
+
+    learner, reference = pairs(), pairs()
+    mode = _LargestTensor()
+    with mode:
+        sel = joint_sample_from_embeddings(learner, reference, b, 4, gen(1))
+    assert len(set(sel.tolist())) == b
+    # the bound the samplers promise, O(B d + B b) (a dense sampler's largest is B * B, 256x more)
+    assert mode.largest <= big * (b + d), mode.largest
