@@ -56,6 +56,16 @@ def test_patchify_matches_loop_and_round_trips():
         patchify(x, 4)
 
 
+def test_random_masking_with_given_noise_keeps_its_lowest_tokens():
+    x = torch.randn(2, 6, 3)
+    noise = torch.tensor([[0.9, 0.1, 0.5, 0.3, 0.8, 0.2], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]])
+    vis, mask, _ = random_masking(x, 0.5, None, noise=noise)
+    assert mask.tolist() == [[1, 0, 1, 0, 1, 0], [0, 0, 0, 1, 1, 1]]
+    torch.testing.assert_close(vis[0], x[0, [1, 5, 3]])  # in order of rising noise
+    with pytest.raises(ValueError, match="noise must have shape"):
+        random_masking(x, 0.5, None, noise=noise[:, :5])
+
+
 @pytest.mark.parametrize("ratio", [0.75, 0.5, 0.99])
 def test_random_masking(ratio):
     b, n, d = 8, 16, 3

@@ -15,6 +15,7 @@ from synrep.cluster import kmeans, load_clusters, nearest
 from synrep.config import Config
 from synrep.errors import CheckpointError, ConfigError, DataError
 from synrep.eval.stage import load_encoder
+from synrep.methods import mae as mae_module
 from synrep.methods.moce import (
     MoCE,
     MoEMlp,
@@ -362,6 +363,69 @@ def test_moe_blocks_train_the_same_under_two_gloo_processes(tmp_path):
     for k, v in single.state_dict().items():
         torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6)
     assert not torch.equal(ddp["gate.weight"], _fresh_moe().gate.weight.detach())
+
+
+# The whole MoCE model (routing by cluster, attention, decoder, gathered balance terms) under
+# DDP. Augmentation and masking are random per batch, so one process on 8 images and two on 4
+# each would draw differently: here each image keeps its own fixed mask and un-augmented view.
+_MASK_NOISE = torch.rand(8, 16, generator=torch.Generator().manual_seed(3))  # 8 images, 16 patches
+_BATCH_INDEX: list[torch.Tensor] = []
+
+
+def _fixed_masks(x, ratio, g, _orig=mae_module.random_masking):
+    return _orig(x, ratio, g, noise=_MASK_NOISE[_BATCH_INDEX[-1]])
+
+
+def _moce_steps(model, batch, steps: int = 3) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(steps):
+        _BATCH_INDEX.append(batch["index"])
+        out = model(batch, torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+
+
+def _moce_for_ddp() -> MoCE:
+    model = _model().train()
+    _training_batch(model, 8)  # binds images 0..7 to clusters round-robin
+    model.augment = lambda x, g: x.float() / 255.0
+    return model
+
+
+def _moce_batch() -> dict:
+    g = torch.Generator().manual_seed(4)
+    return {"images": torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8, generator=g),
+            "index": torch.arange(8)}
+
+
+def _moce_ddp_worker(rank: int, world: int, out_path: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    mae_module.random_masking = _fixed_masks
+    model = _moce_for_ddp()
+    batch = {k: v[rank * 4:(rank + 1) * 4] for k, v in _moce_batch().items()}
+    _moce_steps(DDP(model), batch)
+    if rank == 0:
+        torch.save({k: v.detach() for k, v in model.state_dict().items()}, out_path)
+
+
+def test_moce_model_trains_the_same_under_two_gloo_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(mae_module, "random_masking", _fixed_masks)
+    single = _moce_for_ddp()
+    start = {k: v.clone() for k, v in single.state_dict().items()}
+    _moce_steps(single, _moce_batch())
+    out = tmp_path / "ddp.pt"
+    run_gloo(_moce_ddp_worker, 2, str(out))
+    ddp = torch.load(out)
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-6, msg=k)
+    gates = [k for k in start if ".mlp.gate." in k]
+    experts = [k for k in start if ".mlp.experts." in k]
+    assert gates and experts
+    assert all(not torch.equal(start[k], ddp[k]) for k in gates)  # the gates trained
+    assert sum(not torch.equal(start[k], ddp[k]) for k in experts) > len(experts) // 2
 
 
 # --- errors ----------------------------------------------------------------------------------

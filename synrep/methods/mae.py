@@ -60,7 +60,8 @@ def unpatchify(patches: torch.Tensor, p: int, c: int, grid: tuple[int, int] | No
     return x.reshape(b, c, gh * p, gw * p)
 
 
-def random_masking(x: torch.Tensor, ratio: float, g: torch.Generator
+def random_masking(x: torch.Tensor, ratio: float, g: torch.Generator | None,
+                   noise: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep a random ``1 - ratio`` of the tokens of each sequence, as MAE's ``random_masking``.
 
@@ -69,11 +70,16 @@ def random_masking(x: torch.Tensor, ratio: float, g: torch.Generator
     original order; ``ids_restore`` (B, L) long, the inverse permutation:
     ``shuffled.gather(1, ids_restore)`` puts a shuffled sequence back in the original order.
     The noise comes from ``g`` (a generator on ``x``'s device), so the masks are a pure function
-    of the generator's state.
+    of the generator's state; or pass ``noise`` (B, L) yourself (the lowest ``K`` of each row are
+    kept), for masks chosen by another rule.
     """
     b, n, d = x.shape
     keep = max(1, int(round(n * (1 - ratio))))
-    noise = torch.rand(b, n, generator=g, device=x.device)
+    if noise is None:
+        noise = torch.rand(b, n, generator=g, device=x.device)
+    elif noise.shape != (b, n):
+        raise ValueError(f"noise must have shape {(b, n)} (batch, tokens), got "
+                         f"{tuple(noise.shape)}")
     ids_shuffle = noise.argsort(dim=1)  # ascending: the first `keep` are kept
     ids_restore = ids_shuffle.argsort(dim=1)
     ids_keep = ids_shuffle[:, :keep]
