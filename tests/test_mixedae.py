@@ -5,6 +5,7 @@ encoder keeps timm's attention; clear config errors; a tiny CLI run on Fashion-M
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -153,3 +154,32 @@ def test_decoder_input_per_source():
             for j in range(16):
                 want = emb[gi, 1 + j] if source[gi, j] == s else m.mask_token
                 torch.testing.assert_close(row[1 + j], want + seg[s])
+
+
+def test_homologous_contrastive_loss_pairs_each_sources_halves():
+    """Every token of a source carries the same vector, so whatever random split the loss draws,
+    both half-averages are that vector: the loss is InfoNCE between the projected source vectors,
+    written out here row by row (positive: the same source's other half; negatives: every other
+    half of the batch)."""
+    cfg = load_config("configs/mixedae_fashion.yaml", [
+        "method.mae_decoder_dim=32", "method.mae_decoder_heads=2", "method.mae_decoder_depth=1"])
+    m = build_method(cfg).eval()
+    g = torch.Generator().manual_seed(7)
+    n_groups, n_src, n_pos, d = 2, m.n_src, m.n_pos, 192
+    source = mix_patches(torch.zeros(n_groups * n_src, n_pos, 1), 1.0 / n_src, g)[1]  # (G, N)
+    vec = torch.randn(n_groups, n_src, d, generator=g)  # one vector per source
+    latent = torch.randn(n_groups, m.num_prefix + n_pos, d, generator=g)
+    latent[:, m.num_prefix:] = vec.gather(1, source.unsqueeze(-1).expand(-1, -1, d))
+    with torch.no_grad():
+        got = m.contrastive_loss(latent, source, torch.Generator().manual_seed(8))
+        z = torch.nn.functional.normalize(m.contrastive_head(vec.reshape(-1, d)), dim=-1)
+    t, rows = m.temperature, []
+    zz = torch.cat([z, z])  # first halves, then second halves, source by source
+    for i in range(len(zz)):
+        pos = (i + len(z)) % len(zz)
+        logits = [float(zz[i] @ zz[j]) / t for j in range(len(zz)) if j != i]
+        rows.append(math.log(sum(math.exp(v) for v in logits)) - float(zz[i] @ zz[pos]) / t)
+    assert got.item() == pytest.approx(sum(rows) / len(rows), rel=1e-5)
+    # a different split of each source's positions changes nothing here
+    again = m.contrastive_loss(latent, source, torch.Generator().manual_seed(9))
+    assert again.item() == pytest.approx(got.item(), rel=1e-6)
