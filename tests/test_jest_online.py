@@ -278,3 +278,39 @@ def test_sampler_precision_follows_the_training_precision(monkeypatch):
                                  ("fp32", "bf16", "bf16")):
             cfg = load_config(CONFIG, [f"train.precision={train}", f"selection.precision={sel}"])
             assert online.sampler_precision(cfg, cpu) == want, (native, train, sel)
+
+
+def test_reference_embeddings_are_cached_by_reference_data_and_size(pool, tmp_path, monkeypatch):
+    import synrep.selection.online as online
+    from synrep.config import load_config
+    from synrep.errors import CheckpointError
+
+    cfg = load_config(CONFIG, [*pool["base"], f"selection.reference={pool['reference']}",
+                               f"run.dir={tmp_path / 'run'}"])
+    images = torch.randint(0, 256, (6, 2, 1, 28, 28), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    cpu = torch.device("cpu")
+    first, flops = online.reference_embeddings(cfg, images, 28, cpu, 128)
+    assert first.shape == (6, 2, 128) and flops > 0
+    # the cached embeddings are the frozen reference's, group by group
+    model = online.load_frozen(pool["reference"], cfg, "reference", cpu)
+    torch.testing.assert_close(first, online.score_groups(model, images, 28))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the reference was loaded again")
+
+    monkeypatch.setattr(online, "load_frozen", no_model)
+    again, again_flops = online.reference_embeddings(cfg, images, 28, cpu, 128)
+    assert torch.equal(again, first) and again_flops == flops  # reused, FLOPs as first spent
+    with pytest.raises(CheckpointError, match="embeds images in 128 dimensions"):
+        online.reference_embeddings(cfg, images, 28, cpu, 64)  # a learner of another size
+    monkeypatch.undo()
+    for size, imgs in ((14, images), (28, images[:4])):  # another scoring size, other data
+        emb, _ = online.reference_embeddings(cfg, imgs, size, cpu, 128)
+        assert emb.shape == (len(imgs), 2, 128)
+    # a retrained reference (same path, new file) is not served from the cache
+    ref = Path(pool["reference"])
+    os.utime(ref, ns=(ref.stat().st_atime_ns, ref.stat().st_mtime_ns + 10**9))
+    monkeypatch.setattr(online, "load_frozen", no_model)
+    with pytest.raises(AssertionError, match="loaded again"):
+        online.reference_embeddings(cfg, images[:4], 28, cpu, 128)
