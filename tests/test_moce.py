@@ -204,6 +204,41 @@ def test_search_picks_the_expert_of_the_matching_clusters():
         search_experts(model, torch.randn(3, 7))
 
 
+def test_search_picks_the_experts_that_trained_on_the_matching_cluster():
+    """Train a MoCE model on two clusters of images (bright squares / dark stripes), count which
+    expert of each MoE block every cluster's images went through during training, then search
+    with downstream features from each cluster: the search must export those experts."""
+    model = _model(gate_dim=4, moce_clusters=2, moce_experts=2, moce_importance_weight=1.0,
+                   moce_load_weight=1.0).train()
+    model.centroids.copy_(torch.eye(4)[:2])
+    g = torch.Generator().manual_seed(0)
+    bright = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
+    bright[:, :, 7:21, 7:21] = 230
+    dark = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
+    dark[:, :, :, ::4] = 90
+    images = torch.stack([bright, dark], 1).flatten(0, 1)  # cluster of image i: i % 2
+    model._assign = torch.arange(8) % 2
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    trained = torch.zeros(2, len(model.moe_layers), 2)  # (cluster, block, expert) images seen
+    batch = {"images": images, "index": torch.arange(8)}
+    for _ in range(30):
+        with torch.no_grad():
+            for b, p in enumerate(model.gate_probs(model._assign)):
+                trained[:, b].index_add_(0, model._assign,
+                                         torch.nn.functional.one_hot(p.argmax(1), 2).float())
+        out = model(batch, g)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    routes = [trained[c].argmax(1).tolist() for c in range(2)]
+    assert routes[0] != routes[1]  # the balance terms gave the two clusters different experts
+    for c in range(2):
+        down = torch.eye(4)[c] + 0.05 * torch.randn(25, 4, generator=g)
+        found = search_experts(model.eval(), down)
+        assert found.chosen == routes[c]
+        assert found.cluster_hist.tolist() == [25 if k == c else 0 for k in range(2)]
+
+
 def _set_routes(model: MoCE, routes: dict[int, tuple[int, ...]]) -> None:
     """Gate weights sending cluster c (centroid on axis c) through ``routes[c]``: its standardised
     centroid is positive on axis c only, so a weight of 20 there wins the top-1."""
