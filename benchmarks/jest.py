@@ -75,6 +75,7 @@ POLICIES = {  # name -> selection overrides
 }
 # Policies whose reference is trained at mixed resolution (the others use the plain reference)
 MIXED_REFERENCE = {"flexi_mixed_learnability"}
+REF_STEPS = 400  # the reference's default training steps
 LEARNABILITY = ("learnability", "flexi_learnability", "learnability_2_images",
                 "flexi_mixed_learnability")
 BASE_EVERY = 50  # probe spacing of the main table
@@ -229,9 +230,11 @@ def kind_shares(run_dir: Path, kinds: list[str]) -> dict[str, float] | None:
 
 
 def pool_tag(args) -> str:
-    """The suffix naming a pool other than the default one (its runs and results key)."""
+    """The suffix naming a pool other than the default one, or a reference trained for other
+    than the default steps (its runs and results key)."""
     tag = f"_redundant{round(100 * args.redundant)}" if args.redundant else ""
-    return tag + (f"_collapsed{round(100 * args.collapsed)}" if args.collapsed else "")
+    tag += f"_collapsed{round(100 * args.collapsed)}" if args.collapsed else ""
+    return tag + (f"_ref{args.ref_steps}" if args.ref_steps != REF_STEPS else "")
 
 
 def result_key(args, seed: int | None = None) -> str:
@@ -317,7 +320,11 @@ def selection_part(args, results: dict) -> list[str]:
                          collapsed=args.collapsed)
     shards = work / "noisy" / "shards"
     references = {}
-    for ref_name, extra in (("reference", []), ("reference_mixed", MIXED)):
+    policies = ["uniform", *[p for p in (args.policies or POLICIES) if p != "uniform"]]
+    kinds_of_reference = [("reference", [])]
+    if MIXED_REFERENCE & set(policies):  # trained only for the policies that score with it
+        kinds_of_reference.append(("reference_mixed", MIXED))
+    for ref_name, extra in kinds_of_reference:
         ref_dir = work / ref_name
         _check(synrep(["train", QUICKSTART, f"run.dir={ref_dir}",
                        f"data.shards={work / 'noisy' / 'curated'}",
@@ -330,7 +337,6 @@ def selection_part(args, results: dict) -> list[str]:
     uniform_dir = train_policy(args, work, "uniform", shards, reference, BASE_EVERY)
     uniform_curve = curve(args, uniform_dir)
     target = uniform_curve[args.steps]
-    policies = ["uniform", *[p for p in (args.policies or POLICIES) if p != "uniform"]]
     for name in policies:
         ref = references["reference_mixed" if name in MIXED_REFERENCE else "reference"]
         run_dir = uniform_dir if name == "uniform" else train_policy(args, work, name, shards, ref,
@@ -615,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
                         "results under selection_every<n>)")
     p.add_argument("--policies", type=lambda x: [v for v in x.split(",") if v], default=None,
                    help=f"comma-separated subset of {','.join(POLICIES)} (uniform always runs)")
-    p.add_argument("--ref-steps", type=int, default=400, help="reference training steps")
+    p.add_argument("--ref-steps", type=int, default=REF_STEPS,
+                   help="reference training steps (another value gets its own runs and key)")
     p.add_argument("--cost-reps", type=int, default=7)
     p.add_argument("--redundant", type=float, default=0.0,
                    help="selection: also turn this share of the pool into exact copies of "
