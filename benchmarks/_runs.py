@@ -31,6 +31,21 @@ def run(config: str, run_dir: Path, overrides: list[str]) -> dict:
     return res
 
 
+QUICK_EVAL_LIMITS = (2000, 1000)  # --quick: seeded subsets of the real train / test images
+
+
+def run_options(args) -> list[str]:
+    """The overrides that ``--quick`` (a smoke test: small evaluation subsets) and ``--threads``
+    add to every run of a benchmark."""
+    over = []
+    if args.quick:
+        over += [f"eval.limit_train={QUICK_EVAL_LIMITS[0]}",
+                 f"eval.limit_test={QUICK_EVAL_LIMITS[1]}"]
+    if args.threads > 0:
+        over.append(f"run.threads={args.threads}")
+    return over
+
+
 def write_results(path: Path, results: dict) -> None:
     """Write a benchmark's results as indented JSON (folders made as needed)."""
     path.parent.mkdir(parents=True, exist_ok=True)

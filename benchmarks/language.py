@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _runs import run, verdict, write_results  # noqa: E402
+from _runs import QUICK_EVAL_LIMITS, run, run_options, verdict, write_results  # noqa: E402
 
 from synrep.config import Config, load_config  # noqa: E402
 
@@ -77,7 +77,6 @@ RUNS: dict[str, tuple[str, str, bool, list[str]]] = {
 # One evaluation for every run, whatever its config says.
 EVAL = ["eval.protocols=[linear,knn,zeroshot]", "eval.pool=cls+avg", "eval.n_last_blocks=4",
         "eval.weights=student", "eval.knn_k=20", "eval.linear_cs=[1.0,10.0,100.0,1000.0]"]
-QUICK_EVAL_LIMITS = (2000, 1000)  # --quick: seeded subsets of the real train / test images
 QUICK_STEPS = 20
 
 
@@ -133,11 +132,7 @@ def train_run(args, name: str, zeroshot: str) -> dict:
     over = [f"run.stages={stages}", f"train.steps={args.steps}",
             f"train.batch_size={captions}", "data.source=shards",
             f"data.shards={QUICKSTART_DIR / 'images'}", *extra, *EVAL, zeroshot]
-    if args.quick:
-        over += [f"eval.limit_train={QUICK_EVAL_LIMITS[0]}",
-                 f"eval.limit_test={QUICK_EVAL_LIMITS[1]}"]
-    if args.threads > 0:
-        over.append(f"run.threads={args.threads}")
+    over += run_options(args)
     run_dir = Path(args.work) / f"{'quick_' if args.quick else ''}{name}_{args.steps}"
     print(f"\n== {label}: synrep run {config} run.dir={run_dir} {' '.join(over)}", flush=True)
     res = run(config, run_dir, over)

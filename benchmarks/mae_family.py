@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _runs import run, verdict, write_results  # noqa: E402
+from _runs import QUICK_EVAL_LIMITS, run, run_options, verdict, write_results  # noqa: E402
 
 from synrep.config import Config, load_config  # noqa: E402
 
@@ -71,7 +71,6 @@ PROBES: dict[str, tuple[str, str]] = {
 EVAL = ["eval.protocols=[linear,knn]", "eval.pool=cls+avg", "eval.n_last_blocks=4",
         "eval.weights=student", "eval.knn_k=20",
         "eval.linear_cs=[0.001,0.01,0.1,1.0,10.0,100.0,1000.0]"]
-QUICK_EVAL_LIMITS = (2000, 1000)  # --quick: seeded subsets of the real train / test images
 
 
 def _batch_overrides(groups: bool, cfg: Config) -> list[str]:
@@ -208,11 +207,7 @@ def probe_run(args, name: str) -> dict:
                              "train images this row needs")
     else:
         over += ["data.source=shards", f"data.shards={args.shards}"]
-    if args.quick:
-        over += [f"eval.limit_train={QUICK_EVAL_LIMITS[0]}",
-                 f"eval.limit_test={QUICK_EVAL_LIMITS[1]}"]
-    if args.threads > 0:
-        over.append(f"run.threads={args.threads}")
+    over += run_options(args)
     run_dir = Path(args.work) / f"{'quick_' if args.quick else ''}{name}_{args.steps}"
     res = run(config, run_dir, over)
     summary = json.loads((run_dir / "train" / "summary.json").read_text())
