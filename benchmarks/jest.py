@@ -245,37 +245,59 @@ def result_key(args, seed: int | None = None) -> str:
 
 
 def selection_seeds(args, results: dict) -> list[str]:
-    """The selection part for each of ``--seeds``; with several, their summary decides."""
+    """The selection part for each of ``--seeds``; with several (or with ``--summarize``), the
+    summary over them decides."""
     fails = []
     for seed in args.seeds:
         args.seed = seed
         fails += [f"seed {seed}: {f}" for f in selection_part(args, results)]
-    if len(args.seeds) == 1:
+    seeds = args.summarize or args.seeds
+    if len(seeds) == 1:
         return fails
-    return seed_summary(args, results)
+    return seed_summary(args, results, seeds)
 
 
-def seed_summary(args, results: dict) -> list[str]:
+def stored_seed_results(args, results: dict, seeds: list[int]) -> dict[int, dict]:
+    """Each seed's stored selection results, checked to be runs of this benchmark's settings."""
+    runs = {}
+    for s in seeds:
+        key = result_key(args, s)
+        if key not in results:
+            raise SystemExit(f"no results for seed {s} under {key!r} in {args.json}: run it with "
+                             f"--seeds {s} (and the same --every, --ref-steps and pool options)")
+        r = results[key]
+        if (r["steps"], r["every"]) != (args.steps, args.every):
+            raise SystemExit(f"{key!r} was run with --steps {r['steps']} --every {r['every']}, "
+                             f"not {args.steps} and {args.every}: it cannot be summarised here")
+        runs[s] = r
+    return runs
+
+
+def seed_summary(args, results: dict, seeds: list[int]) -> list[str]:
     """Means over the seeds of steps to uniform's final accuracy (a policy that never reaches it
     counts as ``--steps`` + ``--every``, and is flagged) and of the final accuracy; the targets
-    are judged on these means."""
-    runs = {s: results[result_key(args, s)] for s in args.seeds}
-    names = list(runs[args.seeds[0]]["policies"])
+    are judged on these means. Only the policies run in every seed are summarised."""
+    runs = stored_seed_results(args, results, seeds)
+    names = [n for n in runs[seeds[0]]["policies"]
+             if all(n in runs[s]["policies"] for s in seeds)]
+    left_out = sorted({n for s in seeds for n in runs[s]["policies"]} - set(names))
     miss = args.steps + args.every
     summary: dict[str, dict] = {}
-    print(f"\nOver seeds {', '.join(map(str, args.seeds))} (probed every {args.every} steps; "
+    print(f"\nOver seeds {', '.join(map(str, seeds))} (probed every {args.every} steps; "
           f"not reached counts as {miss})\n")
+    if left_out:
+        print(f"not run in every seed, so not summarised: {', '.join(left_out)}\n")
     print("| policy | steps to uniform's final, per seed | mean | final top-1, per seed | mean |")
     print("|---|---|---|---|---|")
     for name in names:
-        steps = [runs[s]["policies"][name]["steps_to_target"] for s in args.seeds]
-        finals = [runs[s]["policies"][name]["final_top1"] for s in args.seeds]
+        steps = [runs[s]["policies"][name]["steps_to_target"] for s in seeds]
+        finals = [runs[s]["policies"][name]["final_top1"] for s in seeds]
         mean_steps = statistics.fmean(miss if x is None else x for x in steps)
         summary[name] = {"steps_to_target": steps, "mean_steps": mean_steps,
                          "final_top1": finals, "mean_final": statistics.fmean(finals),
-                         "flops_per_step": runs[args.seeds[0]]["policies"][name]["flops_per_step"],
+                         "flops_per_step": runs[seeds[0]]["policies"][name]["flops_per_step"],
                          "reference_pool_flops":
-                             runs[args.seeds[0]]["policies"][name]["reference_pool_flops"]}
+                             runs[seeds[0]]["policies"][name]["reference_pool_flops"]}
         shown = " / ".join("not reached" if x is None else str(x) for x in steps)
         print(f"| {name} | {shown} | {mean_steps:.1f} | "
               f"{' / '.join(f'{f:.2f}' for f in finals)} | {summary[name]['mean_final']:.2f} |")
@@ -305,8 +327,10 @@ def seed_summary(args, results: dict) -> list[str]:
         if not beats:
             fails.append(f"mean {best['steps_ratio']} vs {other}")
     key = "selection" if args.every == BASE_EVERY else f"selection_every{args.every}"
-    results[key + pool_tag(args) + "_seeds"] = {"seeds": args.seeds, "not_reached_counts_as": miss,
-                                                "policies": summary, "checked": best}
+    seeds_key = "_seeds" if seeds == [0, 1, 2] else "_seeds" + "".join(map(str, seeds))
+    results[key + pool_tag(args) + seeds_key] = {"seeds": seeds, "not_reached_counts_as": miss,
+                                                 "policies": summary, "checked": best,
+                                                 "left_out": left_out}
     return fails
 
 
@@ -638,6 +662,10 @@ def main(argv: list[str] | None = None) -> int:
                         "selection..._seed<n>; with several, the targets are judged on their "
                         "means (selection..._seeds)")
     p.add_argument("--seed", type=int, default=None, help="one seed (the same as --seeds n)")
+    p.add_argument("--summarize", type=int, nargs="+", default=None,
+                   help="selection: judge the targets on the means over these seeds, reading "
+                        "the ones not in --seeds from the results file (they must have been run "
+                        "with the same settings); results under selection..._seeds<list>")
     p.add_argument("--json", default="benchmarks/results/jest.json")
     args = p.parse_args(argv)
     if args.policies and set(args.policies) - set(POLICIES):

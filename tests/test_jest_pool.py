@@ -80,3 +80,57 @@ def test_collapsed_pool_repeats_one_image(bench, pool, tmp_path):
     assert all(g.key in clean_keys for g in iter_groups(tmp_path / "noisy" / "curated"))
     with pytest.raises(SystemExit, match="at most"):
         bench.corrupt_pool(src, tmp_path / "too_many", redundant=0.1, collapsed=0.1)
+
+
+def _seed_result(steps: dict[str, int | None], finals: dict[str, float], run_steps: int = 400,
+                 every: int = 25) -> dict:
+    return {"steps": run_steps, "every": every,
+            "policies": {n: {"steps_to_target": steps[n], "final_top1": finals[n],
+                             "flops_per_step": 100.0 if n == "uniform" else 150.0,
+                             "reference_pool_flops": 0.0} for n in steps}}
+
+
+def test_seed_summary_reads_stored_seeds_and_judges_the_means(bench, tmp_path):
+    args = bench.argparse.Namespace(steps=400, every=25, redundant=0.0, collapsed=0.0,
+                                    ref_steps=bench.REF_STEPS, json=str(tmp_path / "r.json"))
+    results = {
+        "selection_every25": _seed_result(
+            {"uniform": 300, "learnability": 100, "easy_reference": 200, "hard_learner": None},
+            {"uniform": 82.0, "learnability": 83.0, "easy_reference": 82.5, "hard_learner": 81.0}),
+        "selection_every25_seed3": _seed_result(
+            {"uniform": 200, "learnability": 150, "easy_reference": 150},
+            {"uniform": 81.0, "learnability": 82.0, "easy_reference": 81.5}),
+    }
+    fails = bench.seed_summary(args, results, [0, 3])
+    out = results["selection_every25_seeds03"]
+    assert out["seeds"] == [0, 3]
+    assert out["left_out"] == ["hard_learner"]  # not run in seed 3: not averaged over one seed
+    lr = out["policies"]["learnability"]
+    assert lr["mean_steps"] == 125.0 and lr["steps_ratio"] == 250.0 / 125.0
+    assert lr["flops_ratio"] == (250.0 * 100.0) / (125.0 * 150.0)  # 1.33x
+    assert out["policies"]["easy_reference"]["mean_steps"] == 175.0
+    assert fails == []  # 2.0x steps, 1.33x FLOPs, beats easy reference (125 < 175)
+
+    # a learner slower than easy reference on the means is a miss
+    results["selection_every25_seed3"]["policies"]["learnability"]["steps_to_target"] = 300
+    assert "mean learnability vs easy_reference" in bench.seed_summary(args, results, [0, 3])
+
+    # never reaching the target counts as --steps + --every
+    results["selection_every25_seed3"]["policies"]["learnability"]["steps_to_target"] = None
+    bench.seed_summary(args, results, [0, 3])
+    assert results["selection_every25_seeds03"]["policies"]["learnability"]["mean_steps"] == (
+        100 + 425) / 2
+
+
+def test_seed_summary_refuses_missing_or_other_runs(bench, tmp_path):
+    args = bench.argparse.Namespace(steps=400, every=25, redundant=0.0, collapsed=0.0,
+                                    ref_steps=bench.REF_STEPS, json=str(tmp_path / "r.json"))
+    one = _seed_result({"uniform": 300, "learnability": 100},
+                       {"uniform": 82.0, "learnability": 83.0})
+    with pytest.raises(SystemExit, match="no results for seed 1"):
+        bench.seed_summary(args, {"selection_every25": one}, [0, 1])
+    other = _seed_result({"uniform": 300, "learnability": 100},
+                         {"uniform": 82.0, "learnability": 83.0}, run_steps=200)
+    with pytest.raises(SystemExit, match="--steps 200"):
+        bench.seed_summary(args, {"selection_every25": one, "selection_every25_seed1": other},
+                           [0, 1])
