@@ -30,7 +30,11 @@ on a validation split, and kNN (k = 20). One table; the two checks printed besid
         meets it on both halves; exit status 1 otherwise)
 
     python benchmarks/negative_transfer.py [--steps 500] [--seeds 0] [--upcycle] [--precision auto]
-        [--quick]
+        [--quick] [--set KEY=VALUE ...]
+
+On one GPU, where budgets ten times longer fit:
+
+    python benchmarks/negative_transfer.py --steps 5000 --set run.device=cuda --precision auto
 
 Runs are ordinary resumable synrep runs under ``runs/bench/negative_transfer/`` (``--work``):
 finished ones are reused. Results: ``benchmarks/results/negative_transfer.json``.
@@ -39,6 +43,7 @@ finished ones are reused. Results: ``benchmarks/results/negative_transfer.json``
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -178,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
                    help="train.precision of every pretraining run (the README's table: fp32)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every pretraining run (for example "
+                        "run.device=cuda); the runs go to a folder of their own")
     p.add_argument("--work", default="runs/bench/negative_transfer")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -187,11 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work) / (f"quick_{steps}" if args.quick else f"steps_{steps}")
     if args.precision != "fp32":
         work = work.with_name(f"{work.name}_{args.precision}")
+    if args.set:  # other settings, other runs: never reuse the default ones
+        tag = hashlib.sha1(json.dumps(sorted(args.set)).encode()).hexdigest()[:8]
+        work = work.with_name(f"{work.name}_set{tag}")
     limit = {"train": 3000, "test": 1000} if args.quick else {"train": None, "test": None}
     out_path = Path(args.json or (work / "results.json" if args.quick
                                   else "benchmarks/results/negative_transfer.json"))
     common = [f"train.steps={steps}", "train.batch_size=256", "train.ckpt_every=250",
-              f"run.threads={args.threads}", f"train.precision={args.precision}"]
+              f"run.threads={args.threads}", f"train.precision={args.precision}", *args.set]
     t0 = time.perf_counter()
     scores: dict[str, dict[str, list[dict]]] = {}  # model -> task -> one entry per seed
     searches = {}
@@ -269,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                "scores": scores, "matched_minus_all": matched, "expert_minus_mae_all": expert,
                "negative_transfer": effect, "searches": searches, "table": "\n".join(lines),
                "expert_minus_same_budget_mae": deltas, "precision": args.precision,
+               "overrides": args.set,
                "minutes": (time.perf_counter() - t0) / 60}
     write_results(out_path, results)
     print(f"results: {out_path} ({results['minutes']:.1f} min)")

@@ -134,3 +134,13 @@ def test_seed_summary_refuses_missing_or_other_runs(bench, tmp_path):
     with pytest.raises(SystemExit, match="--steps 200"):
         bench.seed_summary(args, {"selection_every25": one, "selection_every25_seed1": other},
                            [0, 1])
+
+
+def test_seed_summary_of_uniform_alone_checks_no_target(bench, tmp_path):
+    args = bench.argparse.Namespace(steps=400, every=25, redundant=0.0, collapsed=0.0,
+                                    ref_steps=bench.REF_STEPS, json=str(tmp_path / "r.json"))
+    results = {k: _seed_result({"uniform": s}, {"uniform": 82.0})
+               for k, s in (("selection_every25", 300), ("selection_every25_seed1", 200))}
+    assert bench.seed_summary(args, results, [0, 1]) == []
+    assert results["selection_every25_seeds01"]["policies"]["uniform"]["mean_steps"] == 250.0
+    assert results["selection_every25_seeds01"]["checked"] == {}
