@@ -237,11 +237,23 @@ def pool_tag(args) -> str:
     return tag + (f"_ref{args.ref_steps}" if args.ref_steps != REF_STEPS else "")
 
 
+def _selection_key(args) -> str:
+    """The results key of this probe spacing and pool, before any seed suffix."""
+    key = "selection" if args.every == BASE_EVERY else f"selection_every{args.every}"
+    return key + pool_tag(args)
+
+
 def result_key(args, seed: int | None = None) -> str:
     """Where one seed's selection results go in the results file."""
     seed = args.seed if seed is None else seed
-    key = "selection" if args.every == BASE_EVERY else f"selection_every{args.every}"
-    return key + pool_tag(args) + (f"_seed{seed}" if seed else "")
+    return _selection_key(args) + (f"_seed{seed}" if seed else "")
+
+
+def summary_key(args, seeds: list[int]) -> str:
+    """Where the summary over ``seeds`` goes: ``_seeds`` for seeds 0-2 (the key every earlier
+    summary used), ``_seeds<digits>`` for any other set."""
+    return _selection_key(args) + ("_seeds" if seeds == [0, 1, 2]
+                                   else "_seeds" + "".join(map(str, seeds)))
 
 
 def selection_seeds(args, results: dict) -> list[str]:
@@ -307,14 +319,12 @@ def seed_summary(args, results: dict, seeds: list[int]) -> list[str]:
         r["flops_ratio"] = (base["mean_steps"] * base["flops_per_step"]) / (
             r["mean_steps"] * r["flops_per_step"] + r["reference_pool_flops"])
     fails = []
-    key = "selection" if args.every == BASE_EVERY else f"selection_every{args.every}"
-    seeds_key = "_seeds" if seeds == [0, 1, 2] else "_seeds" + "".join(map(str, seeds))
     variants = [p for p in LEARNABILITY if p in summary]
     best = {k: max(variants, key=lambda n, k=k: summary[n][k])
             for k in ("steps_ratio", "flops_ratio")} if variants else {}
-    results[key + pool_tag(args) + seeds_key] = {"seeds": seeds, "not_reached_counts_as": miss,
-                                                 "policies": summary, "checked": best,
-                                                 "left_out": left_out}
+    results[summary_key(args, seeds)] = {"seeds": seeds, "not_reached_counts_as": miss,
+                                         "policies": summary, "checked": best,
+                                         "left_out": left_out}
     if not variants:
         print("no learnability variant run in every seed: the targets are not checked")
         return []

@@ -90,9 +90,13 @@ def _seed_result(steps: dict[str, int | None], finals: dict[str, float], run_ste
                              "reference_pool_flops": 0.0} for n in steps}}
 
 
-def test_seed_summary_reads_stored_seeds_and_judges_the_means(bench, tmp_path):
-    args = bench.argparse.Namespace(steps=400, every=25, redundant=0.0, collapsed=0.0,
+def _summary_args(bench, tmp_path):
+    return bench.argparse.Namespace(steps=400, every=25, redundant=0.0, collapsed=0.0,
                                     ref_steps=bench.REF_STEPS, json=str(tmp_path / "r.json"))
+
+
+def test_seed_summary_reads_stored_seeds_and_judges_the_means(bench, tmp_path):
+    args = _summary_args(bench, tmp_path)
     results = {
         "selection_every25": _seed_result(
             {"uniform": 300, "learnability": 100, "easy_reference": 200, "hard_learner": None},
@@ -123,8 +127,7 @@ def test_seed_summary_reads_stored_seeds_and_judges_the_means(bench, tmp_path):
 
 
 def test_seed_summary_refuses_missing_or_other_runs(bench, tmp_path):
-    args = bench.argparse.Namespace(steps=400, every=25, redundant=0.0, collapsed=0.0,
-                                    ref_steps=bench.REF_STEPS, json=str(tmp_path / "r.json"))
+    args = _summary_args(bench, tmp_path)
     one = _seed_result({"uniform": 300, "learnability": 100},
                        {"uniform": 82.0, "learnability": 83.0})
     with pytest.raises(SystemExit, match="no results for seed 1"):
@@ -137,8 +140,7 @@ def test_seed_summary_refuses_missing_or_other_runs(bench, tmp_path):
 
 
 def test_seed_summary_of_uniform_alone_checks_no_target(bench, tmp_path):
-    args = bench.argparse.Namespace(steps=400, every=25, redundant=0.0, collapsed=0.0,
-                                    ref_steps=bench.REF_STEPS, json=str(tmp_path / "r.json"))
+    args = _summary_args(bench, tmp_path)
     results = {k: _seed_result({"uniform": s}, {"uniform": 82.0})
                for k, s in (("selection_every25", 300), ("selection_every25_seed1", 200))}
     assert bench.seed_summary(args, results, [0, 1]) == []
