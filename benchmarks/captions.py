@@ -30,7 +30,7 @@ import torch
 from synrep.captions.backends import Query, Sampling
 from synrep.captions.clean import normalise
 from synrep.captions.grammar import GrammarBackend
-from synrep.captions.stage import _plan, run_captions
+from synrep.captions.stage import plan_queries, run_captions
 from synrep.captions.templates import get_template
 from synrep.concepts import BankMixture
 from synrep.config import load_config
@@ -43,7 +43,7 @@ TARGET_BATCH_SPEEDUP = 4.0
 
 def bench_grammar(n: int, repeats: int) -> tuple[float, float, float]:
     cfg = load_config(CONFIG)
-    queries = _plan(cfg, BankMixture(cfg.captions.banks), random.Random(0), n, False)
+    queries = plan_queries(cfg, BankMixture(cfg.captions.banks), random.Random(0), n, False)
     backend = GrammarBackend()
     s = Sampling(0.8, 0.9, 100)
     rates = []

@@ -477,8 +477,8 @@ def _cfg(args, *extra: str):
 
 
 def cost_part(args, results: dict) -> list[str]:
+    from synrep.factory import build_method, build_source, param_groups
     from synrep.selection.online import OnlineSelector, super_batch_size
-    from synrep.train.loop import _param_groups, build_method, build_source
 
     if not (Path(args.work) / "reference/train/checkpoints/final.safetensors").exists():
         raise SystemExit("the cost part needs the reference of the selection part: run "
@@ -487,14 +487,14 @@ def cost_part(args, results: dict) -> list[str]:
     cfg_full = _cfg(args, "selection.online=true")
     cfg_flexi = _cfg(args, "selection.online=true", "selection.score_size=14")
     method = build_method(cfg_full).train()
-    opt = torch.optim.AdamW(_param_groups(method, 0.04), lr=1e-4)
+    opt = torch.optim.AdamW(param_groups(method, 0.04), lr=1e-4)
     uniform_src = build_source(cfg_full, "groups")
     big = super_batch_size(cfg_full.train.batch_size, 0.8)
     super_src = build_source(cfg_full, "groups", batch_size=big)
     cfg_mixed = _cfg(args, "selection.online=true", "selection.score_size=14", *MIXED)
     mixed = build_method(cfg_mixed).train()  # the same weights, half of each batch at 14 px
     opts = {id(method): opt,
-            id(mixed): torch.optim.AdamW(_param_groups(mixed, 0.04), lr=1e-4)}
+            id(mixed): torch.optim.AdamW(param_groups(mixed, 0.04), lr=1e-4)}
     selectors = {"jest": OnlineSelector(cfg_full, method, super_src.images, device),
                  "flexi": OnlineSelector(cfg_flexi, method, super_src.images, device),
                  "flexi_mixed": OnlineSelector(cfg_mixed, mixed, super_src.images, device)}
@@ -525,7 +525,7 @@ def cost_part(args, results: dict) -> list[str]:
            "flexi_mixed_step_ratio": med["flexi_mixed"] / med["uniform"], "super_batch": big,
            "batch": cfg_full.train.batch_size}
     results["cost"] = res
-    # Flexi-JEST as METHODS.md defines it: scored at low resolution and half of each batch
+    # Flexi-JEST as docs/methods.md defines it: scored at low resolution and half of each batch
     # trained at low resolution; the scoring-only variant is reported beside it.
     ok = res["flexi_mixed_step_ratio"] <= TARGETS["flexi_step_ratio"]
     print(f"\nstep cost (median of {args.cost_reps}, side by side): uniform "
@@ -538,6 +538,8 @@ def cost_part(args, results: dict) -> list[str]:
 
 
 def sampler_part(args, results: dict) -> list[str]:
+    from synrep.device import autocast_for, choose_attention, resolve_precision
+    from synrep.factory import build_method, build_source, param_groups
     from synrep.selection.jest import (
         MultiposGroups,
         SigmoidPairs,
@@ -545,19 +547,11 @@ def sampler_part(args, results: dict) -> list[str]:
         selected_count,
     )
     from synrep.selection.online import sampler_precision
-    from synrep.train.loop import (
-        _param_groups,
-        autocast_for,
-        build_method,
-        build_source,
-        choose_attention,
-        resolve_precision,
-    )
 
     corrupt_pool(make_pool(args), Path(args.work) / "noisy")  # the step is timed on its batches
     cfg = _cfg(args)
     method = build_method(cfg).train()
-    opt = torch.optim.AdamW(_param_groups(method, 0.04), lr=1e-4)
+    opt = torch.optim.AdamW(param_groups(method, 0.04), lr=1e-4)
     n, d, m = 4096, cfg.method.proj_dim, cfg.method.images_per_caption
     # Two training steps of the quickstart ViT: the one the sampler feeds (the 4,096 candidates'
     # selected b = 205 captions x 4 = 820 images; the target) and the quickstart's own batch (64

@@ -1,5 +1,5 @@
 """Language supervision on the quickstart's synthetic data: SynCLR, CLIP, CLIP + LaCLIP rewrites,
-StableRep++ (METHODS.md sections 1, 2 and 4).
+StableRep++ (docs/methods.md sections 1, 2 and 4).
 
 Every run trains the quickstart encoder (``vit_tiny_p7_28``, 1 channel, 28 px) for the same steps
 (the quickstart's 1,100 by default) on the same 256 synthetic images per step, drawn from the same
@@ -117,9 +117,10 @@ def check_quickstart() -> None:
 
 def rewrite_examples(run_dir: Path, n: int = 5) -> list[dict]:
     """The first ``n`` captions of the run's rewrites stage with their rewrites."""
-    from synrep.captions.stage import read_rewrites, rewrites_dir
+    from synrep.captions.stage import read_rewrites
+    from synrep.layout import layout
 
-    rewrites = read_rewrites(rewrites_dir(load_config(CLIP_CONFIG, [f"run.dir={run_dir}"])))
+    rewrites = read_rewrites(layout(load_config(CLIP_CONFIG, [f"run.dir={run_dir}"])).rewrites)
     return [{"caption_id": cid, "caption": cap, "rewrites": alts}
             for cid, (cap, alts) in sorted(rewrites.items())[:n]]
 

@@ -98,14 +98,14 @@ class _Trainee:
     process, constant peak lr: the schedules do not change a step's cost)."""
 
     def __init__(self, name: str, rep_steps: int) -> None:
-        from synrep.train.loop import _param_groups, build_method
+        from synrep.factory import build_method, param_groups
 
         _, config, groups = METHODS[name]
         base = load_config(config)
         self.cfg = load_config(config, _batch_overrides(groups, base))
         self.method = build_method(self.cfg).train()
         lr = self.cfg.optim.lr * self.cfg.train.batch_size / 256
-        self.opt = torch.optim.AdamW(_param_groups(self.method, self.cfg.optim.weight_decay),
+        self.opt = torch.optim.AdamW(param_groups(self.method, self.cfg.optim.weight_decay),
                                      lr=lr, betas=self.cfg.optim.betas)
         c, s = self.cfg.model.in_chans, self.cfg.model.img_size
         b = self.cfg.train.batch_size

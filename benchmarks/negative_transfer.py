@@ -1,6 +1,6 @@
 """Negative transfer and MoCE on Fashion-MNIST: is more pretraining data always better?
 
-The MoCE paper (METHODS.md section 6) finds that pretraining an MAE on a semantically matched half
+The MoCE paper (docs/methods.md s. 6) finds that pretraining an MAE on a semantically matched half
 of ImageNet beats the full set on most downstream sets, and that cluster-conditional experts with
 expert search give each downstream task the pretraining that suits it. This benchmark repeats the
 experiment at the embedded default's scale, on the real Fashion-MNIST train images (labels used
@@ -79,7 +79,7 @@ def _train(config: str, run_dir: Path, overrides: list[str]) -> None:
 def _features(checkpoint: Path, cache: Path, limit: dict[str, int | None]):
     """(train, test) probe features and labels of all of Fashion-MNIST, cached next to the run."""
     from synrep.data.datasets import load_dataset
-    from synrep.eval.stage import load_encoder
+    from synrep.factory import load_encoder
 
     out = {}
     encoder = None
@@ -139,10 +139,10 @@ def _cached_probe(feats, classes: list[int], seed: int, path: Path) -> dict[str,
 
 def _search(moce_dir: Path, half: str, classes: list[int], limit: int | None) -> Path:
     """Expert search for one half's train images; returns the exported dense checkpoint."""
-    from synrep.cluster import cluster_features
     from synrep.data.datasets import load_dataset
-    from synrep.eval.stage import load_encoder
+    from synrep.factory import load_encoder
     from synrep.methods.moce import export_expert, load_moce, search_experts
+    from synrep.stages.moce import cluster_features
 
     out = moce_dir / f"expert_{half}.safetensors"
     ck = moce_dir / "train" / "checkpoints" / "final.safetensors"

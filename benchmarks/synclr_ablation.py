@@ -1,4 +1,4 @@
-"""SynCLR ablation at the quickstart's scale, like the paper's (METHODS.md section 1).
+"""SynCLR ablation at the quickstart's scale, like the paper's (docs/methods.md section 1).
 
 Every row trains the quickstart's encoder for the same steps (600 by default, half the quickstart's,
 to keep the seven runs near an hour on 2 CPU cores) with the same number of views per step, on

@@ -22,7 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from synrep.config import load_config
-from synrep.train.loop import build_method
+from synrep.factory import build_method
 
 TARGET_FRACTION = 0.40
 

@@ -20,11 +20,27 @@ message and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+import torch
+import yaml
+
 from synrep import __version__
+from synrep.browser import render_in_browser
+from synrep.config import load_config, save_config
 from synrep.errors import SynrepError
+from synrep.eval.features import save_features
+from synrep.eval.stage import embed_split, evaluate_checkpoint
+from synrep.factory import load_encoder
+from synrep.images.evaluate import evaluate_generator
+from synrep.images.mini import train_generator
+from synrep.layout import layout
+from synrep.pipeline import print_summary, run_stages
+from synrep.report import write_report
+from synrep.scaling import run_scaling
+from synrep.utils import ensure_writable_dir
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,12 +107,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_embed(args: argparse.Namespace) -> None:
-    import torch
-
-    from synrep.eval.features import save_features
-    from synrep.eval.stage import embed_split, load_encoder
-    from synrep.utils import ensure_writable_dir
-
     out = Path(args.out)
     ensure_writable_dir(out.parent if str(out.parent) else Path("."), "--out")
     encoder, cfg = load_encoder(args.checkpoint, torch.device(args.device))
@@ -113,13 +123,9 @@ def _cmd_embed(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from synrep.report import write_report
-
     path = write_report(args.run, args.out)
     print(f"report: {path}")
     if args.screenshot:
-        from synrep.browser import render_in_browser
-
         shown = render_in_browser(path, screenshot=Path(args.screenshot))
         if shown["errors"] or shown["broken_images"]:
             raise SynrepError(f"the report renders with console errors {shown['errors']} or "
@@ -143,15 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             _cmd_report(args)
             return 0
-        from synrep.config import load_config
-        from synrep.pipeline import run_stages
-
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
-            import json
-
-            import yaml
-
             print(yaml.safe_dump(json.loads(cfg.to_json()), sort_keys=False), end="")
         elif args.command == "run":
             run_stages(cfg)
@@ -162,16 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "images":
             run_stages(cfg, ["images"])
         elif args.command == "train-generator":
-            from synrep.config import save_config
-            from synrep.images.mini import train_generator
-            from synrep.utils import ensure_writable_dir
-
             ensure_writable_dir(cfg.run_dir, "run.dir")
-            save_config(cfg, cfg.run_dir / "config.yaml")
+            save_config(cfg, layout(cfg).config)
             train_generator(cfg)
         elif args.command == "eval-generator":
-            from synrep.images.evaluate import evaluate_generator
-
             evaluate_generator(cfg)
         elif args.command == "select":
             run_stages(cfg, ["select"], force=True)
@@ -182,18 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "search":
             run_stages(cfg, ["search"], force=True)
         elif args.command == "scale":
-            from synrep.scaling import run_scaling
-
             run_scaling(cfg)
         elif args.command == "eval":
             if args.checkpoint:
-                from synrep.config import save_config
-                from synrep.eval.stage import evaluate_checkpoint
-                from synrep.pipeline import print_summary
-                from synrep.utils import ensure_writable_dir
-
                 ensure_writable_dir(cfg.run_dir, "run.dir")
-                save_config(cfg, cfg.run_dir / "config.yaml")
+                save_config(cfg, layout(cfg).config)
                 print_summary(cfg, evaluate_checkpoint(cfg, args.checkpoint))
             else:
                 run_stages(cfg, ["eval"], force=True)

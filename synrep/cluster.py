@@ -1,16 +1,15 @@
-"""The ``cluster`` stage: k-means on a pretrained encoder's features of the pretraining images.
+"""k-means clusters of image features, and the clusters file MoCE trains with.
 
-MoCE (METHODS.md section 6, step 1) clusters the pretraining images with the features of a
+MoCE (docs/methods.md section 6, step 1) clusters the pretraining images with the features of a
 pretrained MAE and keeps the centroids: each image's cluster centroid is the gate input of the
 cluster-conditional experts, and expert search later assigns a downstream dataset's images to the
-same centroids. Features are the mean of the last block's normalised patch tokens
-(``probe_features(pool="avg")``), L2-normalised, so k-means groups images by cosine similarity.
+same centroids. The ``cluster`` stage that writes the file is in :mod:`synrep.stages.moce`.
 
-``RUN/cluster/clusters.safetensors`` holds ``centroids`` (K, D), ``assign`` (N,) (the cluster of
-each training image, in the order of the training source: caption-group shards are flattened,
-every image a sample, as MAE-family methods train on them) and ``sizes`` (K,); its metadata
-records the feature checkpoint, the data config and the k-means settings, so training refuses
-clusters made from other data.
+A clusters file (``RUN/cluster/clusters.safetensors``) holds ``centroids`` (K, D), ``assign`` (N,)
+(the cluster of each training image, in the order of the training source: caption-group shards are
+flattened, every image a sample, as MAE-family methods train on them) and ``sizes`` (K,); its
+metadata records the feature checkpoint, the data config and the k-means settings, so training
+refuses clusters made from other data.
 """
 
 from __future__ import annotations
@@ -20,17 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from synrep.config import Config
-from synrep.errors import CheckpointError, ConfigError, DataError
+from synrep.errors import ConfigError, DataError
 
-__all__ = ["cluster_features", "cluster_path", "kmeans", "load_clusters", "nearest",
-           "run_cluster", "cluster_done"]
+__all__ = ["kmeans", "load_clusters", "nearest", "save_clusters"]
 
 
 def _sq_dists(x: Tensor, c: Tensor) -> Tensor:
@@ -90,54 +85,6 @@ def kmeans(x: Tensor, k: int, iters: int = 50, seed: int = 0) -> tuple[Tensor, T
     return centroids, assign, inertia
 
 
-def cluster_features(encoder, images: Tensor, device: torch.device | str = "cpu",
-                     batch_size: int = 512, desc: str = "cluster features") -> Tensor:
-    """L2-normalised mean patch-token features (N, D) of uint8 images (N, C, H, W)."""
-    from synrep.eval.features import extract_features
-
-    def fn(x: Tensor) -> Tensor:
-        return F.normalize(encoder.probe_features(x, "avg", 1), dim=1)
-
-    return extract_features(fn, images, batch_size=batch_size, device=device, desc=desc)
-
-
-def cluster_path(cfg: Config) -> Path:
-    """The clusters file a MoCE run trains with: ``method.moce_cluster_file`` or RUN/cluster's."""
-    if cfg.method.moce_cluster_file:
-        return Path(cfg.method.moce_cluster_file)
-    return cfg.run_dir / "cluster" / "clusters.safetensors"
-
-
-def _feature_checkpoint(cfg: Config) -> Path:
-    path = cfg.method.moce_features
-    if not path:
-        raise ConfigError(
-            "the cluster stage needs method.moce_features: a checkpoint whose encoder features "
-            "cluster the images (MoCE uses a pretrained MAE), e.g. "
-            "method.moce_features=runs/mae_fashion/train/checkpoints/final.safetensors")
-    if not Path(path).is_file():
-        raise ConfigError(f"method.moce_features={path!r} does not exist; train an MAE first "
-                          "(synrep run configs/mae_fashion.yaml) and pass its final checkpoint")
-    return Path(path)
-
-
-def _key(cfg: Config, shape: tuple[int, ...]) -> dict[str, Any]:
-    ck = _feature_checkpoint(cfg)
-    st = ck.stat()
-    m = cfg.method
-    return {"features": str(ck.resolve()), "features_size": st.st_size,
-            "features_mtime_ns": st.st_mtime_ns, "clusters": m.moce_clusters,
-            "iters": m.moce_kmeans_iters, "seed": cfg.run.seed, "shape": list(shape),
-            "data": json.loads(cfg.to_json())["data"]}
-
-
-def _source_images(cfg: Config) -> Tensor:
-    """The training source's images: (N, C, H, W) or caption groups (G, k, C, H, W)."""
-    from synrep.train.loop import build_source
-
-    return build_source(cfg, "images", batch_size=1, each_image=True).images
-
-
 def load_clusters(path: str | Path) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """(centroids (K, D), assign, metadata) of a clusters file written by the cluster stage."""
     path = Path(path)
@@ -158,55 +105,15 @@ def load_clusters(path: str | Path) -> tuple[Tensor, Tensor, dict[str, Any]]:
                         "and rerun the cluster stage") from None
 
 
-def cluster_done(cfg: Config) -> bool:
-    path = cfg.run_dir / "cluster" / "clusters.safetensors"
-    if not path.is_file():
-        return False
-    try:
-        _, _, meta = load_clusters(path)
-    except DataError:
-        return False
-    key = meta.get("key", {})
-    return key == _key(cfg, tuple(key.get("shape", ())))
-
-
-def run_cluster(cfg: Config) -> Path:
-    """Cluster the training source's images; write RUN/cluster/clusters.safetensors."""
-    from synrep.eval.stage import load_encoder
-
-    m = cfg.method
-    if m.moce_clusters < 1:
-        raise ConfigError(f"method.moce_clusters={m.moce_clusters} must be >= 1")
-    ck = _feature_checkpoint(cfg)
-    device = torch.device(cfg.run.device)
-    try:
-        encoder, other = load_encoder(ck, device, weights="student")
-    except ConfigError as e:
-        raise CheckpointError(f"method.moce_features={str(ck)!r}: {e}") from None
-    if other.model.in_chans != cfg.model.in_chans:
-        raise CheckpointError(
-            f"method.moce_features={str(ck)!r} takes {other.model.in_chans}-channel images but "
-            f"this run's data has {cfg.model.in_chans}")
-    images = _source_images(cfg)
-    lead = tuple(images.shape[:-3])
-    flat = images.reshape(-1, *images.shape[-3:])
-    size = other.model.img_size
-    if flat.shape[-1] != size:
-        flat = F.interpolate(flat.float(), size=(size, size), mode="bilinear",
-                             antialias=True).round().clamp(0, 255).to(torch.uint8)
-    with torch.inference_mode():
-        feats = cluster_features(encoder, flat, device)
-    tqdm.write(f"[cluster] k-means: {len(feats)} images, {m.moce_clusters} clusters")
-    centroids, assign, inertia = kmeans(feats, m.moce_clusters, m.moce_kmeans_iters, cfg.run.seed)
-    sizes = torch.bincount(assign, minlength=m.moce_clusters)
-    out = cfg.run_dir / "cluster" / "clusters.safetensors"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"key": _key(cfg, lead), "inertia": inertia, "feature_dim": int(feats.shape[1]),
-            "feature_img_size": size, "sizes": sizes.tolist()}
-    tmp = out.with_name(out.name + ".tmp")
-    save_file({"centroids": centroids.contiguous(), "assign": assign.reshape(lead).contiguous(),
+def save_clusters(path: str | Path, centroids: Tensor, assign: Tensor,
+                  meta: dict[str, Any]) -> Path:
+    """Write a clusters file atomically: ``centroids`` (K, D), ``assign`` (any shape) of cluster
+    ids, their ``sizes`` (K,), and ``meta`` as JSON metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sizes = torch.bincount(assign.flatten(), minlength=len(centroids))
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"centroids": centroids.contiguous(), "assign": assign.contiguous(),
                "sizes": sizes}, str(tmp), metadata={"synrep-clusters": json.dumps(meta)})
-    tmp.replace(out)
-    print(f"[cluster] {out}: {m.moce_clusters} clusters of {len(feats)} images, sizes "
-          f"{min(sizes.tolist())}..{max(sizes.tolist())}, inertia {inertia:.4f}")
-    return out
+    tmp.replace(path)
+    return path

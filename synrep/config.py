@@ -95,7 +95,7 @@ class MethodConfig:
     images_per_caption: int = 2  # m images of each caption per batch (caption-group methods)
     num_classes: int = 10  # supervised method only
     label_smoothing: float = 0.0
-    # SynCLR (METHODS.md section 1): EMA teacher keys, multi-crop queries, iBOT masked modelling.
+    # SynCLR (docs/methods.md section 1): EMA teacher keys, multi-crop queries, iBOT masking.
     global_crops: int = 1  # global views per image (queries and keys)
     teacher: bool = True  # keys from an EMA teacher; False = keys are the student's own features
     ema_momentum: float = 0.994  # teacher momentum at step 0, cosine-annealed to ema_momentum_end
@@ -113,7 +113,7 @@ class MethodConfig:
     ibot_teacher_temp_start: float = 0.04
     ibot_teacher_temp_warmup: int = 0  # steps of linear teacher-temperature warm-up
     sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations for the teacher's token targets
-    # Flexi-JEST's mixed-resolution training (METHODS.md section 5): this share of each batch's
+    # Flexi-JEST's mixed-resolution training (docs/methods.md section 5): this share of each batch's
     # caption groups is trained at low_res_size (global crops downsampled, antialiased), so the
     # learner also knows the low resolution it scores at (selection.score_size) and steps cost less.
     low_res_share: float = 0.0  # in [0, 1); 0 trains every group at aug.size (synclr only)
@@ -132,7 +132,7 @@ class MethodConfig:
     mixedae_contrastive_weight: float = 0.1  # weight of the homologous contrastive term; 0 = off
     mixedae_temperature: float = 0.2  # InfoNCE temperature of the homologous contrastive term
     mixedae_homologous: bool = True  # top-K homologous attention in pretraining; False = ordinary
-    # Language supervision (METHODS.md sections 2 and 4): clip and stablerep_pp add a text tower;
+    # Language supervision (docs/methods.md sections 2, 4): clip and stablerep_pp add a text tower;
     # image and text embeddings meet in proj_dim, compared with a learned logit scale.
     text_model: str = "fashion-text"  # a built-in text tower, or a folder saved by save_pretrained
     text_width: int = 256  # built-in tower: transformer width, layers, heads (width % heads == 0)
@@ -227,7 +227,7 @@ class EvalConfig:
 
 @dataclass
 class RewriteConfig:
-    """LaCLIP caption rewrites: k paraphrases of every caption (METHODS.md section 4)."""
+    """LaCLIP caption rewrites: k paraphrases of every caption (docs/methods.md section 4)."""
 
     source: str = ""  # caption shards to rewrite; "" = this run's captions stage output
     k: int = 3
@@ -327,7 +327,7 @@ class ScaleConfig:
     Every size trains on the first ``captions`` caption groups of the run's image shards with the
     first ``images_per_caption`` images of each, then evaluates; the test error of ``protocol`` is
     fitted with ``error(n) = a * n^-b (+ c)`` over n = captions x images per caption (the data
-    scaling of METHODS.md section 3).
+    scaling of docs/methods.md section 3).
     """
 
     captions: list[int] = field(default_factory=lambda: [625, 1250, 2500, 5000])
@@ -339,7 +339,7 @@ class ScaleConfig:
 
 @dataclass
 class SelectionConfig:
-    """JEST data selection (METHODS.md section 5): which examples the learner trains on.
+    """JEST data selection (docs/methods.md section 5): which examples the learner trains on.
 
     ``online``: every step draws a super-batch of ``B = train.batch_size / (1 - filter_ratio)``
     caption groups, scores it with the learner (and the frozen ``reference``), and trains on the

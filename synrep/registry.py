@@ -7,11 +7,11 @@ from typing import Generic, TypeVar
 
 from synrep.errors import ConfigError
 
-T = TypeVar("T", bound=Callable)
+T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """A mapping from names to factories, filled with the :meth:`register` decorator.
+    """A mapping from names to factories (or other objects), filled with :meth:`register`.
 
     Example:
         >>> METHODS = Registry("method")
@@ -26,13 +26,19 @@ class Registry(Generic[T]):
 
     def register(self, name: str | None = None) -> Callable[[T], T]:
         def deco(fn: T) -> T:
-            key = name or fn.__name__
+            key = name or getattr(fn, "__name__", None)
+            if not key:
+                raise ValueError(f"{self.kind}: register needs a name for {fn!r}")
             if key in self._items:
                 raise ValueError(f"{self.kind} {key!r} is registered twice")
             self._items[key] = fn
             return fn
 
         return deco
+
+    def add(self, name: str, item: T) -> T:
+        """Register ``item`` (any object, e.g. a :class:`~synrep.stages.Stage`) under ``name``."""
+        return self.register(name)(item)
 
     def get(self, name: str) -> T:
         try:

@@ -24,16 +24,20 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
+from PIL import Image
 
 import synrep
 from synrep.config import Config, config_from_dict
+from synrep.data.shards import complete_shards, iter_groups, marker_path
 from synrep.errors import ConfigError, DataError, SynrepError
+from synrep.eval.scaling import draw_fit
+from synrep.layout import RunLayout
 from synrep.utils import yaml_error_summary
 
 REPORT_FILE = "report.html"
@@ -232,16 +236,9 @@ def _header(cfg: Config, run_dir: Path, sections: list[_Section],
     )
 
 
-def _at(cfg: Config, run_dir: Path) -> Config:
-    """``cfg`` with ``run.dir`` set to the folder being reported on: the stage helpers
-    (``images_dir``, ``captions_dir``) then name its folders even if the run has moved since."""
-    return replace(cfg, run=replace(cfg.run, dir=str(run_dir)))
-
-
 def _strip(images: list[np.ndarray]) -> bytes:
     """The k images of one caption side by side as one PNG, small images enlarged
     nearest-neighbour (pixels stay sharp), large ones shrunk."""
-    from PIL import Image
 
     rgb = any(img.ndim == 3 for img in images)
     tiles = []
@@ -272,10 +269,8 @@ def _strip(images: list[np.ndarray]) -> bytes:
 
 def _samples(cfg: Config, run_dir: Path, n: int) -> tuple[str, bool, dict[str, Any] | None]:
     """The samples section, whether it has content, and the first group's metadata."""
-    from synrep.data.shards import complete_shards, iter_groups
-    from synrep.images.stage import images_dir
 
-    folder = images_dir(_at(cfg, run_dir))
+    folder = RunLayout(run_dir).images
     shards = complete_shards(folder)
     if not shards:
         return _missing(f"{folder} (complete image shards)",
@@ -306,8 +301,6 @@ def _samples(cfg: Config, run_dir: Path, n: int) -> tuple[str, bool, dict[str, A
 
 
 def _shard_samples(shard: Path) -> int:
-    from synrep.data.shards import marker_path
-
     marker = _read_json(marker_path(shard))
     return int(marker.get("samples", 0)) if isinstance(marker, dict) else 0
 
@@ -318,15 +311,12 @@ def _cols(*blocks: str) -> str:
 
 
 def _generator(cfg: Config, run_dir: Path, meta: dict[str, Any] | None) -> str:
-    from synrep.captions.stage import captions_dir
-    from synrep.images.stage import images_dir
-
     images = [f"<h3>Images: config</h3>{_dict_table(dict(vars(cfg.images)))}"]
     rendered = (meta or {}).get("generator")
     if isinstance(rendered, dict):
         images.append("<h3>As rendered</h3><p class=note>The first sample's metadata (null "
                       f"settings resolved).</p>{_dict_table(rendered)}")
-    stats_path = images_dir(_at(cfg, run_dir)) / "stats.json"
+    stats_path = RunLayout(run_dir).images / "stats.json"
     if stats_path.is_file():
         stats = _read_json(stats_path)
         if isinstance(stats, dict):
@@ -344,7 +334,7 @@ def _generator(cfg: Config, run_dir: Path, meta: dict[str, Any] | None) -> str:
               f"<code>{_e(cfg.images.captions)}</code>; these are this run's captions "
               "settings.</p>" if cfg.images.captions else "")
     captions = [f"<h3>Captions: config</h3>{source}{_dict_table(essentials)}"]
-    cstats_path = captions_dir(_at(cfg, run_dir)) / "stats.json"
+    cstats_path = RunLayout(run_dir).captions / "stats.json"
     if cstats_path.is_file():
         cstats = _read_json(cstats_path)
         if isinstance(cstats, dict):
@@ -499,7 +489,6 @@ def _pca(run_dir: Path) -> tuple[str, bool]:
     if not path.is_file():
         return _missing(str(path), f"synrep eval CONFIG run.dir={run_dir}",
                         " with <code>eval.pca_images</code> &gt; 0"), False
-    from PIL import Image
 
     data = path.read_bytes()
     try:
@@ -556,8 +545,6 @@ def _scaling(run_dir: Path) -> tuple[str, bool]:
     order = sorted(range(len(points)), key=lambda i: points[i]["images"])
     parts = []
     if points:
-        from synrep.scaling import draw_fit
-
         fig = _new_figure(7.5, 4.6)
         ax = fig.add_subplot(1, 1, 1)
         draw_fit(ax, points, fit)

@@ -1,4 +1,4 @@
-"""Data scaling: pretrain at several data sizes, fit a power law of test error (METHODS.md s. 3).
+"""Data scaling: train at several data sizes, fit a power law of test error (docs/methods.md s. 3).
 
 ``synrep scale CONFIG`` renders the run's captions and images once (at the largest size), then for
 every (captions, images per caption) pair of ``scale`` trains on the first caption groups and
@@ -16,153 +16,23 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
-from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from synrep.config import Config, config_from_dict, save_config
 from synrep.errors import ConfigError
+from synrep.eval.scaling import draw_fit, fit_power_law, plot_fit
+from synrep.eval.stage import DONE_KEYS
+from synrep.layout import layout
+from synrep.pipeline import run_stages
 from synrep.utils import ensure_writable_dir, write_json_atomic
 
 __all__ = ["draw_fit", "fit_power_law", "plot_fit", "run_scaling"]
 
 
-def _loglog_fit(n: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """Least squares of ``log y = log a - b log n``: (a, b, sum of squared log residuals)."""
-    x = np.log(n)
-    A = np.stack([np.ones_like(x), -x], axis=1)  # noqa: N806
-    coef, *_ = np.linalg.lstsq(A, np.log(y), rcond=None)
-    resid = np.log(y) - A @ coef
-    return float(np.exp(coef[0])), float(coef[1]), float(resid @ resid)
-
-
-def fit_power_law(sizes: Any, errors: Any, form: str = "power") -> dict[str, float | str]:
-    """Fit ``error = a * size^-b (+ c)`` by least squares in log space.
-
-    ``power`` is a straight line in log-log coordinates. ``power+offset`` also fits ``c`` in
-    ``[0, min(error))``: for a given c the rest is the straight-line fit of ``log(error - c)``, so c
-    is found by a dense grid followed by golden-section refinement of the log-space residual.
-
-    Args:
-        sizes: data sizes (> 0), at least 2 distinct (3 for ``power+offset``).
-        errors: test errors at those sizes, in ``(0, 1]`` or percent (> 0).
-        form: ``"power"`` or ``"power+offset"``.
-
-    Returns:
-        ``{"form", "a", "b", "c", "r2"}``; ``r2`` is the coefficient of determination of
-        ``log error`` (1 = a perfect power law).
-    """
-    n = np.asarray(sizes, dtype=np.float64)
-    y = np.asarray(errors, dtype=np.float64)
-    if n.ndim != 1 or n.shape != y.shape:
-        raise ValueError(f"sizes and errors must be 1-D and equally long, got {n.shape}, {y.shape}")
-    if not (np.all(np.isfinite(n)) and np.all(n > 0) and np.all(np.isfinite(y)) and np.all(y > 0)):
-        raise ValueError("sizes and errors must be positive finite numbers")
-    need = {"power": 2, "power+offset": 3}
-    if form not in need:
-        raise ValueError(f"form must be one of {list(need)}, got {form!r}")
-    if len(np.unique(n)) < need[form]:
-        raise ValueError(
-            f"a {form} fit needs at least {need[form]} distinct sizes, got {n.tolist()}")
-
-    c = 0.0
-    if form == "power+offset":
-        top = float(y.min())
-
-        def sse(t: float) -> float:  # t = c / min(error), in [0, 1)
-            return _loglog_fit(n, y - t * top)[2]
-
-        grid = np.linspace(0.0, 0.999, 1000)
-        i = int(np.argmin([sse(t) for t in grid]))
-        lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-        ratio = (math.sqrt(5) - 1) / 2
-        for _ in range(60):  # golden section on the bracket around the best grid point
-            m1, m2 = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-            if sse(m1) <= sse(m2):
-                hi = m2
-            else:
-                lo = m1
-        c = (lo + hi) / 2 * top
-    a, b, resid = _loglog_fit(n, y - c)
-    ly = np.log(y - c)
-    total = float(((ly - ly.mean()) ** 2).sum())
-    r2 = 1.0 - resid / total if total > 0 else 1.0
-    return {"form": form, "a": a, "b": b, "c": c, "r2": r2}
-
-
-def draw_fit(ax: Any, points: list[dict[str, Any]], fit: dict[str, Any] | None) -> None:
-    """Draw measured test error against data size, and the fitted curve, on a log-log ``ax``.
-
-    Each point is labelled ``captions x images per caption``; with an offset fit the asymptote c
-    is a dotted line. Used by :func:`plot_fit` and by the run report.
-    """
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
-    order = sorted(points, key=lambda p: p["images"])
-    n = np.array([p["images"] for p in order], dtype=float)
-    err = np.array([p["error"] for p in order], dtype=float)
-    ax.loglog(n, err, "o", color="C0", label="runs")
-    for p in order:
-        ax.annotate(f"{p['captions']}x{p['images_per_caption']}", (p["images"], p["error"]),
-                    textcoords="offset points", xytext=(5, 4), fontsize=7, color="0.35")
-    if fit is not None:
-        grid = np.geomspace(n.min() / 1.5, n.max() * 1.5, 200)
-        curve = fit["a"] * grid ** (-fit["b"]) + fit["c"]
-        ok = curve > 0  # a log axis cannot show non-positive values
-        ax.loglog(grid[ok], curve[ok], "-", color="C1",
-                  label=f"fit: {fit['a']:.3g}·n^(−{fit['b']:.3f}) + {fit['c']:.3g}")
-        if fit["form"] == "power+offset" and fit["c"] > 0:
-            ax.axhline(fit["c"], color="C1", ls=":", lw=1, label=f"c = {fit['c']:.3g}")
-
-    # Errors span less than a decade: label 1-2-5 steps as plain numbers (20, not 2x10^1), or,
-    # when the errors are closer together than that, a few values across the measured range.
-    lo, hi = ax.get_ylim()
-    for mantissas in ((1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 8)):
-        ticks = [m * 10.0**e for e in range(math.floor(math.log10(lo)),
-                                             math.ceil(math.log10(hi)) + 1)
-                 for m in mantissas if lo <= m * 10.0**e <= hi]
-        if len(ticks) >= 3:
-            ytext = FuncFormatter(lambda v, _: f"{v:g}")
-            break
-    else:
-        ticks = list(np.unique(np.round(np.geomspace(err.min(), err.max(), 4), 2)))
-        ytext = FuncFormatter(lambda v, _: f"{v:.2f}")
-    ax.set_yticks(ticks)
-    ax.set_ylim(lo, hi)
-    ax.set_xticks(np.unique(n))  # the measured sizes
-    for axis, text in ((ax.yaxis, ytext), (ax.xaxis, FuncFormatter(lambda v, _: f"{v:,.0f}"))):
-        axis.set_major_formatter(text)
-        axis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("synthetic images n (log)")
-    ax.set_ylabel("top-1 error % (log)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-
-
-def plot_fit(points: list[dict[str, Any]], fit: dict[str, Any], path: str | Path,
-             title: str = "") -> Path:
-    """:func:`draw_fit` as a PNG file (written under a temporary name, then renamed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.5, 4.2), dpi=120, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    draw_fit(ax, points, fit)
-    ax.set_title(title or "data scaling", fontsize=10)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
-    return path
-
-
 def _size_config(cfg: Config, shards: str, captions: int, k: int) -> Config:
     """The config of one data size: the base run on a prefix of the shards, in its own folder."""
     sub = config_from_dict(cfg.to_dict(), "scale")
-    sub.run.dir = str(cfg.run_dir / "scale" / f"c{captions}_k{k}")
+    sub.run.dir = str(layout(cfg).scale_run(captions, k))
     sub.run.stages = ["train", "eval"]
     sub.data.source = "shards"
     sub.data.shards = shards
@@ -182,9 +52,6 @@ def run_scaling(cfg: Config) -> dict[str, Any]:
 
     Writes ``RUN/scale/results.json`` (points and fit) and ``RUN/scale/fit.png``.
     """
-    from synrep.eval.stage import DONE_KEYS
-    from synrep.pipeline import run_stages
-
     s = cfg.scale
     sizes = list(itertools.product(s.captions, s.images_per_caption))
     if any(c < 1 for c in s.captions) or any(k < 1 for k in s.images_per_caption):
@@ -195,13 +62,12 @@ def run_scaling(cfg: Config) -> dict[str, Any]:
                           "more values in scale.captions or scale.images_per_caption")
     if s.steps is not None and s.steps < 1:
         raise ConfigError(f"scale.steps must be >= 1 or null, got {s.steps}")
-    out_dir = ensure_writable_dir(cfg.run_dir / "scale", "run.dir")
-    save_config(cfg, cfg.run_dir / "config.yaml")
+    paths = layout(cfg)
+    ensure_writable_dir(paths.scale, "run.dir")
+    save_config(cfg, paths.config)
 
     shards = cfg.data.shards
     if not shards:  # generate the run's own captions and images once, at the largest size
-        from synrep.images.stage import images_dir
-
         if cfg.captions.num < max(s.captions):
             raise ConfigError(f"scale.captions goes up to {max(s.captions)} but captions.num is "
                               f"{cfg.captions.num}; raise captions.num")
@@ -210,7 +76,7 @@ def run_scaling(cfg: Config) -> dict[str, Any]:
                 f"scale.images_per_caption goes up to {max(s.images_per_caption)} but "
                 f"images.images_per_caption is {cfg.images.images_per_caption}; raise it")
         run_stages(cfg, ["captions", "images"])
-        shards = str(images_dir(cfg).resolve())
+        shards = str(layout(cfg).images.resolve())
 
     points = []
     for i, (captions, k) in enumerate(sizes):
@@ -218,14 +84,14 @@ def run_scaling(cfg: Config) -> dict[str, Any]:
         print(f"\n[scale {i + 1}/{len(sizes)}] {captions} captions x {k} images "
               f"= {captions * k:,} images -> {sub.run.dir}")
         run_stages(sub, ["train", "eval"])
-        entry = json.loads((sub.run_dir / "eval" / "results.json").read_text())[sub.eval.dataset]
+        entry = json.loads(layout(sub).results.read_text())[sub.eval.dataset]
         top1 = float(entry[DONE_KEYS[s.protocol]])
         points.append({"captions": captions, "images_per_caption": k, "images": captions * k,
                        "top1": top1, "error": 100.0 - top1, "run": sub.run.dir})
     fit = fit_power_law([p["images"] for p in points], [p["error"] for p in points], s.fit)
     results = {"protocol": s.protocol, "dataset": cfg.eval.dataset, "points": points, "fit": fit}
-    write_json_atomic(out_dir / "results.json", results)
-    plot_fit(points, fit, out_dir / "fit.png",
+    write_json_atomic(paths.scale_results, results)
+    plot_fit(points, fit, paths.scale_plot,
              f"{cfg.method.name} on synthetic data, {s.protocol} probe on {cfg.eval.dataset}")
 
     print(f"\ndata scaling ({s.protocol} probe on {cfg.eval.dataset}):")
@@ -236,5 +102,5 @@ def run_scaling(cfg: Config) -> dict[str, Any]:
     offset = f" + {fit['c']:.3g}" if fit["c"] else ""
     print(f"fit: error = {fit['a']:.4g} * n^-{fit['b']:.4f}{offset}  (R^2 of log error "
           f"{fit['r2']:.3f})")
-    print(f"results: {out_dir / 'results.json'}, plot: {out_dir / 'fit.png'}")
+    print(f"results: {paths.scale_results}, plot: {paths.scale_plot}")
     return results

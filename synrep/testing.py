@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 CORPUS = [
     "Write an image description that contains the given object category.",
     "tabby cat => a tabby cat asleep on a sunny windowsill",
@@ -16,7 +18,6 @@ CORPUS = [
 
 def build_tiny_lm(path: Path, seed: int = 0) -> Path:
     """Save a 2-layer GPT-2 with random weights and a byte-level BPE tokenizer to ``path``."""
-    import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -60,7 +61,6 @@ def build_clip_tokenizer(path: Path | None = None, max_length: int = 32):
 def build_tiny_sd(path: Path, seed: int = 0, image_size: int = 32, channels: int = 3) -> Path:
     """Save a tiny random Stable-Diffusion-style pipeline (UNet2DConditionModel, AutoencoderKL,
     CLIPTextModel, CLIPTokenizer, DDIM scheduler) in diffusers format to ``path``."""
-    import torch
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -97,7 +97,6 @@ def build_tiny_sd(path: Path, seed: int = 0, image_size: int = 32, channels: int
 def build_tiny_clip_text(path: Path, seed: int = 0, width: int = 32, max_length: int = 16) -> Path:
     """Save a 2-layer random ``CLIPTextModel`` and a real ``CLIPTokenizer`` (character-level) to
     ``path``, as a hub CLIP text tower would be saved: a ``method.text_model`` folder."""
-    import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tok = build_clip_tokenizer(max_length=max_length)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from synrep.errors import SynrepError
+from synrep.errors import ConfigError, SynrepError
 
 
 def ensure_writable_dir(path: str | Path, key: str = "run.dir") -> Path:
@@ -37,7 +38,6 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 def derive_seed(*parts: int | str) -> int:
     """A 63-bit seed from ``parts`` (say run seed, stage, shard, round): stable across processes,
     machines and Python versions, unlike ``hash()``."""
-    import hashlib
 
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
@@ -56,7 +56,6 @@ def check_same_settings(stored: dict[str, Any], current: dict[str, Any], what: s
     those it was made with, naming the changed keys."""
     if stored == current:
         return
-    from synrep.errors import ConfigError
 
     changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
     names = ", ".join("run.seed" if k == "seed" else f"{prefix}{k}" for k in changed)

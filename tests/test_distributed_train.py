@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from synrep.train.checkpoint import Checkpoint
+from synrep.checkpoint import Checkpoint
 from tests.conftest import TINY, needs_fashion
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from synrep.checkpoint import Checkpoint
 from synrep.cli import main
 from synrep.data.shards import CaptionGroup, iter_groups, write_shard, write_sizes
-from synrep.train.checkpoint import Checkpoint
 from tests.conftest import TINY
 
 CONFIG = "configs/fashion_simclr.yaml"
@@ -265,13 +265,13 @@ def test_checkpoints_from_before_a_new_config_key_still_resume():
 
 
 def test_sampler_precision_follows_the_training_precision(monkeypatch):
+    from synrep import device as device_mod
     from synrep.config import load_config
     from synrep.selection import online
-    from synrep.train import loop
 
     cpu = torch.device("cpu")
     for native in (True, False):
-        monkeypatch.setattr(loop, "native_bf16", lambda device, native=native: native)
+        monkeypatch.setattr(device_mod, "native_bf16", lambda device, native=native: native)
         for train, sel, want in (("auto", "auto", "bf16" if native else "fp32"),
                                  ("bf16", "auto", "bf16"), ("fp32", "auto", "fp32"),
                                  ("fp16", "auto", "fp32"), ("bf16", "fp32", "fp32"),

@@ -211,9 +211,9 @@ def test_losses_across_two_gloo_processes_match_one(tmp_path) -> None:
 def test_text_tower_loads_a_saved_clip_text_model(tmp_path) -> None:
     from transformers import CLIPTextModel
 
+    from synrep.factory import build_method
     from synrep.models.text import build_text_tower
     from synrep.testing import build_tiny_clip_text
-    from synrep.train.loop import build_method
 
     folder = build_tiny_clip_text(tmp_path / "text", width=32, max_length=16)
     cfg = load_config(CLIP_CONFIG, [f"method.text_model={folder}", "method.text_context=64",
@@ -289,7 +289,7 @@ def _shards_from_captions(rows: list[dict], out: Path, k: int = 2, seed: int = 0
 
 def test_laclip_batches_use_the_rewrites_stage(tmp_path) -> None:
     from synrep.captions.stage import read_caption_shard, read_rewrites, run_captions, run_rewrites
-    from synrep.train.loop import build_source
+    from synrep.factory import build_source
 
     run = tmp_path / "run"
     cfg = load_config("configs/captions_fashion.yaml", [
@@ -334,7 +334,7 @@ def test_laclip_batches_use_the_rewrites_stage(tmp_path) -> None:
 
 
 def test_text_methods_reject_unusable_configs(tmp_path) -> None:
-    from synrep.train.loop import build_method, build_source
+    from synrep.factory import build_method, build_source
 
     with pytest.raises(ConfigError, match="data.source=shards"):
         build_source(load_config(CLIP_CONFIG, ["data.source=dataset"]), "images", texts=True)
@@ -363,9 +363,9 @@ def _train_args(config: str, shards: Path, run: Path, *extra: str) -> list[str]:
 
 @needs_fashion
 def test_clip_trains_and_zero_shot_evaluates(tmp_path) -> None:
+    from synrep.checkpoint import Checkpoint
     from synrep.eval.zeroshot import class_embeddings, zero_shot_classify
-    from synrep.train.checkpoint import Checkpoint
-    from synrep.train.loop import build_method
+    from synrep.factory import build_method
 
     shards = _tiny_shards(tmp_path / "shards")
     run = tmp_path / "run"
@@ -384,13 +384,13 @@ def test_clip_trains_and_zero_shot_evaluates(tmp_path) -> None:
                  f"eval.zeroshot_templates={json.dumps(templates)}", *SMALL_TEXT]) == 0
     res = json.loads((run / "eval/results.json").read_text())["fashion-mnist"]
     # the same number from the checkpoint's own towers, computed here
-    from synrep.eval.stage import _load_split
+    from synrep.eval.stage import load_split
 
     cfg = load_config(CLIP_CONFIG, [f"run.dir={run}", "eval.limit_test=200", *SMALL_TEXT])
     method = build_method(cfg)
     ck.load_model(method)
     method.eval()
-    ds = _load_split(cfg.eval, "test", 28)
+    ds = load_split(cfg.eval, "test", 28)
     with torch.no_grad():
         img = method.encode_image(ds.images.float() / 255)
         # prompts name Fashion-MNIST's classes with the words captions use ("trousers")

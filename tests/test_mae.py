@@ -13,9 +13,10 @@ from timm.models.vision_transformer import VisionTransformer
 from synrep import cli
 from synrep.config import Config, load_config
 from synrep.errors import ConfigError
+from synrep.factory import build_method
 from synrep.methods.mae import MAE, loss_fn, patchify, random_masking, unpatchify
 from synrep.models import Encoder
-from synrep.train.loop import build_method, train
+from synrep.train.loop import train
 from tests.conftest import TINY, needs_fashion
 
 pytestmark = pytest.mark.usefixtures("one_thread")

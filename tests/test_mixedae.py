@@ -13,8 +13,8 @@ from timm.layers import Attention
 
 from synrep import cli
 from synrep.config import load_config
+from synrep.factory import build_method
 from synrep.methods.mixedae import MixedAE, homologous_attention, homologous_block, mix_patches
-from synrep.train.loop import build_method
 from tests.conftest import TINY, needs_fashion
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,7 +14,7 @@ from synrep import cli
 from synrep.cluster import kmeans, load_clusters, nearest
 from synrep.config import Config
 from synrep.errors import CheckpointError, ConfigError, DataError
-from synrep.eval.stage import load_encoder
+from synrep.factory import load_encoder
 from synrep.methods import mae as mae_module
 from synrep.methods.moce import (
     MoCE,
@@ -303,8 +303,8 @@ def test_exported_dense_vit_equals_the_routed_moce(tmp_path):
 
 def _mae_checkpoint(tmp_path, seed: int = 5, **method):
     """A dense MAE of the tiny test config saved as a checkpoint (random weights)."""
+    from synrep.checkpoint import save_checkpoint
     from synrep.methods.mae import MAE
-    from synrep.train.checkpoint import save_checkpoint
 
     cfg = _cfg(**method)
     cfg.method.name = "mae"
@@ -340,7 +340,7 @@ def test_upcycling_rejects_a_checkpoint_that_does_not_fit(tmp_path):
     with pytest.raises(CheckpointError, match="does not fit this model"):
         _model(moce_init=str(path))
     moce_path = export_expert(_model(), [0, 0], tmp_path / "x.safetensors")
-    from synrep.train.checkpoint import Checkpoint, save_checkpoint
+    from synrep.checkpoint import Checkpoint, save_checkpoint
 
     ck = Checkpoint(moce_path)
     cfg = dict(ck.config, method=dict(ck.config["method"], name="moce"))
@@ -352,7 +352,7 @@ def test_upcycling_rejects_a_checkpoint_that_does_not_fit(tmp_path):
 # --- distributed -----------------------------------------------------------------------------
 
 def _moe_steps(moe: MoEMlp, x, route, target, steps: int = 3):
-    from synrep.train import dist as sdist
+    from synrep import dist as sdist
 
     opt = torch.optim.SGD(moe.parameters(), lr=0.5)
     for _ in range(steps):

@@ -155,7 +155,7 @@ def test_conv_stem_tokens_see_two_pixels_past_their_patch():
 def test_masked_autoencoders_refuse_a_convolutional_stem():
     from synrep.config import Config
     from synrep.errors import ConfigError
-    from synrep.train.loop import build_method
+    from synrep.factory import build_method
 
     cfg = Config()
     cfg.method.name = "mae"

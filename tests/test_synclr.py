@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from synrep.config import Config
 from synrep.data.masks import patch_masks
 from synrep.errors import ConfigError
+from synrep.factory import build_method
 from synrep.losses import MultiPosConLoss, ibot_loss, multipos_query_key_loss, sinkhorn_knopp
 from synrep.models import GlobalBatchNorm1d
-from synrep.train.loop import build_method
 from tests._dist import run_gloo
 
 

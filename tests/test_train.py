@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from synrep.checkpoint import Checkpoint, save_checkpoint
 from synrep.cli import main
 from synrep.config import load_config
 from synrep.errors import CheckpointError, ConfigError
-from synrep.train.checkpoint import Checkpoint, save_checkpoint
 from tests.conftest import TINY, needs_fashion
 
 CONFIG = "configs/fashion_simclr.yaml"
@@ -234,7 +234,7 @@ def test_stablerep_trains_on_caption_group_shards(tmp_path):
     assert rows[-1]["step"] == 2 and 1.0 < rows[0]["loss"] < 4.0
 
     # a data-size prefix of the shards (what `synrep scale` trains on), and clear errors past it
-    from synrep.train.loop import build_source
+    from synrep.factory import build_source
 
     cfg = load_config(CONFIG, [*args[2:], "data.max_captions=10", "data.max_images_per_caption=2"])
     src = build_source(cfg, "groups")
@@ -276,8 +276,8 @@ def test_bf16_autocast_is_deterministic_and_recorded(tmp_path):
 
 def test_explicit_and_fused_attention_compute_the_same():
     from synrep.config import load_config
+    from synrep.device import choose_attention
     from synrep.models import build_encoder
-    from synrep.train.loop import choose_attention
 
     cfg = load_config("configs/quickstart.yaml")
     torch.manual_seed(0)
@@ -303,7 +303,7 @@ def test_explicit_and_fused_attention_compute_the_same():
     (True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")])
 def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(
         monkeypatch, avx512_bf16, amx, expected):
-    from synrep.train.loop import resolve_precision
+    from synrep.device import resolve_precision
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)

@@ -18,7 +18,7 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 
-from synrep.captions.backends import BACKENDS, CaptionBackend, Query, Sampling
+from synrep.captions.base import BACKENDS, CaptionBackend, Query, Sampling
 from synrep.concepts import Concept, ConceptBank
 
 GRAMMAR_VERSION = "1"

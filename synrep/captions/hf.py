@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from synrep.captions.backends import BACKENDS, CaptionBackend, Query, Sampling
+from synrep.captions.base import BACKENDS, CaptionBackend, Query, Sampling
 from synrep.errors import ConfigError
 from synrep.utils import derive_seed
 

@@ -35,6 +35,7 @@ from synrep.concepts import RELATIONS, BankMixture, load_bank
 from synrep.config import Config
 from synrep.data.shards import MARKER_SUFFIX, SIZES_FILE
 from synrep.errors import ConfigError, DataError, SynrepError
+from synrep.layout import layout
 from synrep.utils import (
     check_same_settings,
     derive_seed,
@@ -48,14 +49,6 @@ _WINDOW = 256  # candidates over which the acceptance rate is judged
 
 class CaptionError(SynrepError):
     """A backend whose output cannot make a usable caption set."""
-
-
-def captions_dir(cfg: Config) -> Path:
-    return cfg.run_dir / "captions"
-
-
-def rewrites_dir(cfg: Config) -> Path:
-    return cfg.run_dir / "rewrites"
 
 
 def marker_path(shard: Path) -> Path:
@@ -214,7 +207,7 @@ class _Acceptance:
         self.reasons = Counter()
 
 
-def _plan(cfg: Config, mixture: BankMixture, rng, n: int, uses_prompts: bool) -> list[Query]:
+def plan_queries(cfg: Config, mixture: BankMixture, rng, n: int, uses_prompts: bool) -> list[Query]:
     c = cfg.captions
     names = list(c.templates)
     cum, total = [], 0.0
@@ -278,7 +271,7 @@ def _generate_shard(cfg: Config, index: int, size: int, first_id: int, mixture: 
         rate = len(rows) / tried if tried else 1.0
         n = min(cap_per_round, math.ceil(need / max(rate, 0.05) * 1.05) + 8)
         seed = derive_seed(cfg.run.seed, "captions", index, rnd)
-        queries = _plan(cfg, mixture, random.Random(seed), n, backend.uses_prompts)
+        queries = plan_queries(cfg, mixture, random.Random(seed), n, backend.uses_prompts)
         raws = backend.generate(queries, sampling, seed)
         if len(raws) != len(queries):
             raise CaptionError(f"the {backend.name} backend returned {len(raws)} completions for "
@@ -328,7 +321,7 @@ def run_captions(cfg: Config) -> dict[str, Any]:
     """Write (or complete) the caption shards of ``cfg``; return the stage's stats."""
     _check_config(cfg)
     c = cfg.captions
-    out = ensure_writable_dir(captions_dir(cfg), "run.dir")
+    out = ensure_writable_dir(layout(cfg).captions, "run.dir")
     fp = _fingerprint(cfg, "captions")
     mixture = BankMixture(c.banks)
     backend = _LazyBackend(cfg)
@@ -392,11 +385,11 @@ def _stage_complete(out: Path, fingerprint: dict[str, Any]) -> bool:
 
 
 def captions_complete(cfg: Config) -> bool:
-    return _stage_complete(captions_dir(cfg), _fingerprint(cfg, "captions"))
+    return _stage_complete(layout(cfg).captions, _fingerprint(cfg, "captions"))
 
 
 def rewrites_complete(cfg: Config) -> bool:
-    return _stage_complete(rewrites_dir(cfg), _fingerprint(cfg, "rewrites"))
+    return _stage_complete(layout(cfg).rewrites, _fingerprint(cfg, "rewrites"))
 
 
 def caption_shards(directory: str | Path) -> list[Path]:
@@ -420,9 +413,9 @@ def run_rewrites(cfg: Config) -> dict[str, Any]:
     c, rc = cfg.captions, cfg.captions.rewrite
     if rc.k < 1:
         raise ConfigError(f"captions.rewrite.k must be >= 1, got {rc.k}")
-    source = Path(rc.source) if rc.source else captions_dir(cfg)
+    source = Path(rc.source) if rc.source else layout(cfg).captions
     shards = caption_shards(source)
-    out = ensure_writable_dir(rewrites_dir(cfg), "run.dir")
+    out = ensure_writable_dir(layout(cfg).rewrites, "run.dir")
     fp = _fingerprint(cfg, "rewrites")
     sampling = Sampling(rc.temperature, rc.top_p, c.max_new_tokens)
     backend = _LazyBackend(cfg)

@@ -1,4 +1,4 @@
-"""SynCLR's three in-context caption templates and the LaCLIP rewrite template (METHODS.md
+"""SynCLR's three in-context caption templates and the LaCLIP rewrite template (docs/methods.md
 sections 1 and 4).
 
 A prompt is a header line, ``demos_per_prompt`` demonstrations sampled at random from the

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from synrep.captions.backends import BACKENDS, CaptionBackend, Query, Sampling
+from synrep.captions.base import BACKENDS, CaptionBackend, Query, Sampling
 from synrep.captions.hf import check_model_path
 from synrep.errors import ConfigError
 from synrep.utils import derive_seed

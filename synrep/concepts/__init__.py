@@ -1,5 +1,6 @@
 """Concept banks: what captions are written about (see :mod:`synrep.concepts.banks`)."""
 
+from synrep.concepts import fashion  # noqa: F401, I001  (registers the fashion bank)
 from synrep.concepts.banks import (
     BANKS,
     RELATIONS,

@@ -1,4 +1,4 @@
-"""Concept banks: the lists of things captions are written about (SynCLR, METHODS.md section 1).
+"""Concept banks: the things captions are written about (SynCLR, docs/methods.md section 1).
 
 A bank is a list of :class:`Concept` plus the vocabularies the templates draw on (backgrounds for
 ``(c, bg) -> caption``, objects for ``(c, rel) -> caption``). Registered banks:
@@ -26,6 +26,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import timm.data
 import yaml
 
 from synrep.errors import ConfigError
@@ -106,8 +107,6 @@ def vocab() -> dict[str, list[str]]:
 
 
 def _timm_info_dir() -> Path:
-    import timm.data
-
     return Path(timm.data.__file__).parent / "_info"
 
 
@@ -160,13 +159,6 @@ def textures() -> ConceptBank:
     heads = ["surface", "fabric", "wall", "pattern", "close-up texture", "tile", "cloth", "panel"]
     return ConceptBank("textures", [Concept(name=t, cid=t) for t in vocab()["textures"]],
                        phrases={"heads": heads})
-
-
-@BANKS.register("fashion")
-def fashion() -> ConceptBank:
-    from synrep.concepts.fashion import fashion_bank
-
-    return fashion_bank()
 
 
 def _str_list(value: Any, where: str) -> list[str]:

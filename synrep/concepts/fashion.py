@@ -15,7 +15,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from synrep.concepts.banks import Concept, ConceptBank, vocab
+from synrep.concepts.banks import BANKS, Concept, ConceptBank, vocab
 
 # Fashion-MNIST label order. Names are what prompts use; synonyms are what captions may say.
 CLASSES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -134,6 +134,7 @@ def _mentions_any(text: str, names: list[str]) -> bool:
     return any(re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", text) for n in names)
 
 
+@BANKS.register("fashion")
 def fashion_bank() -> ConceptBank:
     """The ``fashion`` bank. Relation objects that name a class (say, "a tote bag") are left out
     so that every caption names exactly one Fashion-MNIST class, and phrases that use an

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.datasets
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -206,8 +207,6 @@ def _load_imagefolder(split: str, root: str | None, image_size: int | None) -> I
 def _load_torchvision(
     cls_name: str, split: str, root: str | None, image_size: int | None
 ) -> ImageArray:
-    import torchvision.datasets  # lazy: only this loader needs torchvision
-
     name = TORCHVISION_PREFIX + cls_name
     cls = getattr(torchvision.datasets, cls_name, None)
     if not (inspect.isclass(cls) and issubclass(cls, torch.utils.data.Dataset)):

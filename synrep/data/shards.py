@@ -1,6 +1,6 @@
 """WebDataset tar shards of caption groups: the synthetic images on disk.
 
-One sample per caption (DESIGN.md, "Formats"): ``{key}.txt`` (the caption, utf-8), ``{key}.json``
+One sample per caption (docs/design.md, "Formats"): ``{key}.txt`` (the caption), ``{key}.json``
 (metadata: seeds, generator, scheduler, ...; sorted keys) and ``{key}.0.png ... {key}.{k-1}.png``,
 the k images generated for that caption. Grouping the k images under one key is what multi-positive
 objectives (StableRep, SynCLR) need; :func:`iter_flat` and :func:`flatten_wds` give CLIP-style

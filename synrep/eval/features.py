@@ -1,6 +1,6 @@
 """Frozen-feature extraction and on-disk feature caches.
 
-Every frozen-feature protocol in synrep (SynCLR/DINOv2 linear probes, DINO kNN; METHODS.md section 1
+Every frozen-feature protocol (SynCLR/DINOv2 linear probes, DINO kNN; docs/methods.md section 1
 "Evaluation protocols") runs the encoder once over a dataset and then fits heads on the cached
 features, so extraction is separate from the heads and its output can be saved as ``.npz``.
 """

@@ -1,4 +1,4 @@
-"""Few-shot linear classification on frozen features (METHODS.md section 1, "Evaluation protocols").
+"""Few-shot classification on frozen features (docs/methods.md section 1, "Evaluation protocols").
 
 The low-shot protocol of SimCLR / DINOv2-style evaluations: for each shot count n (1, 5, 10 images
 per class) and each of several seeds, draw a class-balanced labelled subset of the training split,
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from synrep.eval.linear import _check_probe_inputs, _lbfgs_fit, _logreg_predict, _standardise
+from synrep.eval.linear import check_probe_inputs, lbfgs_fit, logreg_predict, standardise
 
 __all__ = ["fewshot_indices", "fewshot_probe"]
 
@@ -80,7 +80,7 @@ def fewshot_probe(
         ``{str(n): {"mean": %, "std": % (sample std over seeds, 0 for one seed), "min": %,
         "max": %, "runs": [top-1 % per seed]}}`` for every n in ``shots``.
     """
-    k = _check_probe_inputs(train_x, train_y, test_x, test_y, 0.5)
+    k = check_probe_inputs(train_x, train_y, test_x, test_y, 0.5)
     shots = [int(n) for n in shots]
     seeds = [int(s) for s in seeds]
     if not shots or min(shots) < 1 or len(set(shots)) != len(shots):
@@ -93,7 +93,7 @@ def fewshot_probe(
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
 
     # Unlabelled statistics of the whole training split: no labels are used to standardise.
-    xtr, xte = _standardise(train_x.to(device, torch.float32), test_x.to(device, torch.float32))
+    xtr, xte = standardise(train_x.to(device, torch.float32), test_x.to(device, torch.float32))
     ytr, yte = train_y.to(device, torch.long), test_y.to(device, torch.long)
     out: dict[str, dict] = {}
     bar = tqdm(total=len(shots) * len(seeds), desc="few-shot", unit="fit")
@@ -101,8 +101,8 @@ def fewshot_probe(
         runs = []
         for seed in seeds:
             idx = fewshot_indices(train_y, n, seed).to(device)
-            w, b = _lbfgs_fit(xtr[idx], ytr[idx], c, k, None, max_iter, 1e-4)
-            runs.append(100.0 * float((_logreg_predict(xte, w, b) == yte).float().mean()))
+            w, b = lbfgs_fit(xtr[idx], ytr[idx], c, k, None, max_iter, 1e-4)
+            runs.append(100.0 * float((logreg_predict(xte, w, b) == yte).float().mean()))
             bar.update()
         out[str(n)] = {
             "mean": statistics.fmean(runs),

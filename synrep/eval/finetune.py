@@ -1,6 +1,6 @@
 """End-to-end fine-tuning with layer-wise learning-rate decay (the BEiT / MAE protocol).
 
-METHODS.md section 1, "Evaluation protocols": SynCLR reports ImageNet fine-tuning "MAE/BEiT style,
+docs/methods.md section 1, "Evaluation protocols": SynCLR fine-tunes on ImageNet "MAE/BEiT style,
 layer decay 0.65". The recipe (BEiT, Bao et al. 2021, arXiv 2106.08254; MAE, He et al. 2021,
 arXiv 2111.06377, appendix: end-to-end fine-tuning):
 
@@ -36,9 +36,9 @@ from tqdm.auto import tqdm
 from synrep.config import AugConfig
 from synrep.data.augment import BatchAugment
 from synrep.data.datasets import ImageArray
-from synrep.eval.linear import _flush_denormals, stratified_split
+from synrep.eval.linear import flush_denormals, stratified_split
 from synrep.models import Encoder
-from synrep.train.schedule import warmup_cosine
+from synrep.schedule import warmup_cosine
 
 __all__ = ["finetune", "layer_decay_param_groups"]
 
@@ -199,7 +199,7 @@ def finetune(
     The caller's encoder is never modified. Every parameter group of
     :func:`layer_decay_param_groups` runs AdamW (betas 0.9, 0.999) with learning rate
     ``lr_scale * s(t)`` at step ``t``, where ``s`` warms up linearly over ``warmup_epochs`` and
-    then decays to ``min_lr`` along a cosine (:func:`synrep.train.schedule.warmup_cosine`); ``lr``
+    then decays to ``min_lr`` along a cosine (:func:`synrep.schedule.warmup_cosine`); ``lr``
     is used as given (no batch-size scaling). Each epoch is one seeded permutation of the training
     images in batches of ``batch_size`` (the last one smaller). With the same seed the run is
     deterministic on the CPU: one generator draws the head init, the permutations and the
@@ -263,7 +263,7 @@ def finetune(
     fork_devices: list[int] = []
     if dev.type == "cuda":
         fork_devices = [dev.index if dev.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=fork_devices), _flush_denormals():
+    with torch.random.fork_rng(devices=fork_devices), flush_denormals():
         torch.manual_seed(seed)  # dropout / drop path, without touching the caller's RNG state
         net = _with_head(encoder, len(train.classes), gen).to(dev)
         groups = layer_decay_param_groups(

@@ -1,4 +1,4 @@
-"""Linear probes on frozen features (METHODS.md section 1, "Evaluation protocols").
+"""Linear probes on frozen features (docs/methods.md section 1, "Evaluation protocols").
 
 Two protocols, both selecting their hyper-parameter on a validation split carved from train:
 
@@ -35,7 +35,7 @@ _CPU_BLOCK_ROWS = 1024
 
 
 @contextlib.contextmanager
-def _flush_denormals() -> Iterator[None]:
+def flush_denormals() -> Iterator[None]:
     """Flush float32 denormals to zero on the CPU while a probe trains.
 
     Confident heads produce softmax probabilities below 1e-38, and CPU arithmetic on such
@@ -104,7 +104,7 @@ def _check_xy(x: Tensor, y: Tensor, xname: str, yname: str) -> None:
         raise ValueError(f"{yname} has negative label {int(y.min())}; labels must be 0..K-1")
 
 
-def _check_probe_inputs(
+def check_probe_inputs(
     train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, val_fraction: float
 ) -> int:
     """Validate a probe's inputs; return the number of classes."""
@@ -130,7 +130,7 @@ def _check_grid(name: str, values: Sequence[float]) -> list[float]:
     return values
 
 
-def _standardise(ref: Tensor, *others: Tensor) -> list[Tensor]:
+def standardise(ref: Tensor, *others: Tensor) -> list[Tensor]:
     """Standardise ``ref [N, D]`` and ``others`` with ``ref``'s per-feature mean and std.
 
     Like scikit-learn's ``StandardScaler``: population std, and constant features (std at the
@@ -223,10 +223,10 @@ def fit_logreg(
             f"init must be (W [{d}, {k}], b [{k}]), got {tuple(init[0].shape)}, "
             f"{tuple(init[1].shape)}"
         )
-    return _lbfgs_fit(x, y.to(x.device), c, k, init, max_iter, tol)
+    return lbfgs_fit(x, y.to(x.device), c, k, init, max_iter, tol)
 
 
-def _lbfgs_fit(
+def lbfgs_fit(
     x: Tensor,
     y: Tensor,
     c: float,
@@ -264,7 +264,7 @@ def _lbfgs_fit(
         w.grad, b.grad = gw, gb
         return loss
 
-    with _flush_denormals():
+    with flush_denormals():
         opt.step(closure)
     state = opt.state[w]
     log.debug(
@@ -276,7 +276,7 @@ def _lbfgs_fit(
     return w.detach(), b.detach()
 
 
-def _logreg_predict(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+def logreg_predict(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
     return torch.addmm(b, x, w).argmax(1)
 
 
@@ -316,7 +316,7 @@ def lbfgs_probe(
     Returns:
         ``{"top1": test top-1 % with the chosen C, "best_c": C, "val_top1": {C: val top-1 %}}``.
     """
-    k = _check_probe_inputs(train_x, train_y, test_x, test_y, val_fraction)
+    k = check_probe_inputs(train_x, train_y, test_x, test_y, val_fraction)
     cs = sorted(_check_grid("cs", cs))
     if max_iter < 1 or not tol > 0:
         raise ValueError(f"max_iter must be >= 1 and tol > 0, got {max_iter} and {tol}")
@@ -326,15 +326,15 @@ def lbfgs_probe(
     train_y = train_y.to(device, torch.long)
     fit_idx, val_idx = fit_idx.to(device), val_idx.to(device)
 
-    xf, xv = _standardise(train_x[fit_idx], train_x[val_idx])
+    xf, xv = standardise(train_x[fit_idx], train_x[val_idx])
     yf, yv = train_y[fit_idx], train_y[val_idx]
     val_top1: dict[float, float] = {}
     params: tuple[Tensor, Tensor] | None = None
     best: tuple[float, float, tuple[Tensor, Tensor]] | None = None  # (acc, c, params)
     bar = tqdm(cs, desc="lbfgs C sweep", unit="C")
     for c in bar:
-        params = _lbfgs_fit(xf, yf, c, k, params, max_iter, tol)
-        acc = _accuracy(_logreg_predict(xv, *params), yv)
+        params = lbfgs_fit(xf, yf, c, k, params, max_iter, tol)
+        acc = _accuracy(logreg_predict(xv, *params), yv)
         val_top1[c] = acc
         if best is None or acc > best[0]:
             best = (acc, c, params)
@@ -343,9 +343,9 @@ def lbfgs_probe(
     del xf, xv
 
     best_c = best[1]
-    xt, xs = _standardise(train_x, test_x.to(device, torch.float32))
-    w, b = _lbfgs_fit(xt, train_y, best_c, k, best[2], max_iter, tol)
-    top1 = _accuracy(_logreg_predict(xs, w, b), test_y.to(device))
+    xt, xs = standardise(train_x, test_x.to(device, torch.float32))
+    w, b = lbfgs_fit(xt, train_y, best_c, k, best[2], max_iter, tol)
+    top1 = _accuracy(logreg_predict(xs, w, b), test_y.to(device))
     log.info(
         "lbfgs probe: best C=%g (val %.2f%%), test top-1 %.2f%% in %.1fs",
         best_c,
@@ -409,7 +409,7 @@ def _train_linear_heads(
 
     step = 0
     bar = tqdm(total=total, desc="sgd linear heads", unit="step")
-    with _flush_denormals():
+    with flush_denormals():
         for _ in range(epochs):
             perm = torch.randperm(n, generator=generator).to(device)
             for s in range(0, n, batch_size):
@@ -527,7 +527,7 @@ def sgd_probe_grid(
         with ``pools`` also ``"best_pool"``, and ``val_top1`` / ``test_top1`` are keyed
         ``"<pool>@<lr>"``.
     """
-    k = _check_probe_inputs(train_x, train_y, test_x, test_y, val_fraction)
+    k = check_probe_inputs(train_x, train_y, test_x, test_y, val_fraction)
     lr_list = _check_grid("lrs", lrs)
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
@@ -556,7 +556,7 @@ def sgd_probe_grid(
     train_y = train_y.to(device, torch.long)
     xf, xv, xs = train_x[fit_idx.to(device)], train_x[val_idx.to(device)], test_x.to(device).float()
     if standardize:
-        xf, xv, xs = _standardise(xf, xv, xs)
+        xf, xv, xs = standardise(xf, xv, xs)
     yf, yv = train_y[fit_idx.to(device)], train_y[val_idx.to(device)]
     gen = torch.Generator().manual_seed(seed)
     w, b = _train_linear_heads(

@@ -1,6 +1,6 @@
 """PCA maps of ViT patch features: the qualitative evaluation of SynCLR and DINOv2.
 
-METHODS.md section 1, "Evaluation protocols" (Visual): the patch features of a set of images are
+docs/methods.md section 1, "Evaluation protocols" (Visual): patch features of a set of images are
 reduced by one PCA fitted over all their patches together, and the first three components are
 shown as RGB next to the images, so parts that the encoder represents alike get the same colour
 across images. With a foreground threshold (DINOv2, Oquab et al. 2023, arXiv 2304.07193, figure 1

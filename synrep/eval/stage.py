@@ -1,7 +1,7 @@
 """The evaluation stage: frozen features of a checkpoint's encoder, then the configured protocols.
 
 Features of the train and test splits are computed once, cached in ``RUN/eval/features_*.npz``, and
-fed to every frozen-feature protocol (METHODS.md section 1): L-BFGS logistic regression with C
+fed to every frozen-feature protocol (docs/methods.md section 1): L-BFGS logistic regression with C
 chosen on a validation split (SynCLR's fine-grained protocol), a grid of SGD linear heads over
 learning rates x poolings trained in one pass (DINOv2), weighted kNN (DINO), few-shot logistic
 regression (mean and spread over seeded draws) and, for checkpoints with a text tower, zero-shot
@@ -20,15 +20,22 @@ from typing import Any
 
 import torch
 
+from synrep.checkpoint import Checkpoint
+from synrep.concepts.fashion import CLASS_NAMES
 from synrep.config import Config, EvalConfig, config_from_dict
 from synrep.data.datasets import load_dataset
 from synrep.errors import ConfigError
 from synrep.eval.features import extract_features, load_features, save_features
 from synrep.eval.fewshot import fewshot_probe
+from synrep.eval.finetune import finetune as run_finetune
 from synrep.eval.knn import knn_classify
 from synrep.eval.linear import lbfgs_probe, pool_columns, sgd_probe_grid
-from synrep.models import Encoder, build_encoder
-from synrep.train.checkpoint import Checkpoint
+from synrep.eval.pca import pca_maps, save_pca_figure
+from synrep.eval.zeroshot import FASHION_TEMPLATES, class_embeddings, zero_shot_classify
+from synrep.factory import load_encoder, load_method
+from synrep.layout import layout
+from synrep.methods import METHODS
+from synrep.models import Encoder
 from synrep.utils import ensure_writable_dir, write_json_atomic
 
 PROTOCOLS = ("linear", "sgd", "knn", "fewshot", "zeroshot", "finetune")
@@ -37,37 +44,7 @@ DONE_KEYS = {"linear": "linear_probe_top1", "sgd": "sgd_probe_top1", "knn": "knn
              "fewshot": "fewshot", "zeroshot": "zeroshot_top1", "finetune": "finetune_top1"}
 
 
-def load_encoder(path: str | Path, device: str | torch.device = "cpu",
-                 weights: str = "teacher") -> tuple[Encoder, Config]:
-    """The encoder in a synrep checkpoint (eval mode) and the config it was trained with.
-
-    ``weights="teacher"`` takes the EMA teacher's encoder when the checkpoint has one (as DINO
-    and iBOT evaluate), else the student's; ``"student"`` always takes the student's.
-    """
-    if weights not in ("teacher", "student"):
-        raise ConfigError(f"eval.weights={weights!r}: choose teacher or student")
-    ck = Checkpoint(path)
-    cfg = config_from_dict(ck.config, f"checkpoint {str(path)!r}")
-    if cfg.method.name == "moce":
-        raise ConfigError(
-            f"{str(path)!r} is a MoCE checkpoint: its MoE blocks need a route per image. Run "
-            "expert search (`synrep search CONFIG`) and evaluate the dense ViT it exports "
-            "(RUN/search/expert.safetensors)")
-    encoder = build_encoder(cfg.model)
-    has_teacher = any(k.startswith("teacher.encoder.") for k in ck.model_state)
-    prefix = "teacher.encoder." if weights == "teacher" and has_teacher else "encoder."
-    state = ck.submodule_state(prefix)
-    try:
-        encoder.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ConfigError(
-            f"checkpoint {str(path)!r}: encoder weights do not fit its own config: "
-            f"{str(e).splitlines()[0]}"
-        ) from None
-    return encoder.to(device).eval(), cfg
-
-
-def _load_split(ecfg: EvalConfig, split: str, image_size: int, dataset: str | None = None,
+def load_split(ecfg: EvalConfig, split: str, image_size: int, dataset: str | None = None,
                 root: str | None = None):
     """One split of the evaluation dataset, cut to ``eval.limit_*`` images by a seeded draw."""
     ds = load_dataset(
@@ -95,7 +72,7 @@ def embed_split(
     root: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Probe features (N, D) and labels (N,) of one split of the evaluation dataset."""
-    ds = _load_split(ecfg, split, image_size, dataset, root)
+    ds = load_split(ecfg, split, image_size, dataset, root)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         return encoder.probe_features(x, ecfg.pool, ecfg.n_last_blocks)
@@ -116,8 +93,6 @@ def _prompt_names(ecfg: EvalConfig, classes: list[str]) -> list[str]:
                 f"evaluated set has {len(classes)} classes ({', '.join(classes)})")
         return list(ecfg.zeroshot_classnames)
     if ecfg.dataset == "fashion-mnist":
-        from synrep.concepts.fashion import CLASS_NAMES
-
         return [CLASS_NAMES[c] for c in (ecfg.classes or range(len(CLASS_NAMES)))]
     return list(classes)
 
@@ -144,28 +119,21 @@ def protocol_done(entry: dict[str, Any], protocol: str) -> bool:
 
 def _load_text_model(checkpoint: str | Path, device: torch.device) -> Any | None:
     """The checkpoint's whole method when it trained a text tower (for zero-shot), else None."""
-    from synrep.methods import METHODS
-    from synrep.train.loop import build_method
-
-    ck = Checkpoint(checkpoint)
-    cfg = config_from_dict(ck.config, f"checkpoint {str(checkpoint)!r}")
+    cfg = config_from_dict(Checkpoint(checkpoint).config, f"checkpoint {str(checkpoint)!r}")
     if cfg.method.name not in METHODS:
         return None
-    method = build_method(cfg)
-    if not method.has_text_tower:
-        return None
-    ck.load_model(method)
-    return method.to(device).eval()
+    method, _ = load_method(checkpoint, device)
+    return method if method.has_text_tower else None
 
 
-def _cached_features(cfg: Config, encoder: Encoder, checkpoint: str | Path, out_dir: Path,
+def _cached_features(cfg: Config, encoder: Encoder, checkpoint: str | Path,
                      device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Train and test features, from ``out_dir``'s cache when it was made the same way."""
+    """Train and test features, from RUN/eval's cache when it was made the same way."""
     ecfg = cfg.eval
     feats = {}
     for split in (ecfg.train_split, ecfg.test_split):
-        cache = out_dir / f"features_{results_key(ecfg).replace(':', '_')}_{split}.npz"
-        stamp = out_dir / (cache.name + ".source")
+        cache = layout(cfg).features_cache(results_key(ecfg), split)
+        stamp = cache.with_name(cache.name + ".source")
         key = json.dumps(
             {
                 "checkpoint": str(Path(checkpoint).resolve()),
@@ -188,9 +156,8 @@ def _cached_features(cfg: Config, encoder: Encoder, checkpoint: str | Path, out_
     return feats
 
 
-def _pca_figure(cfg: Config, encoder: Encoder, out_dir: Path, device: torch.device) -> str | None:
+def _pca_figure(cfg: Config, encoder: Encoder, device: torch.device) -> str | None:
     """PCA maps of ``eval.pca_images`` test images (spread over the classes) -> ``pca.png``."""
-    from synrep.eval.pca import pca_maps, save_pca_figure
 
     n = cfg.eval.pca_images
     if n <= 0 or not encoder.is_vit:
@@ -202,8 +169,9 @@ def _pca_figure(cfg: Config, encoder: Encoder, out_dir: Path, device: torch.devi
     by_class = [torch.nonzero(ds.labels == c).flatten() for c in torch.unique(ds.labels)]
     picks = [int(idx[i]) for i in range(n) for idx in by_class if i < len(idx)][:n]
     images = ds.images[picks]
-    save_pca_figure(images, pca_maps(encoder, images, device=device), out_dir / "pca.png")
-    return "pca.png"
+    path = layout(cfg).pca
+    save_pca_figure(images, pca_maps(encoder, images, device=device), path)
+    return path.name
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
@@ -212,7 +180,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     unknown = [p for p in ecfg.protocols if p not in PROTOCOLS]
     if unknown:
         raise ConfigError(f"eval.protocols: unknown {unknown}; choose from {list(PROTOCOLS)}")
-    out_dir = ensure_writable_dir(cfg.run_dir / "eval", "run.dir")
+    ensure_writable_dir(layout(cfg).eval, "run.dir")
     device = torch.device(cfg.run.device)
     encoder, _ = load_encoder(checkpoint, device, ecfg.weights)
     seed, vf = cfg.run.seed, ecfg.val_fraction
@@ -224,7 +192,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     xtr = ytr = xte = yte = None
     if frozen:
         t0 = time.perf_counter()
-        feats = _cached_features(cfg, encoder, checkpoint, out_dir, device)
+        feats = _cached_features(cfg, encoder, checkpoint, device)
         (xtr, ytr), (xte, yte) = feats[ecfg.train_split], feats[ecfg.test_split]
         timings["features_s"] = round(time.perf_counter() - t0, 1)
         res["feature_dim"] = int(xtr.shape[1])
@@ -259,13 +227,11 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
         return r
 
     def zeroshot() -> dict[str, Any]:
-        from synrep.eval.zeroshot import FASHION_TEMPLATES, class_embeddings, zero_shot_classify
-
         model = _load_text_model(checkpoint, device)
         if model is None:
             skipped["zeroshot"] = "the checkpoint has no text tower"
             return {}
-        ds = _load_split(ecfg, ecfg.test_split, cfg.model.img_size)
+        ds = load_split(ecfg, ecfg.test_split, cfg.model.img_size)
         img = extract_features(model.encode_image, ds.images, batch_size=ecfg.batch_size,
                                device=device, desc="image embeddings")
         with torch.inference_mode():
@@ -274,11 +240,9 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
         return {"zeroshot_top1": zero_shot_classify(img, cls.cpu(), ds.labels)["top1"]}
 
     def finetune() -> dict[str, Any]:
-        from synrep.eval.finetune import finetune as run_finetune
-
         out = run_finetune(
-            encoder, _load_split(ecfg, ecfg.train_split, cfg.model.img_size),
-            _load_split(ecfg, ecfg.test_split, cfg.model.img_size),
+            encoder, load_split(ecfg, ecfg.train_split, cfg.model.img_size),
+            load_split(ecfg, ecfg.test_split, cfg.model.img_size),
             epochs=ecfg.finetune_epochs, batch_size=ecfg.finetune_batch_size, lr=ecfg.finetune_lr,
             layer_decay=ecfg.finetune_layer_decay, weight_decay=ecfg.finetune_weight_decay,
             warmup_epochs=ecfg.finetune_warmup_epochs,
@@ -293,7 +257,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
         timings[f"{name}_s"] = round(time.perf_counter() - t, 1)
     if ecfg.pca_images > 0:
         t = time.perf_counter()
-        pca = _pca_figure(cfg, encoder, out_dir, device)
+        pca = _pca_figure(cfg, encoder, device)
         if pca is not None:
             res["pca_maps"] = pca
             timings["pca_s"] = round(time.perf_counter() - t, 1)
@@ -305,7 +269,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     res["timings"] = timings
     res["settings"] = eval_settings(ecfg)
     results = {results_key(ecfg): res}
-    path = out_dir / "results.json"
+    path = layout(cfg).results
     # Keep other datasets' results already in the file.
     if path.exists():
         try:

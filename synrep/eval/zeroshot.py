@@ -1,6 +1,6 @@
 """Zero-shot classification with a text tower (CLIP, Radford et al. 2021, section 3.1.4).
 
-For models trained with language supervision (CLIP, StableRep++ and LaCLIP; METHODS.md section 4):
+For models trained with language supervision (CLIP, StableRep++, LaCLIP; docs/methods.md section 4):
 each class name is written into prompt templates ("a photo of a {}."), the text tower embeds every
 prompt, the L2-normalised embeddings of one class are averaged and renormalised (prompt ensembling,
 CLIP section 3.1.4), and each image goes to the class whose embedding is most cosine-similar to the

@@ -28,12 +28,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from synrep.captions.grammar import compose
 from synrep.concepts import load_bank
 from synrep.concepts.fashion import ATTRIBUTES, measure_attributes
 from synrep.config import Config
+from synrep.data.fashion_mnist import load_fashion_mnist
+from synrep.images.render import Renderer
 from synrep.utils import ensure_writable_dir, write_json_atomic
 
 TARGETS = {"class_consistency": 85.0, "attribute_adherence": 80.0, "diversity_ratio": 0.5}
@@ -74,9 +78,6 @@ def train_judge(root: str | None, path: Path, seed: int = 0, epochs: int = 3
                 ) -> tuple[Judge, float]:
     """Train (or load from ``path``) the judge on the real train split; return it and its test
     accuracy in percent."""
-    from safetensors.torch import load_file, save_file
-
-    from synrep.data.fashion_mnist import load_fashion_mnist
 
     torch.manual_seed(seed)  # the judge's initial weights
     judge = Judge()
@@ -136,8 +137,6 @@ def _mean_pairwise(f: torch.Tensor) -> torch.Tensor:
 def evaluate_generator(cfg: Config, captions_per_class: int = 20, pairs_per_class: int = 4
                        ) -> dict[str, Any]:
     """Render the probe captions with ``cfg.images`` (any pipeline) and compute the metrics."""
-    from synrep.data.fashion_mnist import load_fashion_mnist
-    from synrep.images.render import Renderer
 
     out = ensure_writable_dir(cfg.run_dir / "generator_eval", "run.dir")
     judge, judge_acc = train_judge(cfg.eval.root, out / "judge.safetensors", cfg.run.seed)
@@ -243,7 +242,6 @@ def evaluate_generator(cfg: Config, captions_per_class: int = 20, pairs_per_clas
 
 def _grid(images: np.ndarray, per_row: int, path: Path) -> None:
     """Save a grid (one row per class) as PNG."""
-    from PIL import Image
 
     n = len(images) // per_row * per_row
     if n == 0:

@@ -18,18 +18,19 @@ import json
 import multiprocessing as mp
 import os
 
+import torch
 from tqdm import tqdm
 
 from synrep.config import Config, config_from_dict
 from synrep.errors import ConfigError
+from synrep.images.jobs import render_job
+from synrep.images.render import Renderer
 from synrep.registry import Registry
 
 EXECUTORS: Registry = Registry("images executor")
 
 
 def _renderer(cfg: Config, device: str):
-    from synrep.images.render import Renderer
-
     return Renderer(cfg.images, device)
 
 
@@ -43,8 +44,6 @@ def _bar(n: int) -> tqdm:
 
 @EXECUTORS.register("local")
 def run_local(cfg: Config, jobs: list) -> None:
-    from synrep.images.stage import render_job
-
     if not jobs:
         return
     renderer = _renderer(cfg, cfg.run.device)
@@ -59,8 +58,6 @@ _WORKER: dict = {}
 
 
 def _init_worker(cfg_json: str, devices, threads: int) -> None:
-    import torch
-
     cfg = config_from_dict(json.loads(cfg_json), "images worker")
     device = devices.get()
     torch.set_num_threads(threads)
@@ -68,8 +65,6 @@ def _init_worker(cfg_json: str, devices, threads: int) -> None:
 
 
 def _work(job) -> str:
-    from synrep.images.stage import render_job
-
     render_job(_WORKER["cfg"], job, _WORKER["renderer"])
     return job.name
 
@@ -119,8 +114,6 @@ def run_ranks(cfg: Config, jobs: list) -> None:
     if not mine:
         return
     renderer = _renderer(cfg, device)
-    from synrep.images.stage import render_job
-
     with _bar(len(mine)) as bar:
         for job in mine:
             render_job(cfg, job, renderer)
@@ -142,16 +135,12 @@ def run_ray(cfg: Config, jobs: list) -> None:
     @ray.remote
     class Worker:
         def __init__(self, cfg_json: str, device: str) -> None:
-            import torch
-
             self.cfg = config_from_dict(json.loads(cfg_json), "ray worker")
             if self.cfg.run.threads > 0:
                 torch.set_num_threads(self.cfg.run.threads)
             self.renderer = _renderer(self.cfg, "cuda" if device.startswith("cuda") else device)
 
         def run(self, job) -> str:
-            from synrep.images.stage import render_job
-
             render_job(self.cfg, job, self.renderer)
             return job.name
 

@@ -16,16 +16,22 @@ probability ``cond_drop`` for classifier-free guidance.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
 import random
 import re
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from synrep.captions.grammar import BG_FORMS, LEADS, MODIFIERS, REL_FORMS, SWAPS, TAILS, compose
@@ -38,6 +44,7 @@ from synrep.concepts.fashion import (
     measure_attributes,
 )
 from synrep.config import Config
+from synrep.data.fashion_mnist import load_fashion_mnist
 from synrep.errors import CheckpointError, ConfigError
 from synrep.images.render import resolve_pipeline
 from synrep.utils import ensure_writable_dir, write_json_atomic
@@ -106,7 +113,6 @@ def build_components(vocab_size: int, seed: int = 0) -> dict[str, Any]:
 
 def training_images(root: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fashion-MNIST train images in [-1, 1], padded to 32 px: (N, 1, 32, 32), and labels."""
-    from synrep.data.fashion_mnist import load_fashion_mnist
 
     images, labels = load_fashion_mnist("train", root)
     x = torch.from_numpy(images).float().div(127.5).sub(1.0)[:, None]
@@ -148,8 +154,6 @@ def _lr(step: int, total: int, peak: float, warmup: int) -> float:
 
 def _save_state(path: Path, modules: dict[str, torch.nn.Module], opt, step: int,
                 extra: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
     tensors = {f"{name}.{k}": v.detach().cpu().contiguous() for name, m in modules.items()
                for k, v in m.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
@@ -161,8 +165,6 @@ def _save_state(path: Path, modules: dict[str, torch.nn.Module], opt, step: int,
 
 
 def _load_state(path: Path, modules: dict[str, torch.nn.Module], opt) -> tuple[int, dict]:
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -377,7 +379,6 @@ class _DenoiserBatches(torch.utils.data.Dataset):
 
 def _loader_workers(g, dev: torch.device) -> int:
     """``generator.loader_workers``; -1 = none on a CPU (the cores train), up to 6 on a GPU."""
-    import os
 
     if g.loader_workers >= 0:
         return g.loader_workers
@@ -424,8 +425,6 @@ def _train_vae_and_denoiser(cfg: Config, images, labels, measures, thresholds, t
                                tuple(latents.shape[1:]))
     workers = _loader_workers(g, dev)
     if workers:
-        import os
-
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(batches, range(step, g.steps)), batch_size=None,
@@ -522,8 +521,6 @@ def train_generator(cfg: Config) -> Path:
         "attributes": {k: list(v) for k, v in ATTRIBUTES.items()},
         **trained, "decoder_steps": g.decoder_steps})
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     tmp.replace(out)
     print(f"generator: saved the mini pipeline to {out}")
@@ -532,7 +529,6 @@ def train_generator(cfg: Config) -> Path:
 
 def _fingerprint(cfg: Config, stage: str = "decoder") -> dict[str, Any]:
     """The settings a stage's saved state depends on (the denoiser ignores the decoder's)."""
-    from dataclasses import asdict
 
     d = asdict(cfg.generator)
     for k in ("out", "ckpt_every", "device", "loader_workers"):  # same draws on every device
@@ -547,8 +543,6 @@ def _fingerprint(cfg: Config, stage: str = "decoder") -> dict[str, Any]:
 
 
 def _ema_copy(m: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
     e = copy.deepcopy(m).eval()
     e.requires_grad_(False)
     return e

@@ -1,4 +1,4 @@
-"""Rendering captions with any diffusers text-to-image pipeline (METHODS.md section 1: SD 1.5 at
+"""Rendering captions with a diffusers text-to-image pipeline (docs/methods.md section 1: SD 1.5 at
 guidance 2.5 in the paper; the shipped mini model on CPUs).
 
 Every image has its own CPU generator seeded from ``(run seed, caption_id, k, attempt)``, so any
@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from synrep.errors import ConfigError, DataError
+from synrep.shipped import SHIPPED
 from synrep.utils import derive_seed
 
-# Pipelines shipped with synrep, by name.
-SHIPPED = {"fashion-mini": Path(__file__).with_name("fashion_mini")}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -16,46 +16,25 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from synrep.captions.stage import caption_shards, captions_dir, read_caption_shard
+from synrep.captions.stage import caption_shards, read_caption_shard
 from synrep.config import Config
-from synrep.data.shards import (
-    CaptionGroup,
-    complete_shards,
-    marker_path,
-    write_shard,
-    write_sizes,
-)
-from synrep.errors import ConfigError, DataError
+from synrep.data.shards import complete_shards, marker_path, write_sizes
+from synrep.errors import ConfigError
+from synrep.images.executors import EXECUTORS, own_jobs
+from synrep.images.jobs import Job
+from synrep.layout import layout
 from synrep.utils import check_same_settings, ensure_writable_dir, write_json_atomic
 
 CONFIG_FILE = "config.json"
 STATS_FILE = "stats.json"
 # settings that do not change a shard's bytes (executors write identical shards)
 _NOT_IN_FINGERPRINT = ("executor", "devices")
-
-
-@dataclass(frozen=True)
-class Job:
-    """Image shard ``index``: captions ``[start, stop)`` of the caption shard ``source``."""
-
-    index: int
-    source: str
-    start: int
-    stop: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.index:06d}.tar"
-
-
-def images_dir(cfg: Config) -> Path:
-    return cfg.run_dir / "images"
 
 
 def _fingerprint(cfg: Config) -> dict[str, Any]:
@@ -81,7 +60,7 @@ def plan_jobs(cfg: Config) -> list[Job]:
     """Image shards over the complete caption set, in caption order. Every caption shard is read
     and validated first (a small cost next to rendering), so a malformed one stops the stage
     before any image is drawn."""
-    src = Path(cfg.images.captions) if cfg.images.captions else captions_dir(cfg)
+    src = Path(cfg.images.captions) if cfg.images.captions else layout(cfg).captions
     jobs: list[Job] = []
     for shard in caption_shards(src):
         n = len(read_caption_shard(shard))
@@ -101,32 +80,8 @@ def check_same_config(cfg: Config, out: Path) -> None:
         write_json_atomic(path, current)
 
 
-def render_job(cfg: Config, job: Job, renderer) -> dict[str, Any]:
-    """Render and write one image shard; return its marker."""
-    rows = read_caption_shard(job.source)[job.start:job.stop]
-    if len(rows) != job.stop - job.start:
-        raise DataError(f"caption shard {job.source!r} has {len(rows)} rows in [{job.start}, "
-                        f"{job.stop}); it changed after it was marked complete: regenerate it")
-    k = cfg.images.images_per_caption
-    prompts = [r["caption"] for r in rows for _ in range(k)]
-    ids = [r["caption_id"] for r in rows for _ in range(k)]
-    ks = [j for _ in rows for j in range(k)]
-    t0 = time.perf_counter()
-    out = renderer.render(prompts, ids, ks, cfg.run.seed)
-    seconds = time.perf_counter() - t0
-    groups = []
-    for i, row in enumerate(rows):
-        meta = {**{key: v for key, v in row.items() if key != "caption"},
-                "image_seeds": out.seeds[i * k:(i + 1) * k], "generator": renderer.provenance}
-        groups.append(CaptionGroup(f"{row['caption_id']:09d}", row["caption"], meta,
-                                   list(out.images[i * k:(i + 1) * k])))
-    return write_shard(images_dir(cfg) / job.name, groups, {
-        "render_seconds": round(seconds, 3), "retried": out.retried, "source": job.source,
-        "captions": [job.start, job.stop]}, image_format=cfg.images.format)
-
-
 def images_complete(cfg: Config) -> bool:
-    out = images_dir(cfg)
+    out = layout(cfg).images
     if not (out / STATS_FILE).exists() or not (out / CONFIG_FILE).exists():
         return False
     if json.loads((out / CONFIG_FILE).read_text()) != _fingerprint(cfg):
@@ -140,10 +95,8 @@ def run_images(cfg: Config) -> dict[str, Any] | None:
 
     Returns the stage's stats once every shard is complete (None on a rank that finished its
     own shards while others still work)."""
-    from synrep.images.executors import EXECUTORS, own_jobs
-
     _check_config(cfg)
-    out = ensure_writable_dir(images_dir(cfg), "run.dir")
+    out = ensure_writable_dir(layout(cfg).images, "run.dir")
     check_same_config(cfg, out)
     jobs = plan_jobs(cfg)
     done = {p.name for p in complete_shards(out)}
@@ -166,7 +119,7 @@ def run_images(cfg: Config) -> dict[str, Any] | None:
 
 
 def finish(cfg: Config, jobs: list[Job], seconds: float, rendered: set[str]) -> dict[str, Any]:
-    out = images_dir(cfg)
+    out = layout(cfg).images
     sizes = write_sizes(out)
     markers = {j.name: json.loads(marker_path(out / j.name).read_text()) for j in jobs}
     n_images = sum(m["images"] for m in markers.values())

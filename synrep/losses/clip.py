@@ -1,5 +1,5 @@
 """Image-text contrastive losses: CLIP's symmetric InfoNCE (Radford et al. 2021, arXiv 2103.00020)
-and StableRep++'s multi-positive image-text term (Tian et al. 2023, arXiv 2306.00984; METHODS.md
+and StableRep++'s multi-positive image-text term (Tian et al., arXiv 2306.00984; docs/methods.md
 section 2).
 
 Both compare L2-normalised image and text embeddings with a *learnable* logit scale: the caller
@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from synrep.dist import gather_with_grad, rank
 from synrep.losses.multipos import multipos_query_key_loss
-from synrep.train.dist import gather_with_grad, rank
 
 __all__ = ["ClipLoss", "MultiPosImageTextLoss", "logit_scale"]
 

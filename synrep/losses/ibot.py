@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from synrep.train.dist import world_size
+from synrep.dist import world_size
 
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from synrep.train.dist import gather_no_grad, gather_with_grad, rank, world_size
+from synrep.dist import gather_no_grad, gather_with_grad, rank, world_size
 
 # Large enough that exp(-BIG) underflows to exactly 0 in float32, small enough to stay finite,
 # so masked entries never produce 0 * inf = NaN in the cross-entropy.

@@ -1,4 +1,4 @@
-"""What every language-supervised method shares (CLIP, StableRep++; METHODS.md sections 2 and 4):
+"""What every language-supervised method shares (CLIP, StableRep++; docs/methods.md sections 2, 4):
 the text tower, the image projection into the shared space, and CLIP's learned logit scale.
 
 Images enter the shared space as ``image_proj(encoder(x))`` (a linear map without bias, as in

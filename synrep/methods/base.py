@@ -7,15 +7,17 @@ live outside the module that DDP wraps.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from synrep.errors import ConfigError
+from synrep.layout import layout
 from synrep.registry import Registry
 
-METHODS: Registry = Registry("method")
+METHODS: Registry[type[Method]] = Registry("method")
 
 
 class Method(nn.Module):
@@ -39,6 +41,14 @@ class Method(nn.Module):
     #: True for methods that train a text tower (CLIP-style); they implement
     #: :meth:`encode_image` and :meth:`encode_text`, and evaluation adds zero-shot classification.
     has_text_tower: bool = False
+
+    #: The stage that writes the checkpoint evaluation reads (see :meth:`eval_checkpoint`).
+    eval_after: str = "train"
+
+    @classmethod
+    def eval_checkpoint(cls, cfg: Any) -> Path:
+        """The checkpoint the eval stage evaluates for a run of this method: the final one."""
+        return layout(cfg).final_checkpoint
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [0, 1] -> (B, D) embeddings in the space shared with the text tower."""

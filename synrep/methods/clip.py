@@ -3,9 +3,9 @@
 Each step draws B captions and one of each caption's k generated images (a different one each
 step, seeded by (seed, step)); the image tower embeds an augmented view, the text tower the
 caption (with ``method.rewrites``, the caption or one of its LaCLIP rewrites, uniformly: Fan et al.
-2023, arXiv 2305.20088; METHODS.md section 4), and the symmetric InfoNCE loss with a learned logit
+2023, arXiv 2305.20088; docs/methods.md section 4), and the symmetric InfoNCE with a learned logit
 scale pulls each pair together against every other pair of the global batch. This is the
-synthetic-image CLIP of the scaling study (METHODS.md section 3).
+synthetic-image CLIP of the scaling study (docs/methods.md section 3).
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from synrep.config import Config
 from synrep.data.augment import BatchAugment
 from synrep.losses import ClipLoss, logit_scale
 from synrep.methods._language import LanguageMethod
-from synrep.methods.base import METHODS, Method
+from synrep.methods.base import METHODS
 from synrep.models import Encoder
 
 
+@METHODS.register("clip")
 class CLIP(LanguageMethod):
     batch_kind = "images"  # on caption-group shards: one image per caption, (B, 1, C, H, W)
     name = "clip"
@@ -41,8 +42,3 @@ class CLIP(LanguageMethod):
         loss = self.loss_fn(img, txt, self.logit_scale)
         return {"loss": loss,
                 "logit_scale": logit_scale(self.logit_scale, self.max_logit_scale).detach()}
-
-
-@METHODS.register("clip")
-def build_clip(cfg: Config, encoder: Encoder) -> Method:
-    return CLIP(cfg, encoder)

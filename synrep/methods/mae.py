@@ -128,6 +128,7 @@ def sincos_pos_embed_2d(dim: int, h: int, w: int) -> torch.Tensor:
     return torch.cat([axis(rows), axis(cols)], dim=1).float()
 
 
+@METHODS.register("mae")
 class MAE(Method):
     batch_kind = "images"
     each_image = True  # on caption-group shards every image is a sample
@@ -290,8 +291,3 @@ class MAE(Method):
         pred = self.forward_decoder(latent, ids_restore)
         loss = loss_fn(patchify(view, self.patch), pred, mask, self.norm_pix)
         return {"loss": loss, "mask_ratio": mask.mean().detach()}
-
-
-@METHODS.register("mae")
-def build_mae(cfg: Config, encoder: Encoder) -> Method:
-    return MAE(cfg, encoder)

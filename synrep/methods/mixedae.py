@@ -58,7 +58,7 @@ from torch import nn
 
 from synrep.config import Config
 from synrep.errors import ConfigError
-from synrep.methods.base import METHODS, Method
+from synrep.methods.base import METHODS
 from synrep.methods.mae import MAE, loss_fn, patchify
 from synrep.models import Encoder
 
@@ -170,6 +170,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(sim, target)
 
 
+@METHODS.register("mixedae")
 class MixedAE(MAE):
     batch_kind = "images"
 
@@ -296,8 +297,3 @@ class MixedAE(MAE):
             out["contrastive"] = con.detach()
         out["loss"] = loss
         return out
-
-
-@METHODS.register("mixedae")
-def build_mixedae(cfg: Config, encoder: Encoder) -> Method:
-    return MixedAE(cfg, encoder)

@@ -1,8 +1,8 @@
 """MoCE (Liu et al., ICLR 2023): MAE with mixture-of-cluster-conditional-experts blocks.
 
-METHODS.md section 6. Three steps:
+docs/methods.md section 6. Three steps:
 
-1. The ``cluster`` stage (:mod:`synrep.cluster`) runs k-means on a pretrained MAE's features of
+1. The ``cluster`` stage (:mod:`synrep.stages.moce`) runs k-means on a pretrained MAE's features of
    the pretraining images and keeps the centroids and every image's cluster.
 2. ``method.name=moce`` trains an MAE whose last ``moce_blocks`` encoder blocks replace their MLP
    by ``moce_experts`` expert MLPs (:class:`MoEMlp`). The gate of each MoE block reads the
@@ -37,15 +37,18 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
 
-from synrep.config import Config
+from synrep import dist
+from synrep.checkpoint import Checkpoint, save_checkpoint
+from synrep.cluster import load_clusters, nearest
+from synrep.config import Config, config_from_dict
 from synrep.errors import CheckpointError, ConfigError
-from synrep.methods.base import METHODS, Method
+from synrep.layout import layout
+from synrep.methods.base import METHODS
 from synrep.methods.mae import MAE, loss_fn, patchify
-from synrep.models import Encoder
-from synrep.train import dist
+from synrep.models import Encoder, build_encoder
 
-__all__ = ["MoCE", "MoEMlp", "importance_loss", "load_loss", "search_experts", "export_expert",
-           "load_moce", "run_search", "search_done"]
+__all__ = ["MoCE", "MoEMlp", "cluster_path", "importance_loss", "load_loss", "search_experts",
+           "export_expert", "load_moce"]
 
 
 def importance_loss(probs: torch.Tensor) -> torch.Tensor:
@@ -123,8 +126,16 @@ def moe_block(blk: nn.Module, x: torch.Tensor, probs: torch.Tensor) -> torch.Ten
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x), probs)))
 
 
+@METHODS.register("moce")
 class MoCE(MAE):
     batch_kind = "images"
+    # The MoE blocks need a route per image, so evaluation reads the dense ViT that expert search
+    # exports for the downstream dataset (the `search` stage, synrep.stages.moce).
+    eval_after = "search"
+
+    @classmethod
+    def eval_checkpoint(cls, cfg: Config) -> Path:
+        return layout(cfg).expert_checkpoint
 
     def __init__(self, cfg: Config, encoder: Encoder, gate_dim: int | None = None,
                  upcycle: bool = True) -> None:
@@ -171,8 +182,6 @@ class MoCE(MAE):
         copied, and each MoE block's experts all start as that block's dense MLP (sparse
         upcycling). The gates keep their fresh initialisation; the cluster routing then makes the
         experts diverge, each on its clusters' images."""
-        from synrep.train.checkpoint import Checkpoint
-
         ck = Checkpoint(path)
         if ck.config.get("method", {}).get("name") != "mae":
             raise CheckpointError(
@@ -210,8 +219,6 @@ class MoCE(MAE):
     def bind_data(self, source) -> None:
         """Take every training image's cluster from the clusters file, checked against the
         source (the same data config and shape as the cluster stage saw)."""
-        from synrep.cluster import cluster_path, load_clusters
-
         path = cluster_path(self.cfg)
         centroids, assign, meta = load_clusters(path)
         lead = tuple(source.images.shape[:-3])
@@ -287,15 +294,15 @@ class MoCE(MAE):
                 "load": load.detach(), "experts_used": used.mean()}
 
 
-@METHODS.register("moce")
-def build_moce(cfg: Config, encoder: Encoder) -> Method:
-    return MoCE(cfg, encoder)
+def cluster_path(cfg: Config) -> Path:
+    """The clusters file a MoCE run trains with: ``method.moce_cluster_file`` or RUN/cluster's."""
+    if cfg.method.moce_cluster_file:
+        return Path(cfg.method.moce_cluster_file)
+    return layout(cfg).clusters
 
 
 def _centroids_for(cfg: Config) -> tuple[torch.Tensor, int]:
     """The centroids (K, D) a new MoCE model is built with: those of the run's clusters file."""
-    from synrep.cluster import cluster_path, load_clusters
-
     centroids, _, _ = load_clusters(cluster_path(cfg))
     if len(centroids) != cfg.method.moce_clusters:
         raise ConfigError(
@@ -306,10 +313,6 @@ def _centroids_for(cfg: Config) -> tuple[torch.Tensor, int]:
 
 def load_moce(path: str | Path, device: torch.device | str = "cpu") -> MoCE:
     """A trained MoCE model (eval mode) from its checkpoint, centroids included."""
-    from synrep.config import config_from_dict
-    from synrep.models import build_encoder
-    from synrep.train.checkpoint import Checkpoint
-
     ck = Checkpoint(path)
     cfg = config_from_dict(ck.config, f"checkpoint {str(path)!r}")
     if cfg.method.name != "moce" or "centroids" not in ck.model_state:
@@ -343,8 +346,6 @@ def search_experts(model: MoCE, features: torch.Tensor) -> Search:
     exactly the MoCE model on those images. Keeping each block's most used expert separately can
     join experts that no cluster ever chained. Ties go to the route of the lowest cluster index.
     """
-    from synrep.cluster import nearest
-
     centroids = model.centroids.float().cpu()
     if features.shape[1] != centroids.shape[1]:
         raise ConfigError(f"downstream features have {features.shape[1]} dimensions but the "
@@ -396,92 +397,7 @@ def dense_state(model: MoCE, chosen: list[int]) -> dict[str, torch.Tensor]:
 def export_expert(model: MoCE, chosen: list[int], path: str | Path,
                   extra: dict[str, Any] | None = None) -> Path:
     """Write a dense ViT built from the chosen experts as an ordinary MAE checkpoint."""
-    from synrep.train.checkpoint import save_checkpoint
-
     cfg = json.loads(model.cfg.to_json())
     cfg["method"]["name"] = "mae"
     return save_checkpoint(path, dense_state(model, chosen), cfg, step=0,
                            extra={"moce_expert": {"chosen": chosen, **(extra or {})}})
-
-
-def search_dir(cfg: Config) -> Path:
-    return cfg.run_dir / "search"
-
-
-def expert_checkpoint(cfg: Config) -> Path:
-    return search_dir(cfg) / "expert.safetensors"
-
-
-def _search_key(cfg: Config, checkpoint: Path) -> dict[str, Any]:
-    e = cfg.eval
-    return {"checkpoint": str(checkpoint.resolve()), "mtime_ns": checkpoint.stat().st_mtime_ns,
-            "rule": "route", "dataset": e.dataset, "split": e.train_split, "root": e.root,
-            "classes": e.classes, "limit": e.limit_train}
-
-
-def search_done(cfg: Config) -> bool:
-    from synrep.train.checkpoint import Checkpoint
-    from synrep.train.loop import final_checkpoint
-
-    out, ck = expert_checkpoint(cfg), final_checkpoint(cfg)
-    if not out.is_file() or not ck.is_file():
-        return False
-    try:
-        stored = Checkpoint(out).extra.get("moce_expert", {}).get("key")
-    except CheckpointError:
-        return False
-    return stored == _search_key(cfg, ck)
-
-
-def check_searchable(cfg: Config) -> None:
-    """Expert search exports one expert per MoE block, a normal-size ViT that equals the MoCE
-    model only when every image takes one expert per block (``method.moce_top_k=1``); with
-    top-k > 1 the routed model mixes k experts and no single-expert ViT reproduces it."""
-    if cfg.method.name != "moce":
-        raise ConfigError(f"the search stage exports an expert of a MoCE model; this run's "
-                          f"method is {cfg.method.name!r} (set method.name=moce)")
-    if cfg.method.moce_top_k != 1:
-        raise ConfigError(
-            f"the search stage exports one expert per MoE block, which is the MoCE model only "
-            f"with method.moce_top_k=1 (this run has {cfg.method.moce_top_k}: each image mixes "
-            f"{cfg.method.moce_top_k} experts); train with method.moce_top_k=1, or drop search "
-            "from run.stages and evaluate the MoCE checkpoint itself")
-
-
-def run_search(cfg: Config) -> Path:
-    """Expert search for ``eval.dataset``'s train split (``eval.classes``, ``eval.limit_train``):
-    writes RUN/search/expert.safetensors (a dense MAE checkpoint) and RUN/search/search.json."""
-    from synrep.cluster import cluster_features
-    from synrep.eval.stage import _load_split, load_encoder
-    from synrep.train.loop import final_checkpoint
-    from synrep.utils import write_json_atomic
-
-    check_searchable(cfg)
-    ck = final_checkpoint(cfg)
-    if not ck.is_file():
-        raise ConfigError(f"no trained MoCE checkpoint at {str(ck)!r}: run the train stage first")
-    device = torch.device(cfg.run.device)
-    model = load_moce(ck, device)
-    check_searchable(model.cfg)  # the checkpoint's own routing, whatever this config says
-    feat_path = model.cfg.method.moce_features
-    if not feat_path or not Path(feat_path).is_file():
-        raise ConfigError(
-            f"expert search embeds the downstream images with the clustering model "
-            f"method.moce_features={feat_path!r}, which does not exist; keep that checkpoint")
-    featurer, fcfg = load_encoder(feat_path, device, weights="student")
-    ds = _load_split(cfg.eval, cfg.eval.train_split, fcfg.model.img_size)
-    with torch.inference_mode():
-        feats = cluster_features(featurer, ds.images, device, desc="search features")
-    found = search_experts(model, feats)
-    key = _search_key(cfg, ck)
-    out = export_expert(model, found.chosen, expert_checkpoint(cfg),
-                        extra={"key": key, "source": str(ck)})
-    report = {"dataset": ds.name, "images": len(ds), "chosen": found.chosen,
-              "blocks": model.moe_indices, "counts": found.counts.tolist(),
-              "route_share": found.route_share,
-              "cluster_hist": found.cluster_hist.tolist(), "checkpoint": str(out),
-              "key": key}
-    write_json_atomic(search_dir(cfg) / "search.json", report)
-    print(f"[search] {ds.name}: {len(ds)} images -> experts {found.chosen} of blocks "
-          f"{model.moe_indices}; dense ViT at {out}")
-    return out

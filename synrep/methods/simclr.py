@@ -1,7 +1,7 @@
 """SimCLR (Chen et al. 2020, arXiv 2002.05709): two augmented views of each image are positives.
 
 Implemented as the multi-positive loss with two samples per label, which is exactly NT-Xent.
-On caption-group shards the first image of each caption is used (METHODS.md section 1: "SimCLR,
+On caption-group shards the first image of each caption is used (docs/methods.md section 1: "SimCLR,
 one image per caption, two views").
 """
 
@@ -18,6 +18,7 @@ from synrep.methods.base import METHODS, Method
 from synrep.models import Encoder, ProjectionHead
 
 
+@METHODS.register("simclr")
 class SimCLR(Method):
     def __init__(self, cfg: Config, encoder: Encoder) -> None:
         super().__init__(encoder)
@@ -41,8 +42,3 @@ class SimCLR(Method):
         z = self.head(torch.cat(feats))
         labels = torch.arange(b, device=z.device).repeat(len(views))
         return {"loss": self.loss_fn(z, labels)}
-
-
-@METHODS.register("simclr")
-def build_simclr(cfg: Config, encoder: Encoder) -> Method:
-    return SimCLR(cfg, encoder)

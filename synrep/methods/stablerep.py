@@ -16,6 +16,7 @@ from synrep.methods.base import METHODS, Method
 from synrep.models import Encoder, ProjectionHead
 
 
+@METHODS.register("stablerep")
 class StableRep(Method):
     batch_kind = "groups"
 
@@ -36,8 +37,3 @@ class StableRep(Method):
         z = self.head(self.encoder(views))
         labels = torch.arange(n, device=z.device).repeat_interleave(m)
         return {"loss": self.loss_fn(z, labels)}
-
-
-@METHODS.register("stablerep")
-def build_stablerep(cfg: Config, encoder: Encoder) -> Method:
-    return StableRep(cfg, encoder)

@@ -1,4 +1,4 @@
-"""StableRep++ (Tian et al. 2023, arXiv 2306.00984; METHODS.md section 2): StableRep's
+"""StableRep++ (Tian et al. 2023, arXiv 2306.00984; docs/methods.md section 2): StableRep's
 multi-positive image-image loss plus a multi-positive image-text term from a text tower.
 
 Each batch holds G captions x m images. Every image gets one augmented view; its encoder feature
@@ -8,7 +8,7 @@ text tower, where the m images of a caption all match that caption's text
 (:class:`~synrep.losses.MultiPosImageTextLoss`, with CLIP's learned logit scale). The loss is
 ``image_image + method.text_weight * image_text``, the weights of the paper's code
 (w1 = w2 = 1 by default). With ``method.rewrites`` each caption's text is the caption or one of
-its LaCLIP rewrites, uniformly (METHODS.md section 4).
+its LaCLIP rewrites, uniformly (docs/methods.md section 4).
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from synrep.data.augment import BatchAugment
 from synrep.errors import ConfigError
 from synrep.losses import MultiPosConLoss, MultiPosImageTextLoss, logit_scale
 from synrep.methods._language import LanguageMethod
-from synrep.methods.base import METHODS, Method
+from synrep.methods.base import METHODS
 from synrep.models import Encoder, ProjectionHead
 
 
+@METHODS.register("stablerep_pp")
 class StableRepPP(LanguageMethod):
     batch_kind = "groups"
     name = "stablerep_pp"
@@ -57,8 +58,3 @@ class StableRepPP(LanguageMethod):
         return {"loss": image_image + self.text_weight * image_text,
                 "image_image": image_image.detach(), "image_text": image_text.detach(),
                 "logit_scale": logit_scale(self.logit_scale, self.max_logit_scale).detach()}
-
-
-@METHODS.register("stablerep_pp")
-def build_stablerep_pp(cfg: Config, encoder: Encoder) -> Method:
-    return StableRepPP(cfg, encoder)

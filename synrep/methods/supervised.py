@@ -14,6 +14,7 @@ from synrep.methods.base import METHODS, Method
 from synrep.models import Encoder
 
 
+@METHODS.register("supervised")
 class Supervised(Method):
     def __init__(self, cfg: Config, encoder: Encoder) -> None:
         super().__init__(encoder)
@@ -32,8 +33,3 @@ class Supervised(Method):
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         acc = (logits.argmax(1) == y).float().mean()
         return {"loss": loss, "train_acc": acc.detach()}
-
-
-@METHODS.register("supervised")
-def build_supervised(cfg: Config, encoder: Encoder) -> Method:
-    return Supervised(cfg, encoder)

@@ -84,6 +84,7 @@ def _check(cfg: Config, encoder: Encoder) -> None:
             f"{cfg.model.backbone!r} lets visible tokens see across patch borders: set "
             "method.ibot_weight=0 or use a plain patch embedding (e.g. vit_tiny_p7_28)")
 
+@METHODS.register("synclr")
 class SynCLR(Method):
     batch_kind = "groups"
 
@@ -255,8 +256,3 @@ class SynCLR(Method):
         """``batch["images"]`` (G, m, C, H, W) uint8, or ``batch["views"]`` from :meth:`views`."""
         v = batch["views"] if "views" in batch else self.views(batch["images"], g)
         return self.losses(v)
-
-
-@METHODS.register("synclr")
-def build_synclr(cfg: Config, encoder: Encoder) -> Method:
-    return SynCLR(cfg, encoder)

@@ -78,7 +78,7 @@ def _timm_vit(name: str):
     return build
 
 
-# The SynCLR paper's encoders (METHODS.md section 1).
+# The SynCLR paper's encoders (docs/methods.md section 1).
 BACKBONES.register("vit_base_patch16_224")(_timm_vit("vit_base_patch16_224"))
 BACKBONES.register("vit_large_patch14_224")(_timm_vit("vit_large_patch14_224"))
 BACKBONES.register("vit_small_patch16_224")(_timm_vit("vit_small_patch16_224"))

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from synrep.train.dist import world_size
+from synrep.dist import world_size
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -1,4 +1,4 @@
-"""Text towers for language supervision (CLIP, StableRep++, LaCLIP; METHODS.md sections 2 and 4).
+"""Text towers for language supervision (CLIP, StableRep++, LaCLIP; docs/methods.md sections 2, 4).
 
 A text tower maps captions into the embedding space it shares with the image tower: tokenizer ->
 transformer -> the feature at the end-of-text token (CLIP, Radford et al. 2021, arXiv 2103.00020,
@@ -32,6 +32,7 @@ from torch import nn
 
 from synrep.errors import ConfigError
 from synrep.registry import Registry
+from synrep.shipped import SHIPPED
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -58,8 +59,6 @@ def load_tokenizer(path: str | Path) -> Any:
 def fashion_text(m) -> tuple[PreTrainedModel, Any]:
     """A random CLIP text transformer over the shipped fashion caption vocabulary."""
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from synrep.images.render import SHIPPED
 
     for key in ("text_width", "text_layers", "text_heads", "text_context"):
         if getattr(m, key) < 1:

@@ -5,7 +5,7 @@ Each step draws a super-batch of ``B`` examples and keeps ``b = (1 - f) B`` of t
 pairwise terms, so a model's losses on the super-batch form a ``[B, B]`` matrix ``S`` and a
 sub-batch ``A`` scores ``sum_{i,j in A} S_ij``. The score matrix is the learner's minus the frozen
 reference's (*learnability*, the default), the learner's alone (*hard learner*) or minus the
-reference's (*easy reference*). Selection is blocked and sequential (METHODS.md section 5): the
+reference's (*easy reference*). Selection is blocked and sequential (docs/methods.md section 5): the
 first chunk is drawn from the diagonal, every later chunk from the conditional scores
 
     g_k = S_kk + sum_{j in sel} (S_kj + S_jk),      g_k = -inf for k already selected,
@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from synrep.train.dist import gather_no_grad, rank, world_size
+from synrep.dist import gather_no_grad, rank, world_size
 
 Score = Literal["learnability", "hard_learner", "easy_reference"]
 Precision = Literal["fp32", "bf16"]
@@ -1134,7 +1134,7 @@ def global_joint_sample(learner: PairScores | None, reference: PairScores | None
     the global ``B = world * n``, so ``generator`` must be seeded identically on every rank (for
     example with ``seed + step``); differing choices raise ``RuntimeError``. ``b`` counts the
     global selection. ``balance`` gives every rank exactly ``b / world`` examples (chunks skip
-    ranks that are full), which a loss gathered with :func:`~synrep.train.dist.gather_with_grad`
+    ranks that are full), which a loss gathered with :func:`~synrep.dist.gather_with_grad`
     needs, as it requires equal per-rank batches. In one process this is
     :func:`joint_sample_from_embeddings`.
     """

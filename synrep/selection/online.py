@@ -26,13 +26,19 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from synrep.config import Config, config_from_dict
+from synrep import dist
+from synrep.checkpoint import Checkpoint
+from synrep.config import Config
 from synrep.data.augment import resize
+from synrep.data.shards import iter_groups, write_shard
+from synrep.device import resolve_device, resolve_precision
 from synrep.errors import CheckpointError, ConfigError
+from synrep.factory import checkpoint_config, load_method, pool_groups
+from synrep.layout import layout
 from synrep.methods import Method
 from synrep.selection import jest
 from synrep.selection.jest import MultiposGroups
-from synrep.train import dist
+from synrep.utils import ensure_writable_dir, write_json_atomic
 
 # Coefficients (learner, reference) of each score, as in the sampler.
 _COEF = {"learnability": (1.0, -1.0), "hard_learner": (1.0, 0.0), "easy_reference": (0.0, -1.0)}
@@ -84,8 +90,6 @@ def check_selection(cfg: Config, b: int, big: int | None = None) -> int:
 
 def sampler_precision(cfg: Config, device: torch.device) -> str:
     """``selection.precision`` resolved: ``auto`` follows the precision training runs in."""
-    from synrep.train.loop import resolve_precision
-
     p = cfg.selection.precision
     if p not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"selection.precision={p!r}: choose auto, fp32 or bf16")
@@ -113,26 +117,20 @@ def score_groups(method: Method, images: Tensor, size: int) -> Tensor:
 
 def load_frozen(path: str, cfg: Config, role: str, device: torch.device) -> Method:
     """A frozen scoring model (``role``: reference or learner) from a synrep checkpoint."""
-    from synrep.train.checkpoint import Checkpoint
-    from synrep.train.loop import build_method
-
     key = f"selection.{role}"
     if not Path(path).is_file():
         raise ConfigError(f"{key}={path!r} does not exist; pass a checkpoint written by "
                           "`synrep train` (RUN/train/checkpoints/final.safetensors)")
-    ck = Checkpoint(path)
     try:
-        other = config_from_dict(ck.config, f"the config stored in {path}")
-    except ConfigError as e:
-        raise CheckpointError(f"{key}={path!r} was written by an incompatible synrep ({e})") \
-            from None
+        other = checkpoint_config(Checkpoint(path))
+    except CheckpointError as e:
+        raise CheckpointError(f"{key}={e}") from None
     if other.model.in_chans != cfg.model.in_chans:
         raise CheckpointError(
             f"{key}={path!r} takes {other.model.in_chans}-channel images but this run's data has "
             f"{cfg.model.in_chans}; train the {role} on images like these")
-    method = build_method(other)
-    ck.load_model(method)
-    return method.to(device).eval().requires_grad_(False)
+    method, _ = load_method(path, device)
+    return method.requires_grad_(False)
 
 
 @torch.no_grad()
@@ -170,7 +168,7 @@ def reference_embeddings(cfg: Config, images: Tensor, size: int, device: torch.d
     checkpoint, the data and the scoring size are unchanged. Returns (embeddings, FLOPs spent
     computing them).
     """
-    path = cfg.run_dir / "train" / "reference_embeddings.safetensors"
+    path = layout(cfg).reference_embeddings
     meta = _cache_meta(cfg, images.shape[0], images.shape[1], size)
     cached = False
     if path.exists():
@@ -312,12 +310,8 @@ class OnlineSelector:
 # Offline mode: the `select` stage
 
 
-def select_dir(cfg: Config) -> Path:
-    return cfg.run_dir / "select"
-
-
 def select_done(cfg: Config) -> bool:
-    path = select_dir(cfg) / "ids.json"
+    path = layout(cfg).select_record
     if not path.exists():
         return False
     return json.loads(path.read_text()).get("config") == json.loads(cfg.to_json())["selection"]
@@ -330,10 +324,6 @@ def select_offline(cfg: Config) -> Path:
     Super-batches are consecutive slices of a seeded permutation of the pool; the last, partial
     one keeps ``(1 - f)`` of its own size. Returns the shard folder.
     """
-    from synrep.data.shards import iter_groups, write_shard
-    from synrep.train.loop import pool_groups, resolve_device
-    from synrep.utils import ensure_writable_dir, write_json_atomic
-
     s = cfg.selection
     device = resolve_device(cfg)
     if s.super_batch is None:
@@ -390,9 +380,10 @@ def select_offline(cfg: Config) -> Path:
     ids = torch.cat(kept).sort().values
     seconds = time.perf_counter() - t0
 
-    out = ensure_writable_dir(select_dir(cfg), "run.dir")
-    (out / "ids.json").unlink(missing_ok=True)  # the completion record goes last
-    shard_dir = out / "shards"
+    paths = layout(cfg)
+    ensure_writable_dir(paths.select, "run.dir")
+    paths.select_record.unlink(missing_ok=True)  # the completion record goes last
+    shard_dir = paths.selected_shards
     if shard_dir.exists():
         for old in shard_dir.iterdir():
             old.unlink()
@@ -409,7 +400,7 @@ def select_offline(cfg: Config) -> Path:
             batch, n_shard = [], n_shard + 1
     if batch:
         write_shard(shard_dir / f"shard-{n_shard:05d}.tar", batch)
-    write_json_atomic(out / "ids.json", {
+    write_json_atomic(paths.select_record, {
         "config": json.loads(cfg.to_json())["selection"], "source": str(shards),
         "pool": len(images), "kept": len(ids), "super_batch": big,
         "scoring_flops": flops, "selection_seconds": seconds, "ids": ids.tolist()})

@@ -17,16 +17,19 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from synrep import dist
+from synrep.checkpoint import Checkpoint, save_checkpoint
 from synrep.config import Config
-from synrep.data.sources import ArraySource, group_texts
+from synrep.data.sources import ArraySource
+from synrep.device import autocast_for, choose_attention, resolve_device, resolve_precision
 from synrep.errors import CheckpointError, ConfigError, SynrepError
-from synrep.methods import METHODS, Method
-from synrep.models import build_encoder
-from synrep.train import dist
-from synrep.train.checkpoint import Checkpoint, save_checkpoint
-from synrep.train.schedule import warmup_cosine
+from synrep.factory import build_method, build_optimizer, build_source, peak_lr
+from synrep.layout import layout
+from synrep.schedule import warmup_cosine
+from synrep.selection.online import OnlineSelector, check_selection
 from synrep.utils import ensure_writable_dir, write_json_atomic
 
 # Config sections that define the weights' shapes and the trajectory: a checkpoint is resumed
@@ -36,197 +39,6 @@ _RESUME_SECTIONS = ("model", "method", "data", "aug", "optim", "train", "selecti
 
 class TrainingDiverged(SynrepError):
     """The loss became NaN or infinite."""
-
-
-def resolve_device(cfg: Config) -> torch.device:
-    dev = cfg.run.device
-    if dev.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"run.device={dev!r} but no CUDA device is available; use cpu")
-        if dist.world_size() > 1 or "WORLD_SIZE" in os.environ:
-            dev = f"cuda:{dist.local_rank()}"
-            torch.cuda.set_device(dev)
-    return torch.device(dev)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 matmuls in hardware: a CUDA GPU that supports bf16, or a
-    CPU with AVX512-BF16 or AMX (on other CPUs bf16 is emulated and slower than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``train.precision`` as the loop runs it: ``auto`` is bf16 autocast where the device
-    computes bf16 natively (:func:`native_bf16`) and fp32 elsewhere; other values pass through.
-    On the quickstart's tiny ViT, bf16 autocast on an AVX512-BF16 CPU ran 1.5x the fp32 step rate.
-    """
-    if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    return precision
-
-
-def choose_attention(model: torch.nn.Module, device: torch.device, precision: str) -> str:
-    """Pick timm's attention path for training: fused (``scaled_dot_product_attention``) or
-    explicit (``softmax(q k^T) v`` as matmuls). Returns ``"fused"`` or ``"explicit"``.
-
-    On a CPU under bf16 autocast the fused kernel's backward is slow: fused against explicit, one
-    attention layer forward and backward in bf16 took 26.3 / 8.7 ms at 17 tokens (the quickstart
-    ViT, batch 256), 25.6 / 10.5 ms at 65 and 63.1 / 52.1 ms at 197 tokens; a whole quickstart
-    training step 299 / 175 ms (in fp32 both paths took 411 ms). So bf16 on a CPU trains with
-    the explicit path; everything else keeps the fused one. Both compute the same attention.
-    """
-    fused = not (device.type == "cpu" and precision == "bf16")
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):  # timm's Attention and the blocks built on it
-            m.fused_attn = fused
-    return "fused" if fused else "explicit"
-
-
-def autocast_for(precision: str, device: torch.device):
-    """The autocast context of a resolved precision (fp32: none). Reusable across steps."""
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def shards_dir(cfg: Config, after_select: bool = True) -> str:
-    """The caption-group shards a run trains on: ``data.shards``, else the ``select`` stage's
-    output when the run has that stage (``after_select``), else the images stage's output."""
-    if cfg.data.shards:
-        return cfg.data.shards
-    if after_select and "select" in cfg.run.stages:
-        from synrep.selection.online import select_dir
-
-        shards = select_dir(cfg) / "shards"
-        if not shards.is_dir():
-            raise ConfigError(f"no selected shards at {str(shards)!r}: run the select stage "
-                              "first, or set data.shards=<folder of shards>")
-        return str(shards)
-    from synrep.images.stage import images_dir
-
-    shards = str(images_dir(cfg))
-    if not Path(shards).is_dir():
-        raise ConfigError(
-            f"data.source=shards: no images at {shards!r}; run the images stage first "
-            "(add it to run.stages) or set data.shards=<folder of shards>")
-    return shards
-
-
-def pool_groups(cfg: Config, after_select: bool = True):
-    """(shard folder, :class:`~synrep.data.shards.GroupArray`) of the first
-    ``data.max_captions`` caption groups of :func:`shards_dir`."""
-    from synrep.data.shards import load_groups
-
-    d = cfg.data
-    for key in ("max_captions", "max_images_per_caption"):
-        if getattr(d, key) is not None and getattr(d, key) < 1:
-            raise ConfigError(f"data.{key} must be >= 1 or null, got {getattr(d, key)}")
-    shards = shards_dir(cfg, after_select)
-    groups = load_groups(shards, max_groups=d.max_captions)
-    if d.max_captions is not None and len(groups) < d.max_captions:
-        raise ConfigError(
-            f"data.max_captions={d.max_captions} but {shards!r} holds only {len(groups)} "
-            "caption groups; render more images or lower it")
-    return shards, groups
-
-
-def _class_mask(labels: torch.Tensor, classes: list[int], where: str) -> torch.Tensor:
-    """Boolean mask of the samples whose label is in ``data.classes`` (an error if none are)."""
-    keep = torch.isin(labels, torch.tensor(classes, dtype=labels.dtype))
-    if not keep.any():
-        raise ConfigError(f"data.classes={classes}: {where} has no samples with these labels "
-                          f"(its labels are {sorted(set(labels.tolist()))[:20]})")
-    return keep
-
-
-def build_source(cfg: Config, batch_kind: str, batch_size: int | None = None,
-                 texts: bool = False, each_image: bool = False) -> ArraySource:
-    """The training batches described by ``cfg.data`` (``batch_size`` overrides
-    ``train.batch_size``, for the super-batches of online selection; ``texts`` adds each caption
-    group's caption, or a LaCLIP rewrite of it, to every batch for text-tower methods;
-    ``each_image`` makes every image of a caption group its own sample, for methods that learn
-    from single images)."""
-    d = cfg.data
-    if cfg.method.rewrites and not texts:
-        raise ConfigError(f"method.rewrites=true (LaCLIP) rewrites the captions of a text tower; "
-                          f"method {cfg.method.name!r} has none: use clip or stablerep_pp")
-    captions = None
-    if d.source == "dataset":
-        from synrep.data.datasets import load_dataset
-
-        ds = load_dataset(d.dataset, d.split, root=d.root, image_size=d.image_size)
-        if batch_kind == "groups" or texts:
-            raise ConfigError(f"method {cfg.method.name!r} trains on caption groups"
-                              f"{' and their captions' if texts else ''}: set data.source=shards")
-        images, labels = ds.images, ds.labels
-        if d.classes is not None:
-            keep = _class_mask(labels, d.classes, f"{d.dataset}/{d.split}")
-            images, labels = images[keep], labels[keep]
-        m = None
-    else:
-        shards, groups = pool_groups(cfg)
-        images = groups.images  # (G, k, C, H, W)
-        if d.max_images_per_caption is not None:
-            if images.shape[1] < d.max_images_per_caption:
-                raise ConfigError(
-                    f"data.max_images_per_caption={d.max_images_per_caption} but {shards!r} has "
-                    f"{images.shape[1]} images per caption")
-            images = images[:, : d.max_images_per_caption]
-        labels = None
-        if all("label" in meta for meta in groups.metas):
-            labels = torch.tensor([int(meta["label"]) for meta in groups.metas])
-        if texts:  # language supervision: each group's caption, with its LaCLIP rewrites
-            from synrep.captions.stage import read_rewrites, rewrites_dir
-
-            rewrites = read_rewrites(rewrites_dir(cfg)) if cfg.method.rewrites else None
-            captions = group_texts(groups.captions, groups.keys, groups.metas, rewrites,
-                                   repr(shards))
-        if d.classes is not None:
-            if labels is None:
-                raise ConfigError(
-                    f"data.classes={d.classes} needs a label in every caption group's metadata, "
-                    f"but {shards!r} has groups without one; remove data.classes")
-            keep = _class_mask(labels, d.classes, shards)
-            images, labels = images[keep], labels[keep]
-            if captions is not None:
-                captions = [c for c, k in zip(captions, keep.tolist()) if k]
-        m = cfg.method.images_per_caption if batch_kind == "groups" else 1
-        if each_image and batch_kind != "groups":  # (G, k, ...) -> G * k single images
-            k = images.shape[1]
-            images = images.flatten(0, 1)
-            labels = labels.repeat_interleave(k) if labels is not None else None
-            captions = [c for c in captions for _ in range(k)] if captions is not None else None
-            m = None
-    return ArraySource(images, labels, batch_size or cfg.train.batch_size, cfg.run.seed,
-                       dist.rank(), dist.world_size(), images_per_group=m, texts=captions)
-
-
-def build_method(cfg: Config) -> Method:
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    if cfg.method.low_res_share and cfg.method.name != "synclr":
-        raise ConfigError(f"method.low_res_share is a synclr option; method "
-                          f"{cfg.method.name!r} trains at aug.size: set method.low_res_share=0")
-    encoder = build_encoder(cfg.model)
-    return METHODS.get(cfg.method.name)(cfg, encoder)
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    # No weight decay on biases, norms, position embeddings and class tokens (as in timm/DeiT).
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token")):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "decay": True},
-            {"params": no_decay, "weight_decay": 0.0, "decay": False}]
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -249,14 +61,6 @@ def check_same_run(ck: Checkpoint, cfg: Config) -> None:
                 "start a new run with run.dir=<new folder>")
 
 
-def checkpoint_dir(cfg: Config) -> Path:
-    return cfg.run_dir / "train" / "checkpoints"
-
-
-def final_checkpoint(cfg: Config) -> Path:
-    return checkpoint_dir(cfg) / "final.safetensors"
-
-
 class _Accounting:
     """What a run spends: examples read, FLOPs of training and of scoring, and seconds of each.
 
@@ -277,8 +81,6 @@ class _Accounting:
 
     def train_counter(self):
         if self.train_flops is None and self.enabled:
-            from torch.utils.flop_counter import FlopCounterMode
-
             return FlopCounterMode(display=False)
         return nullcontext()
 
@@ -311,7 +113,7 @@ class _Accounting:
 
 def _open_ids_file(cfg: Config, start: int):
     """RUN/train/selected.jsonl, cut back to the steps before ``start`` (a resumed run)."""
-    path = cfg.run_dir / "train" / "selected.jsonl"
+    path = layout(cfg).selected_ids
     keep = []
     if path.exists() and start > 0:
         for line in path.read_text().splitlines():
@@ -331,18 +133,15 @@ def train(cfg: Config) -> Path:
     dist.init_from_env(cfg.run.device)
     device = resolve_device(cfg)
     is_main = dist.is_main()
-    run_dir = cfg.run_dir
-    ckpt_dir = checkpoint_dir(cfg)
+    paths = layout(cfg)
     if is_main:
-        ensure_writable_dir(ckpt_dir, "run.dir")
+        ensure_writable_dir(paths.checkpoints, "run.dir")
     dist.barrier()
 
     method = build_method(cfg)
     method.to(device)
     selector = None
     if cfg.selection.online:
-        from synrep.selection.online import OnlineSelector, check_selection
-
         if method.batch_kind != "groups" or cfg.data.source != "shards":
             raise ConfigError("selection.online selects caption groups: it needs a caption-group "
                               "method (synclr, stablerep) and data.source=shards")
@@ -354,20 +153,19 @@ def train(cfg: Config) -> Path:
         source = build_source(cfg, method.batch_kind, texts=method.has_text_tower,
                               each_image=method.each_image)
     method.bind_data(source)
-    lr_peak = cfg.optim.lr * cfg.train.batch_size / 256
-    optimizer = torch.optim.AdamW(_param_groups(method, cfg.optim.weight_decay), lr=lr_peak,
-                                  betas=cfg.optim.betas)
+    lr_peak = peak_lr(cfg)
+    optimizer = build_optimizer(cfg, method)
 
     start = 0
-    last = ckpt_dir / "last.safetensors"
+    last = paths.last_checkpoint
     if last.exists():
         ck = Checkpoint(last)
         check_same_run(ck, cfg)
         ck.load_model(method)
         optimizer.load_state_dict(ck.optimizer_state())
         start = ck.step
-    if start >= cfg.train.steps and final_checkpoint(cfg).exists():
-        return final_checkpoint(cfg)
+    if start >= cfg.train.steps and paths.final_checkpoint.exists():
+        return paths.final_checkpoint
 
     model: torch.nn.Module = method
     if dist.world_size() > 1:
@@ -382,18 +180,18 @@ def train(cfg: Config) -> Path:
     attention = choose_attention(method, device, precision)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16" and device.type == "cuda")
     if is_main:
-        write_json_atomic(run_dir / "train" / "env.json", {
+        write_json_atomic(paths.train_env, {
             "precision": precision, "precision_config": cfg.train.precision,
             "attention": attention,
             "device": str(device), "threads": torch.get_num_threads(),
             "world_size": dist.world_size(), "torch": torch.__version__})
 
     writer = None
-    metrics_path = run_dir / "train" / "metrics.jsonl"
+    metrics_path = paths.metrics
     if is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run_dir / "train" / "tb"), purge_step=start)
+        writer = SummaryWriter(str(paths.tensorboard), purge_step=start)
     kill_at = int(os.environ.get("SYNREP_DEBUG_KILL_AT_STEP", "-1"))  # for the resume test
     final_lr = lr_peak * cfg.optim.min_lr_ratio
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", disable=not is_main,
@@ -473,21 +271,21 @@ def train(cfg: Config) -> Path:
             if ids_file is not None:
                 ids_file.flush()
         if is_main and cfg.train.keep_every > 0 and done % cfg.train.keep_every == 0:
-            save_checkpoint(ckpt_dir / f"step_{done:06d}.safetensors", method, cfg.to_dict(), done)
+            save_checkpoint(paths.step_checkpoint(done), method, cfg.to_dict(), done)
         if done == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
     if ids_file is not None:
         ids_file.close()
     if is_main:
-        save_checkpoint(final_checkpoint(cfg), method, cfg.to_dict(), cfg.train.steps)
+        save_checkpoint(paths.final_checkpoint, method, cfg.to_dict(), cfg.train.steps)
         writer.close()
         elapsed = time.perf_counter() - t0
-        write_json_atomic(run_dir / "train" / "summary.json", {
+        write_json_atomic(paths.train_summary, {
             "steps": cfg.train.steps - start, "seconds": elapsed,
             "samples_per_s": seen / max(elapsed, 1e-9),
             "accounting": acct.summary(cfg.train.steps)})
         print(f"trained {cfg.train.steps - start} steps in {elapsed:.0f}s "
-              f"({seen / max(elapsed, 1e-9):.0f} images/s); checkpoint: {final_checkpoint(cfg)}")
+              f"({seen / max(elapsed, 1e-9):.0f} images/s); checkpoint: {paths.final_checkpoint}")
     dist.barrier()
-    return final_checkpoint(cfg)
+    return paths.final_checkpoint

@@ -1,0 +1,209 @@
+"""Factories: build a method, a training source and an optimizer from a config, and load any
+model from any synrep checkpoint. The trainer, selection, evaluation, stages and benchmarks all
+build through these functions, so each is written once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from synrep import dist
+from synrep.captions.stage import read_rewrites
+from synrep.checkpoint import Checkpoint
+from synrep.config import Config, config_from_dict
+from synrep.data.datasets import load_dataset
+from synrep.data.shards import GroupArray, load_groups
+from synrep.data.sources import ArraySource, group_texts
+from synrep.errors import CheckpointError, ConfigError
+from synrep.layout import layout
+from synrep.methods import METHODS, Method
+from synrep.models import Encoder, build_encoder
+
+
+def shards_dir(cfg: Config, after_select: bool = True) -> str:
+    """The caption-group shards a run trains on: ``data.shards``, else the ``select`` stage's
+    output when the run has that stage (``after_select``), else the images stage's output."""
+    if cfg.data.shards:
+        return cfg.data.shards
+    if after_select and "select" in cfg.run.stages:
+        shards = layout(cfg).selected_shards
+        if not shards.is_dir():
+            raise ConfigError(f"no selected shards at {str(shards)!r}: run the select stage "
+                              "first, or set data.shards=<folder of shards>")
+        return str(shards)
+    shards = str(layout(cfg).images)
+    if not Path(shards).is_dir():
+        raise ConfigError(
+            f"data.source=shards: no images at {shards!r}; run the images stage first "
+            "(add it to run.stages) or set data.shards=<folder of shards>")
+    return shards
+
+
+def pool_groups(cfg: Config, after_select: bool = True) -> tuple[str, GroupArray]:
+    """(shard folder, :class:`~synrep.data.shards.GroupArray`) of the first
+    ``data.max_captions`` caption groups of :func:`shards_dir`."""
+    d = cfg.data
+    for key in ("max_captions", "max_images_per_caption"):
+        if getattr(d, key) is not None and getattr(d, key) < 1:
+            raise ConfigError(f"data.{key} must be >= 1 or null, got {getattr(d, key)}")
+    shards = shards_dir(cfg, after_select)
+    groups = load_groups(shards, max_groups=d.max_captions)
+    if d.max_captions is not None and len(groups) < d.max_captions:
+        raise ConfigError(
+            f"data.max_captions={d.max_captions} but {shards!r} holds only {len(groups)} "
+            "caption groups; render more images or lower it")
+    return shards, groups
+
+
+def _class_mask(labels: torch.Tensor, classes: list[int], where: str) -> torch.Tensor:
+    """Boolean mask of the samples whose label is in ``data.classes`` (an error if none are)."""
+    keep = torch.isin(labels, torch.tensor(classes, dtype=labels.dtype))
+    if not keep.any():
+        raise ConfigError(f"data.classes={classes}: {where} has no samples with these labels "
+                          f"(its labels are {sorted(set(labels.tolist()))[:20]})")
+    return keep
+
+
+def build_source(cfg: Config, batch_kind: str, batch_size: int | None = None,
+                 texts: bool = False, each_image: bool = False) -> ArraySource:
+    """The training batches described by ``cfg.data`` (``batch_size`` overrides
+    ``train.batch_size``, for the super-batches of online selection; ``texts`` adds each caption
+    group's caption, or a LaCLIP rewrite of it, to every batch for text-tower methods;
+    ``each_image`` makes every image of a caption group its own sample, for methods that learn
+    from single images)."""
+    d = cfg.data
+    if cfg.method.rewrites and not texts:
+        raise ConfigError(f"method.rewrites=true (LaCLIP) rewrites the captions of a text tower; "
+                          f"method {cfg.method.name!r} has none: use clip or stablerep_pp")
+    captions = None
+    if d.source == "dataset":
+        ds = load_dataset(d.dataset, d.split, root=d.root, image_size=d.image_size)
+        if batch_kind == "groups" or texts:
+            raise ConfigError(f"method {cfg.method.name!r} trains on caption groups"
+                              f"{' and their captions' if texts else ''}: set data.source=shards")
+        images, labels = ds.images, ds.labels
+        if d.classes is not None:
+            keep = _class_mask(labels, d.classes, f"{d.dataset}/{d.split}")
+            images, labels = images[keep], labels[keep]
+        m = None
+    else:
+        shards, groups = pool_groups(cfg)
+        images = groups.images  # (G, k, C, H, W)
+        if d.max_images_per_caption is not None:
+            if images.shape[1] < d.max_images_per_caption:
+                raise ConfigError(
+                    f"data.max_images_per_caption={d.max_images_per_caption} but {shards!r} has "
+                    f"{images.shape[1]} images per caption")
+            images = images[:, : d.max_images_per_caption]
+        labels = None
+        if all("label" in meta for meta in groups.metas):
+            labels = torch.tensor([int(meta["label"]) for meta in groups.metas])
+        if texts:  # language supervision: each group's caption, with its LaCLIP rewrites
+            rewrites = read_rewrites(layout(cfg).rewrites) if cfg.method.rewrites else None
+            captions = group_texts(groups.captions, groups.keys, groups.metas, rewrites,
+                                   repr(shards))
+        if d.classes is not None:
+            if labels is None:
+                raise ConfigError(
+                    f"data.classes={d.classes} needs a label in every caption group's metadata, "
+                    f"but {shards!r} has groups without one; remove data.classes")
+            keep = _class_mask(labels, d.classes, shards)
+            images, labels = images[keep], labels[keep]
+            if captions is not None:
+                captions = [c for c, k in zip(captions, keep.tolist()) if k]
+        m = cfg.method.images_per_caption if batch_kind == "groups" else 1
+        if each_image and batch_kind != "groups":  # (G, k, ...) -> G * k single images
+            k = images.shape[1]
+            images = images.flatten(0, 1)
+            labels = labels.repeat_interleave(k) if labels is not None else None
+            captions = [c for c in captions for _ in range(k)] if captions is not None else None
+            m = None
+    return ArraySource(images, labels, batch_size or cfg.train.batch_size, cfg.run.seed,
+                       dist.rank(), dist.world_size(), images_per_group=m, texts=captions)
+
+
+def build_method(cfg: Config) -> Method:
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    if cfg.method.low_res_share and cfg.method.name != "synclr":
+        raise ConfigError(f"method.low_res_share is a synclr option; method "
+                          f"{cfg.method.name!r} trains at aug.size: set method.low_res_share=0")
+    encoder = build_encoder(cfg.model)
+    return METHODS.get(cfg.method.name)(cfg, encoder)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    # No weight decay on biases, norms, position embeddings and class tokens (as in timm/DeiT).
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token")):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "decay": True},
+            {"params": no_decay, "weight_decay": 0.0, "decay": False}]
+
+
+def peak_lr(cfg: Config) -> float:
+    """The peak learning rate: ``optim.lr`` is given at batch 256 and scaled linearly with
+    ``train.batch_size`` (Goyal et al. 2017), as SimCLR, MAE and DINO do."""
+    return cfg.optim.lr * cfg.train.batch_size / 256
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.AdamW:
+    """AdamW over ``model``'s trainable parameters at the peak learning rate, weight decay only
+    on weights (:func:`param_groups`); the trainer sets each step's lr and weight decay."""
+    return torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=peak_lr(cfg),
+                             betas=cfg.optim.betas)
+
+
+def checkpoint_config(ck: Checkpoint) -> Config:
+    """The config a synrep checkpoint was trained with (a :class:`CheckpointError` if it is not
+    one this synrep can read)."""
+    try:
+        return config_from_dict(ck.config, f"the config stored in {ck.path}")
+    except ConfigError as e:
+        raise CheckpointError(f"{str(ck.path)!r} was written by an incompatible synrep ({e})") \
+            from None
+
+
+def load_method(path: str | Path, device: torch.device | str = "cpu") -> tuple[Method, Config]:
+    """The whole trained method in a synrep checkpoint (eval mode) and its config."""
+    ck = Checkpoint(path)
+    cfg = checkpoint_config(ck)
+    method = build_method(cfg)
+    ck.load_model(method)
+    return method.to(device).eval(), cfg
+
+
+def load_encoder(path: str | Path, device: str | torch.device = "cpu",
+                 weights: str = "teacher") -> tuple[Encoder, Config]:
+    """The encoder in a synrep checkpoint (eval mode) and the config it was trained with.
+
+    ``weights="teacher"`` takes the EMA teacher's encoder when the checkpoint has one (as DINO
+    and iBOT evaluate), else the student's; ``"student"`` always takes the student's.
+    """
+    if weights not in ("teacher", "student"):
+        raise ConfigError(f"eval.weights={weights!r}: choose teacher or student")
+    ck = Checkpoint(path)
+    cfg = config_from_dict(ck.config, f"checkpoint {str(path)!r}")
+    if cfg.method.name == "moce":
+        raise ConfigError(
+            f"{str(path)!r} is a MoCE checkpoint: its MoE blocks need a route per image. Run "
+            "expert search (`synrep search CONFIG`) and evaluate the dense ViT it exports "
+            "(RUN/search/expert.safetensors)")
+    encoder = build_encoder(cfg.model)
+    has_teacher = any(k.startswith("teacher.encoder.") for k in ck.model_state)
+    prefix = "teacher.encoder." if weights == "teacher" and has_teacher else "encoder."
+    state = ck.submodule_state(prefix)
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(
+            f"checkpoint {str(path)!r}: encoder weights do not fit its own config: "
+            f"{str(e).splitlines()[0]}"
+        ) from None
+    return encoder.to(device).eval(), cfg
