@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from synrep.cli import main as synrep
+from synrep.layout import RunLayout
 
 
 def run(config: str, run_dir: Path, overrides: list[str]) -> dict:
@@ -18,14 +19,14 @@ def run(config: str, run_dir: Path, overrides: list[str]) -> dict:
     code = synrep(["run", config, f"run.dir={run_dir}", *overrides])
     if code != 0:
         raise SystemExit(f"synrep run {config} {' '.join(overrides)} failed with exit code {code}")
-    res = json.loads((run_dir / "eval" / "results.json").read_text())["fashion-mnist"]
+    res = json.loads(RunLayout(run_dir).results.read_text())["fashion-mnist"]
     res = dict(res, wall_minutes=(time.perf_counter() - t) / 60)
-    metrics = run_dir / "train" / "metrics.jsonl"
+    metrics = RunLayout(run_dir).metrics
     if metrics.exists():
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         if rows:
             res["train_samples_per_s"] = rows[-1].get("samples_per_s")
-    summary = run_dir / "train" / "summary.json"
+    summary = RunLayout(run_dir).train_summary
     res["train_minutes"] = (json.loads(summary.read_text())["seconds"] / 60
                             if summary.exists() else float("nan"))
     return res

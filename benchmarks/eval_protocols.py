@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from synrep.cli import main as synrep
+from synrep.layout import RunLayout
 
 TARGET_S = 180.0
 QUICKSTART = "configs/quickstart.yaml"
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if code != 0:
         print(f"synrep eval failed with exit code {code}")
         return code
-    res = json.loads((out / "eval" / "results.json").read_text())["fashion-mnist"]
+    res = json.loads(RunLayout(out).results.read_text())["fashion-mnist"]
     print(f"\nsynrep eval, all frozen-feature protocols, on {args.checkpoint}")
     print(f"  {'step':<10s} {'seconds':>8s}")
     for key, sec in res["timings"].items():

@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synrep.cli import main as synrep  # noqa: E402
 from synrep.config import load_config  # noqa: E402
 from synrep.data.shards import CaptionGroup, iter_groups, write_shard, write_sizes  # noqa: E402
+from synrep.layout import RunLayout  # noqa: E402
 
 QUICKSTART = "configs/quickstart.yaml"
 MIXED = ["method.low_res_share=0.5", "method.low_res_size=14"]  # half of each batch at 14 px
@@ -206,23 +207,23 @@ def train_policy(args, work: Path, name: str, shards: Path, reference: Path, eve
 def curve(args, run_dir: Path, stop_at: float | None = None) -> dict[int, float]:
     """Probe accuracy at every kept checkpoint, in step order; with ``stop_at``, stop at the first
     that reaches it (the final checkpoint is always probed)."""
-    ck = run_dir / "train" / "checkpoints"
-    steps = sorted(int(p.stem.split("_")[1]) for p in ck.glob("step_*.safetensors"))
+    runs = RunLayout(run_dir)
+    steps = sorted(int(p.stem.split("_")[1]) for p in runs.checkpoints.glob("step_*.safetensors"))
     out: dict[int, float] = {}
     for s in steps:
-        out[s] = probe(ck / f"step_{s:06d}.safetensors", run_dir / "probe" / f"step_{s:06d}")
+        out[s] = probe(runs.step_checkpoint(s), run_dir / "probe" / f"step_{s:06d}")
         print(f"  {run_dir.name} step {s}: {out[s]:.2f} %")
         if stop_at is not None and out[s] >= stop_at:
             break
     if args.steps not in out:
-        out[args.steps] = probe(ck / f"step_{args.steps:06d}.safetensors",
+        out[args.steps] = probe(runs.step_checkpoint(args.steps),
                                 run_dir / "probe" / f"step_{args.steps:06d}")
     return out
 
 
 def kind_shares(run_dir: Path, kinds: list[str]) -> dict[str, float] | None:
     """The share of each kind of group among those a selecting run trained on."""
-    path = run_dir / "train" / "selected.jsonl"
+    path = RunLayout(run_dir).selected_ids
     if not path.exists():
         return None
     ids = [i for line in path.read_text().splitlines() for i in json.loads(line)["ids"]]
@@ -366,9 +367,9 @@ def selection_part(args, results: dict) -> list[str]:
         _check(synrep(["train", QUICKSTART, f"run.dir={ref_dir}",
                        f"data.shards={work / 'noisy' / 'curated'}",
                        f"train.steps={args.ref_steps}", *extra]), f"training the {ref_name}")
-        references[ref_name] = ref_dir / "train" / "checkpoints" / "final.safetensors"
+        references[ref_name] = RunLayout(ref_dir).final_checkpoint
     reference = references["reference"]
-    ref_summary = json.loads((work / "reference" / "train" / "summary.json").read_text())
+    ref_summary = json.loads(RunLayout(work / "reference").train_summary.read_text())
     rows: dict[str, dict] = {}
     # uniform sets the target (its final accuracy): probed at the base spacing whatever --every
     uniform_dir = train_policy(args, work, "uniform", shards, reference, BASE_EVERY)
@@ -379,7 +380,7 @@ def selection_part(args, results: dict) -> list[str]:
         run_dir = uniform_dir if name == "uniform" else train_policy(args, work, name, shards, ref,
                                                                      args.every)
         acc = uniform_curve if name == "uniform" else curve(args, run_dir, stop_at=target)
-        acct = json.loads((run_dir / "train" / "summary.json").read_text())["accounting"]
+        acct = json.loads(RunLayout(run_dir).train_summary.read_text())["accounting"]
         per_step = acct["train_flops_per_step"] + acct["score_flops_per_step"]
         reached = min((s for s, a in acc.items() if a >= target), default=None)
         rows[name] = {
@@ -473,49 +474,47 @@ def _cfg(args, *extra: str):
     return load_config(QUICKSTART, [
         f"run.dir={work / 'cost'}", f"data.shards={work / 'noisy' / 'shards'}",
         "selection.filter_ratio=0.8",
-        f"selection.reference={work / 'reference/train/checkpoints/final.safetensors'}", *extra])
+        f"selection.reference={RunLayout(work / 'reference').final_checkpoint}", *extra])
 
 
 def cost_part(args, results: dict) -> list[str]:
-    from synrep.factory import build_method, build_source, param_groups
+    from synrep.factory import build_method, build_optimizer, build_source
     from synrep.selection.online import OnlineSelector, super_batch_size
+    from synrep.train.step import train_step
 
-    if not (Path(args.work) / "reference/train/checkpoints/final.safetensors").exists():
+    if not RunLayout(Path(args.work) / "reference").final_checkpoint.exists():
         raise SystemExit("the cost part needs the reference of the selection part: run "
                          "--parts selection first")
     device = torch.device("cpu")
     cfg_full = _cfg(args, "selection.online=true")
     cfg_flexi = _cfg(args, "selection.online=true", "selection.score_size=14")
     method = build_method(cfg_full).train()
-    opt = torch.optim.AdamW(param_groups(method, 0.04), lr=1e-4)
+    opt = build_optimizer(cfg_full, method)
     uniform_src = build_source(cfg_full, "groups")
     big = super_batch_size(cfg_full.train.batch_size, 0.8)
     super_src = build_source(cfg_full, "groups", batch_size=big)
     cfg_mixed = _cfg(args, "selection.online=true", "selection.score_size=14", *MIXED)
     mixed = build_method(cfg_mixed).train()  # the same weights, half of each batch at 14 px
     opts = {id(method): opt,
-            id(mixed): torch.optim.AdamW(param_groups(mixed, 0.04), lr=1e-4)}
+            id(mixed): build_optimizer(cfg_mixed, mixed)}
     selectors = {"jest": OnlineSelector(cfg_full, method, super_src.images, device),
                  "flexi": OnlineSelector(cfg_flexi, method, super_src.images, device),
                  "flexi_mixed": OnlineSelector(cfg_mixed, mixed, super_src.images, device)}
     models = {"uniform": method, "jest": method, "flexi": method, "flexi_mixed": mixed}
 
-    def train_step(model, batch, step):
-        g = torch.Generator().manual_seed(step)
-        loss = model(batch, g)["loss"]
-        opts[id(model)].zero_grad(set_to_none=True)
-        loss.backward()
-        opts[id(model)].step()
+    def step_on(model, batch, step):  # as `synrep train` steps (fp32, constant lr)
+        train_step(model, model, opts[id(model)], batch, torch.Generator().manual_seed(step),
+                   grad_clip=cfg_full.optim.grad_clip)
 
     times: dict[str, list[float]] = {k: [] for k in models}
     for step in range(args.cost_reps + 1):  # the first round warms up and is dropped
         for name, model in models.items():
             t = time.perf_counter()
             if name == "uniform":
-                train_step(model, uniform_src.batch(step), step)
+                step_on(model, uniform_src.batch(step), step)
             else:
                 chosen = selectors[name].select(model, super_src.batch(step), step)
-                train_step(model, chosen.batch, step)
+                step_on(model, chosen.batch, step)
             if step:
                 times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -539,7 +538,7 @@ def cost_part(args, results: dict) -> list[str]:
 
 def sampler_part(args, results: dict) -> list[str]:
     from synrep.device import autocast_for, choose_attention, resolve_precision
-    from synrep.factory import build_method, build_source, param_groups
+    from synrep.factory import build_method, build_optimizer, build_source
     from synrep.selection.jest import (
         MultiposGroups,
         SigmoidPairs,
@@ -547,11 +546,12 @@ def sampler_part(args, results: dict) -> list[str]:
         selected_count,
     )
     from synrep.selection.online import sampler_precision
+    from synrep.train.step import train_step
 
     corrupt_pool(make_pool(args), Path(args.work) / "noisy")  # the step is timed on its batches
     cfg = _cfg(args)
     method = build_method(cfg).train()
-    opt = torch.optim.AdamW(param_groups(method, 0.04), lr=1e-4)
+    opt = build_optimizer(cfg, method)
     n, d, m = 4096, cfg.method.proj_dim, cfg.method.images_per_caption
     # Two training steps of the quickstart ViT: the one the sampler feeds (the 4,096 candidates'
     # selected b = 205 captions x 4 = 820 images; the target) and the quickstart's own batch (64
@@ -570,12 +570,9 @@ def sampler_part(args, results: dict) -> list[str]:
         for (batch, name), times in step_times.items():
             choose_attention(method, cpu, name)
             t = time.perf_counter()
-            with contexts[name]:
-                loss = method(sources[batch].batch(step),
-                              torch.Generator().manual_seed(step))["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            train_step(method, method, opt, sources[batch].batch(step),
+                       torch.Generator().manual_seed(step), autocast=contexts[name],
+                       grad_clip=cfg.optim.grad_clip)
             if step:
                 times.append(time.perf_counter() - t)
     step_med = {k: statistics.median(v) for k, v in step_times.items()}

@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import QUICK_EVAL_LIMITS, run, run_options, verdict, write_results  # noqa: E402
 
 from synrep.config import Config, load_config  # noqa: E402
+from synrep.layout import RunLayout  # noqa: E402
 
 IMAGES_PER_STEP = 256
 TARGET_ZEROSHOT = 50.0  # % zero-shot top-1 of CLIP (no rewrites) on the real test set
@@ -137,7 +138,7 @@ def train_run(args, name: str, zeroshot: str) -> dict:
     run_dir = Path(args.work) / f"{'quick_' if args.quick else ''}{name}_{args.steps}"
     print(f"\n== {label}: synrep run {config} run.dir={run_dir} {' '.join(over)}", flush=True)
     res = run(config, run_dir, over)
-    summary = json.loads((run_dir / "train" / "summary.json").read_text())
+    summary = json.loads(RunLayout(run_dir).train_summary.read_text())
     # the last training session (all of it unless the run was resumed), per step, times the
     # steps: data loading, logging and checkpoints included
     sec_per_step = summary["seconds"] / max(summary["steps"], 1)

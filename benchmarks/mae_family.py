@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -47,6 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import QUICK_EVAL_LIMITS, run, run_options, verdict, write_results  # noqa: E402
 
 from synrep.config import Config, load_config  # noqa: E402
+from synrep.factory import build_method, build_optimizer  # noqa: E402
+from synrep.layout import RunLayout  # noqa: E402
+from synrep.train.step import step_seed, train_step  # noqa: E402
 
 IMAGES_PER_STEP = 256
 TARGET_OVERHEAD = 0.10  # MixedAE step time / MAE step time - 1
@@ -94,19 +96,16 @@ def _n(count: int, noun: str) -> str:
 
 
 class _Trainee:
-    """One method with its optimizer, stepping like ``synrep.train.loop.train`` (fp32, one
-    process, constant peak lr: the schedules do not change a step's cost)."""
+    """One method with its optimizer, stepping as ``synrep train`` does
+    (:func:`synrep.train.step.train_step`; fp32, one process, constant peak lr: the schedules do
+    not change a step's cost)."""
 
     def __init__(self, name: str, rep_steps: int) -> None:
-        from synrep.factory import build_method, param_groups
-
         _, config, groups = METHODS[name]
         base = load_config(config)
         self.cfg = load_config(config, _batch_overrides(groups, base))
         self.method = build_method(self.cfg).train()
-        lr = self.cfg.optim.lr * self.cfg.train.batch_size / 256
-        self.opt = torch.optim.AdamW(param_groups(self.method, self.cfg.optim.weight_decay),
-                                     lr=lr, betas=self.cfg.optim.betas)
+        self.opt = build_optimizer(self.cfg, self.method)
         c, s = self.cfg.model.in_chans, self.cfg.model.img_size
         b = self.cfg.train.batch_size
         self.shape = (b, self.cfg.method.images_per_caption, c, s, s) if groups else (b, c, s, s)
@@ -114,7 +113,6 @@ class _Trainee:
         # Made before timing: the steps are measured without data loading.
         self.batches = [{"images": torch.randint(0, 256, self.shape, dtype=torch.uint8,
                                                  generator=gen)} for _ in range(rep_steps)]
-        self.limit = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         self.step_count = 0
 
     def steps(self, n: int) -> float:
@@ -123,16 +121,10 @@ class _Trainee:
         for i in range(n):
             step = self.step_count
             self.method.set_step(step)
-            torch.manual_seed(step)
-            g = torch.Generator().manual_seed(step)
-            loss = self.method(self.batches[i % len(self.batches)], g)["loss"]
-            if not math.isfinite(float(loss.detach())):
-                raise SystemExit(f"{type(self.method).__name__}: loss {float(loss)} at step {step}")
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.limit)
-            self.opt.step()
-            self.method.after_step()
+            seed = step_seed(self.cfg.run.seed, step, 0)
+            torch.manual_seed(seed)
+            train_step(self.method, self.method, self.opt, self.batches[i % len(self.batches)],
+                       torch.Generator().manual_seed(seed), grad_clip=self.cfg.optim.grad_clip)
             self.step_count += 1
         return time.perf_counter() - t
 
@@ -210,7 +202,7 @@ def probe_run(args, name: str) -> dict:
     over += run_options(args)
     run_dir = Path(args.work) / f"{'quick_' if args.quick else ''}{name}_{args.steps}"
     res = run(config, run_dir, over)
-    summary = json.loads((run_dir / "train" / "summary.json").read_text())
+    summary = json.loads(RunLayout(run_dir).train_summary.read_text())
     return {"method": label, "data": data, "config": config, "run_dir": str(run_dir),
             "steps": args.steps, "images_per_step": IMAGES_PER_STEP,
             "data_source": (str(args.shards) if data == "synthetic"

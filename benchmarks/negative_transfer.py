@@ -60,6 +60,7 @@ from synrep.cli import main as synrep
 from synrep.eval.features import extract_features, load_features, save_features
 from synrep.eval.knn import knn_classify
 from synrep.eval.linear import lbfgs_probe
+from synrep.layout import RunLayout
 
 HALVES = {"garments": [0, 1, 2, 3, 4, 6], "footwear": [5, 7, 8, 9]}
 PRETRAIN = {"all": None, **HALVES}
@@ -145,7 +146,7 @@ def _search(moce_dir: Path, half: str, classes: list[int], limit: int | None) ->
     from synrep.stages.moce import cluster_features
 
     out = moce_dir / f"expert_{half}.safetensors"
-    ck = moce_dir / "train" / "checkpoints" / "final.safetensors"
+    ck = RunLayout(moce_dir).final_checkpoint
     report = moce_dir / f"search_{half}.json"
     if (out.exists() and report.exists() and out.stat().st_mtime_ns > ck.stat().st_mtime_ns
             and "route_share" in json.loads(report.read_text())):  # else: the per-block rule
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             if classes is not None:
                 over.append(f"data.classes=[{','.join(map(str, classes))}]")
             _train("configs/mae_fashion.yaml", run_dir, over)
-            models[f"MAE on {name}"] = run_dir / "train" / "checkpoints" / "final.safetensors"
+            models[f"MAE on {name}"] = RunLayout(run_dir).final_checkpoint
         moce_dir = work / f"moce_all_k{args.clusters}_e{args.experts}_s{seed}"
         _train("configs/moce_fashion.yaml", moce_dir, [
             *common, f"run.seed={seed}", "run.stages=[cluster,train]",
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             long_dir = work / f"mae_all_{2 * steps}steps_s{seed}"
             _train("configs/mae_fashion.yaml", long_dir, [
                 *common, f"train.steps={2 * steps}", f"run.seed={seed}", "run.stages=[train]"])
-            models[LONG] = long_dir / "train" / "checkpoints" / "final.safetensors"
+            models[LONG] = RunLayout(long_dir).final_checkpoint
             up_dir = work / f"moce_upcycled_k{args.clusters}_e{args.experts}_s{seed}"
             _train("configs/moce_fashion.yaml", up_dir, [
                 *common, f"run.seed={seed}", "run.stages=[cluster,train]",

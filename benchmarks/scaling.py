@@ -23,6 +23,7 @@ from pathlib import Path
 
 from synrep.cli import main as synrep
 from synrep.config import load_config
+from synrep.layout import RunLayout
 
 TARGET_S = 30 * 60.0
 MIN_SIZES = 4
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if code != 0:
         print(f"synrep scale failed with exit code {code}")
         return code
-    res = json.loads((run_dir / "scale" / "results.json").read_text())
+    res = json.loads(RunLayout(run_dir).scale_results.read_text())
     fit = res["fit"]
     timed = not args.shards and not args.resume
     ok_sizes = n_sizes >= MIN_SIZES

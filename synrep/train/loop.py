@@ -8,7 +8,6 @@ exact trajectory of an uninterrupted run.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time
@@ -25,24 +24,16 @@ from synrep.checkpoint import Checkpoint, save_checkpoint
 from synrep.config import Config
 from synrep.data.sources import ArraySource
 from synrep.device import autocast_for, choose_attention, resolve_device, resolve_precision
-from synrep.errors import CheckpointError, ConfigError, SynrepError
-from synrep.factory import build_method, build_optimizer, build_source, peak_lr
+from synrep.errors import CheckpointError, ConfigError
+from synrep.factory import build_method, build_optimizer, build_source
 from synrep.layout import layout
-from synrep.schedule import warmup_cosine
 from synrep.selection.online import OnlineSelector, check_selection
+from synrep.train.step import TrainingDiverged, set_schedule, step_seed, train_step
 from synrep.utils import ensure_writable_dir, write_json_atomic
 
 # Config sections that define the weights' shapes and the trajectory: a checkpoint is resumed
 # only into a run whose sections match.
 _RESUME_SECTIONS = ("model", "method", "data", "aug", "optim", "train", "selection")
-
-
-class TrainingDiverged(SynrepError):
-    """The loss became NaN or infinite."""
-
-
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step) * 1024 + rank
 
 
 def check_same_run(ck: Checkpoint, cfg: Config) -> None:
@@ -153,7 +144,6 @@ def train(cfg: Config) -> Path:
         source = build_source(cfg, method.batch_kind, texts=method.has_text_tower,
                               each_image=method.each_image)
     method.bind_data(source)
-    lr_peak = peak_lr(cfg)
     optimizer = build_optimizer(cfg, method)
 
     start = 0
@@ -193,7 +183,6 @@ def train(cfg: Config) -> Path:
 
         writer = SummaryWriter(str(paths.tensorboard), purge_step=start)
     kill_at = int(os.environ.get("SYNREP_DEBUG_KILL_AT_STEP", "-1"))  # for the resume test
-    final_lr = lr_peak * cfg.optim.min_lr_ratio
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", disable=not is_main,
                dynamic_ncols=True)
     model.train()
@@ -203,17 +192,9 @@ def train(cfg: Config) -> Path:
     ids_file = _open_ids_file(cfg, start) if is_main and selector and cfg.selection.log_ids \
         else None
     for step in range(start, cfg.train.steps):
-        lr = warmup_cosine(step, cfg.train.steps, lr_peak, cfg.optim.warmup_steps, final_lr)
-        wd = cfg.optim.weight_decay
-        if cfg.optim.weight_decay_end is not None:  # cosine from weight_decay to weight_decay_end
-            wd = warmup_cosine(step, cfg.train.steps, cfg.optim.weight_decay, 0,
-                               cfg.optim.weight_decay_end)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-            if group["decay"]:
-                group["weight_decay"] = wd
+        lr, _ = set_schedule(optimizer, cfg, step)
         method.set_step(step)
-        seed = _step_seed(cfg.run.seed, step, dist.rank())
+        seed = step_seed(cfg.run.seed, step, dist.rank())
         torch.manual_seed(seed)  # dropout / drop-path
         g = torch.Generator(device=device).manual_seed(seed)
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v  # texts: list
@@ -228,27 +209,18 @@ def train(cfg: Config) -> Path:
                 ids_file.write(json.dumps({"step": step, "ids": chosen.ids.tolist()}) + "\n")
         t_train = time.perf_counter()
         counter = acct.train_counter()
-        with counter:  # one context over forward and backward: FLOPs of the whole step
-            with autocast:
-                out = model(batch, g)
-            loss = out["loss"]
-            if not math.isfinite(float(dist.all_reduce_mean(loss.detach().float()))):
-                bar.close()
-                where = (f"the last good checkpoint is {str(last)!r}" if last.exists()
-                         else "no checkpoint was written yet")
-                raise TrainingDiverged(
-                    f"training loss became {float(loss.detach())} at step {step}; {where}. "
-                    "Lower optim.lr, lengthen optim.warmup_steps, or use train.precision=fp32")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+        try:
+            result = train_step(model, method, optimizer, batch, g, autocast=autocast,
+                                scaler=scaler, grad_clip=cfg.optim.grad_clip, counter=counter)
+        except TrainingDiverged as e:
+            bar.close()
+            where = (f"the last good checkpoint is {str(last)!r}" if last.exists()
+                     else "no checkpoint was written yet")
+            raise TrainingDiverged(
+                f"{e} at step {step}; {where}. Lower optim.lr, lengthen optim.warmup_steps, or "
+                "use train.precision=fp32") from None
+        out, grad_norm = result.out, result.grad_norm
         acct.counted(counter)
-        scaler.unscale_(optimizer)  # a no-op unless fp16 loss scaling is on
-        # The norm is logged either way; an infinite limit measures it without clipping.
-        limit = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(method.parameters(), limit)
-        scaler.step(optimizer)
-        scaler.update()
-        method.after_step()
         acct.train_seconds += time.perf_counter() - t_train
         seen += batch["images"].shape[:-3].numel() * dist.world_size()  # images, not groups
         done = step + 1

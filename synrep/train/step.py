@@ -1,0 +1,95 @@
+"""One training step, as the trainer takes it: the public building block that the training loop
+and the benchmarks share, so a benchmark times exactly what ``synrep train`` runs.
+
+    method = build_method(cfg)                      # synrep.factory
+    optimizer = build_optimizer(cfg, method)
+    for step in range(steps):
+        set_schedule(optimizer, cfg, step)          # warm-up + cosine lr, cosine weight decay
+        method.set_step(step)
+        g = torch.Generator().manual_seed(step_seed(cfg.run.seed, step, rank))
+        result = train_step(method, method, optimizer, batch, g, grad_clip=cfg.optim.grad_clip)
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from synrep import dist
+from synrep.config import Config
+from synrep.errors import SynrepError
+from synrep.factory import peak_lr
+from synrep.methods import Method
+from synrep.schedule import warmup_cosine
+
+
+class TrainingDiverged(SynrepError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class StepResult:
+    out: dict[str, torch.Tensor]  # the method's outputs: "loss" and its logged terms
+    grad_norm: torch.Tensor  # total gradient norm before clipping
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of one step on one rank: batches, augmentations and dropout are pure functions
+    of ``(run.seed, step, rank)``, so a resumed run replays an uninterrupted one exactly."""
+    return (seed * 1_000_003 + step) * 1024 + rank
+
+
+def set_schedule(optimizer: torch.optim.Optimizer, cfg: Config, step: int) -> tuple[float, float]:
+    """Set ``step``'s learning rate (linear warm-up, then cosine to ``optim.min_lr_ratio`` of the
+    peak) and weight decay (cosine to ``optim.weight_decay_end`` when given) on every parameter
+    group; weight decay only on groups marked ``decay`` (:func:`synrep.factory.param_groups`).
+    Returns ``(lr, weight_decay)``."""
+    lr_peak = peak_lr(cfg)
+    lr = warmup_cosine(step, cfg.train.steps, lr_peak, cfg.optim.warmup_steps,
+                       lr_peak * cfg.optim.min_lr_ratio)
+    wd = cfg.optim.weight_decay
+    if cfg.optim.weight_decay_end is not None:  # cosine from weight_decay to weight_decay_end
+        wd = warmup_cosine(step, cfg.train.steps, cfg.optim.weight_decay, 0,
+                           cfg.optim.weight_decay_end)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group.get("decay", True):
+            group["weight_decay"] = wd
+    return lr, wd
+
+
+def train_step(model: torch.nn.Module, method: Method, optimizer: torch.optim.Optimizer,
+               batch: dict[str, Any], g: torch.Generator, *,
+               autocast: AbstractContextManager | None = None,
+               scaler: torch.amp.GradScaler | None = None, grad_clip: float = 0.0,
+               counter: AbstractContextManager | None = None) -> StepResult:
+    """Forward ``batch`` through ``model`` (the method, or its DDP / compiled wrapper) under
+    ``autocast``, check the loss on every rank, backpropagate, clip the gradient norm at
+    ``grad_clip`` (0: measured, not clipped), step the optimizer and update the method's frozen
+    parts (``method.after_step()``, an EMA teacher).
+
+    ``scaler``: fp16 loss scaling (None: none). ``counter``: a context around forward and
+    backward, such as torch's ``FlopCounterMode``. Raises :class:`TrainingDiverged` when the
+    loss is not finite on any rank, before any weight changes.
+    """
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
+    with counter or nullcontext():  # one context over forward and backward: a whole step
+        with autocast or nullcontext():
+            out = model(batch, g)
+        loss = out["loss"]
+        if not math.isfinite(float(dist.all_reduce_mean(loss.detach().float()))):
+            raise TrainingDiverged(f"training loss became {float(loss.detach())}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # a no-op unless fp16 loss scaling is on
+    # The norm is logged either way; an infinite limit measures it without clipping.
+    limit = grad_clip if grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(method.parameters(), limit)
+    scaler.step(optimizer)
+    scaler.update()
+    method.after_step()
+    return StepResult(out, grad_norm)
