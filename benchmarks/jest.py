@@ -59,7 +59,8 @@ from synrep.data.shards import CaptionGroup, iter_groups, write_shard, write_siz
 from synrep.layout import RunLayout  # noqa: E402
 
 QUICKSTART = "configs/quickstart.yaml"
-MIXED = ["method.low_res_share=0.5", "method.low_res_size=14"]  # half of each batch at 14 px
+# half of each batch at 14 px
+MIXED = ["method.synclr.low_res_share=0.5", "method.synclr.low_res_size=14"]
 POLICIES = {  # name -> selection overrides
     "uniform": [],
     "hard_learner": ["selection.online=true", "selection.score=hard_learner"],
@@ -552,7 +553,8 @@ def sampler_part(args, results: dict) -> list[str]:
     cfg = _cfg(args)
     method = build_method(cfg).train()
     opt = build_optimizer(cfg, method)
-    n, d, m = 4096, cfg.method.proj_dim, cfg.method.images_per_caption
+    opts = cfg.method.options
+    n, d, m = 4096, opts.proj_dim, opts.images_per_caption
     # Two training steps of the quickstart ViT: the one the sampler feeds (the 4,096 candidates'
     # selected b = 205 captions x 4 = 820 images; the target) and the quickstart's own batch (64
     # captions x 4 = 256 images, whose super-batch would be 1,280 candidates), both as the
@@ -590,8 +592,8 @@ def sampler_part(args, results: dict) -> list[str]:
             SigmoidPairs(torch.randn(n, d, generator=gen), torch.randn(n, d, generator=gen),
                          10.0, -10.0, p), n),
         f"multi-positive groups (4,096 images = {n // m} captions x {m})": lambda p: (
-            MultiposGroups(torch.randn(n // m, m, d, generator=gen), cfg.method.temperature, p),
-            MultiposGroups(torch.randn(n // m, m, d, generator=gen), cfg.method.temperature, p),
+            MultiposGroups(torch.randn(n // m, m, d, generator=gen), opts.temperature, p),
+            MultiposGroups(torch.randn(n // m, m, d, generator=gen), opts.temperature, p),
             n // m),
     }
     print(f"quickstart training steps (median of {args.cost_reps}): "

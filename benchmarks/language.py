@@ -10,8 +10,8 @@ shards: the quickstart's 5,000 grammar captions x 4 fashion-mini images
   multi-positive loss.
 - **CLIP** (``configs/clip_fashion.yaml``): 256 captions x 1 image (a seeded draw of the 4),
   image-text InfoNCE with a small text tower.
-- **CLIP + LaCLIP** (the same, ``method.rewrites=true``): each caption replaced by itself or one
-  of its 3 rewrites, uniformly, every step.
+- **CLIP + LaCLIP** (the same, ``method.clip.rewrites=true``): each caption replaced by itself or
+  one of its 3 rewrites, uniformly, every step.
 - **StableRep++** (``configs/stablerep_pp_fashion.yaml``): 64 captions x 4 images, the
   image-image multi-positive loss plus the multi-positive image-text term.
 
@@ -64,13 +64,13 @@ QUICKSTART_DIR = Path("runs/bench/quickstart")
 CLIP_CONFIG = "configs/clip_fashion.yaml"
 
 # run name -> (label, config, trains on caption groups, extra overrides): caption-group methods
-# take method.images_per_caption images of each caption per step, CLIP one. The LaCLIP run also
-# runs the rewrites stage.
+# take method.<name>.images_per_caption images of each caption per step, CLIP one. The LaCLIP run
+# also runs the rewrites stage.
 RUNS: dict[str, tuple[str, str, bool, list[str]]] = {
     "synclr": ("SynCLR", QUICKSTART, True, []),
     "clip": ("CLIP", CLIP_CONFIG, False, []),
     "clip_rewrites": ("CLIP + LaCLIP rewrites", CLIP_CONFIG, False,
-                      ["method.rewrites=true", "captions.backend=grammar",
+                      ["method.clip.rewrites=true", "captions.backend=grammar",
                        f"captions.rewrite.k={REWRITES_K}",
                        f"captions.rewrite.source={QUICKSTART_DIR / 'captions'}"]),
     "stablerep_pp": ("StableRep++", "configs/stablerep_pp_fashion.yaml", True, []),
@@ -92,7 +92,7 @@ def _zeroshot_templates() -> str:
 
 def _per_step(cfg: Config, groups: bool) -> tuple[int, int]:
     """(captions, images of each caption) per step that make IMAGES_PER_STEP images."""
-    m = cfg.method.images_per_caption if groups else 1
+    m = cfg.method.options.images_per_caption if groups else 1
     if IMAGES_PER_STEP % m:
         raise SystemExit(f"{IMAGES_PER_STEP} images per step is not a whole number of caption "
                          f"groups of {m} images")
@@ -130,7 +130,8 @@ def train_run(args, name: str, zeroshot: str) -> dict:
     label, config, groups, extra = RUNS[name]
     base = load_config(config, extra)
     captions, m = _per_step(base, groups)
-    stages = "[rewrites,train,eval]" if base.method.rewrites else "[train,eval]"
+    rewrites = getattr(base.method.options, "rewrites", False)  # LaCLIP
+    stages = "[rewrites,train,eval]" if rewrites else "[train,eval]"
     over = [f"run.stages={stages}", f"train.steps={args.steps}",
             f"train.batch_size={captions}", "data.source=shards",
             f"data.shards={QUICKSTART_DIR / 'images'}", *extra, *EVAL, zeroshot]
@@ -144,7 +145,7 @@ def train_run(args, name: str, zeroshot: str) -> dict:
     sec_per_step = summary["seconds"] / max(summary["steps"], 1)
     row = {"method": label, "config": config, "overrides": over, "run_dir": str(run_dir),
            "steps": args.steps, "captions_per_step": captions, "images_per_caption": m,
-           "images_per_step": captions * m, "rewrites": base.method.rewrites,
+           "images_per_step": captions * m, "rewrites": rewrites,
            "linear_probe_top1": res["linear_probe_top1"],
            "linear_probe_best_c": res.get("linear_probe_best_c"),
            "knn_top1": res["knn_top1"], "zeroshot_top1": res.get("zeroshot_top1"),
@@ -152,7 +153,7 @@ def train_run(args, name: str, zeroshot: str) -> dict:
            "train_seconds_per_step": sec_per_step,
            "train_minutes": sec_per_step * args.steps / 60,
            "eval_limit": list(QUICK_EVAL_LIMITS) if args.quick else None}
-    if base.method.rewrites:
+    if rewrites:
         stats = json.loads((run_dir / "rewrites" / "stats.json").read_text())
         row["rewrite_backend"] = base.captions.backend
         row["rewrite_stats"] = {k: stats[k] for k in ("rows", "rejected")}

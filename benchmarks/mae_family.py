@@ -80,7 +80,7 @@ def _batch_overrides(groups: bool, cfg: Config) -> list[str]:
     caption-group methods)."""
     if not groups:
         return [f"train.batch_size={IMAGES_PER_STEP}"]
-    m = cfg.method.images_per_caption
+    m = cfg.method.options.images_per_caption
     if IMAGES_PER_STEP % m:
         raise SystemExit(f"{IMAGES_PER_STEP} images per step is not a whole number of caption "
                          f"groups of {m} images")
@@ -108,7 +108,8 @@ class _Trainee:
         self.opt = build_optimizer(self.cfg, self.method)
         c, s = self.cfg.model.in_chans, self.cfg.model.img_size
         b = self.cfg.train.batch_size
-        self.shape = (b, self.cfg.method.images_per_caption, c, s, s) if groups else (b, c, s, s)
+        m = self.cfg.method.options.images_per_caption if groups else 0
+        self.shape = (b, m, c, s, s) if groups else (b, c, s, s)
         gen = torch.Generator().manual_seed(0)
         # Made before timing: the steps are measured without data loading.
         self.batches = [{"images": torch.randint(0, 256, self.shape, dtype=torch.uint8,

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.run_root)
 
     q = load_config(QUICKSTART)
-    images_per_step = q.train.batch_size * q.method.images_per_caption
+    images_per_step = q.train.batch_size * q.method.options.images_per_caption
     per_caption = q.images.images_per_caption
     synth_arms: dict[int, list[dict]] = {n: [] for n in args.captions}
     real_arm: list[dict] = []

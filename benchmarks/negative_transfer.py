@@ -15,7 +15,7 @@ Pretraining, every run the quickstart ViT for the same ``--steps`` x 256 images:
     MoCE on all: k-means (``--clusters``) on the features of MAE-on-all, experts in the last 2
     blocks; expert search on each half's train images exports one dense ViT per half.
 
-``--upcycle`` adds MoCE started from MAE-on-all's weights (``method.moce_init``: every expert a
+``--upcycle`` adds MoCE started from MAE-on-all's weights (``method.moce.init``: every expert a
 copy of its block's MLP) and trained ``--steps`` more, against MAE on all trained twice as long
 (the same total budget).
 
@@ -152,7 +152,7 @@ def _search(moce_dir: Path, half: str, classes: list[int], limit: int | None) ->
             and "route_share" in json.loads(report.read_text())):  # else: the per-block rule
         return out
     model = load_moce(ck)
-    featurer, fcfg = load_encoder(model.cfg.method.moce_features, weights="student")
+    featurer, fcfg = load_encoder(model.cfg.method.moce.features, weights="student")
     ds = load_dataset("fashion-mnist", "train").select_classes(classes)
     if limit is not None:
         ds = ds.subset(slice(0, limit))
@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         moce_dir = work / f"moce_all_k{args.clusters}_e{args.experts}_s{seed}"
         _train("configs/moce_fashion.yaml", moce_dir, [
             *common, f"run.seed={seed}", "run.stages=[cluster,train]",
-            f"method.moce_features={models['MAE on all']}",
-            f"method.moce_clusters={args.clusters}", f"method.moce_experts={args.experts}"])
+            f"method.moce.features={models['MAE on all']}",
+            f"method.moce.clusters={args.clusters}", f"method.moce.experts={args.experts}"])
         for half, classes in HALVES.items():
             models[f"MoCE expert for {half}"] = _search(moce_dir, half, classes, limit["train"])
             searches.setdefault(half, []).append(json.loads(
@@ -233,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             up_dir = work / f"moce_upcycled_k{args.clusters}_e{args.experts}_s{seed}"
             _train("configs/moce_fashion.yaml", up_dir, [
                 *common, f"run.seed={seed}", "run.stages=[cluster,train]",
-                f"method.moce_features={models['MAE on all']}",
-                f"method.moce_init={models['MAE on all']}",
-                f"method.moce_clusters={args.clusters}", f"method.moce_experts={args.experts}"])
+                f"method.moce.features={models['MAE on all']}",
+                f"method.moce.init={models['MAE on all']}",
+                f"method.moce.clusters={args.clusters}", f"method.moce.experts={args.experts}"])
             for half, classes in HALVES.items():
                 models[f"{UP} for {half}"] = _search(up_dir, half, classes, limit["train"])
         for model, ck in models.items():

@@ -31,7 +31,8 @@ from synrep.config import load_config  # noqa: E402
 
 QUICKSTART = "configs/quickstart.yaml"
 
-_OFF = {"method.teacher": "false", "method.ibot_weight": "0", "method.local_crops": "0"}
+_OFF = {"method.synclr.teacher": "false", "method.synclr.ibot_weight": "0",
+        "method.synclr.local_crops": "0"}
 
 
 def _synclr(**on: str) -> list[str]:
@@ -41,13 +42,15 @@ def _synclr(**on: str) -> list[str]:
 # name -> (row label, overrides of the quickstart config)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "multipos": ("multi-positive only (StableRep)", _synclr()),
-    "ema": ("+ EMA teacher", _synclr(**{"method.teacher": "true"})),
-    "ema_ibot": ("+ EMA + iBOT", _synclr(**{"method.teacher": "true", "method.ibot_weight": "1"})),
+    "ema": ("+ EMA teacher", _synclr(**{"method.synclr.teacher": "true"})),
+    "ema_ibot": ("+ EMA + iBOT", _synclr(**{"method.synclr.teacher": "true",
+                                            "method.synclr.ibot_weight": "1"})),
     "ema_multicrop": ("+ EMA + multi-crop",
-                      _synclr(**{"method.teacher": "true", "method.local_crops": "2"})),
+                      _synclr(**{"method.synclr.teacher": "true",
+                                 "method.synclr.local_crops": "2"})),
     "all": ("all: EMA + iBOT + multi-crop (SynCLR)",
-            _synclr(**{"method.teacher": "true", "method.ibot_weight": "1",
-                       "method.local_crops": "2"})),
+            _synclr(**{"method.synclr.teacher": "true", "method.synclr.ibot_weight": "1",
+                       "method.synclr.local_crops": "2"})),
     "simclr": ("SimCLR, one image per caption, two views", ["method.name=simclr"]),
     "supervised": ("supervised CE on the synthetic class labels", ["method.name=supervised"]),
 }
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     q = load_config(QUICKSTART)
     steps = args.steps or q.train.steps
-    images_per_step = q.train.batch_size * q.method.images_per_caption
+    images_per_step = q.train.batch_size * q.method.options.images_per_caption
     shards = args.shards
     if not shards:  # the quickstart's own synthetic images
         run(QUICKSTART, root / "quickstart", [])

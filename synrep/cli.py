@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     with_config("select", "offline JEST: score the run's caption groups with the learner and "
                 "reference checkpoints (selection.*), keep (1 - f) of every super-batch, and "
                 "write the kept ids and new shards into RUN/select")
-    with_config("cluster", "MoCE: k-means on method.moce_features' features of the training "
+    with_config("cluster", "MoCE: k-means on method.moce.features' features of the training "
                 "images; writes the centroids and every image's cluster into RUN/cluster")
     with_config("train", "pretrain the encoder; resumes from the run's last checkpoint")
     with_config("search", "MoCE expert search: route eval.dataset's train split (eval.classes) "

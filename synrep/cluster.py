@@ -91,7 +91,7 @@ def load_clusters(path: str | Path) -> tuple[Tensor, Tensor, dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(
             f"no clusters at {str(path)!r}: run the cluster stage first (add `cluster` to "
-            "run.stages, or `synrep cluster CONFIG`), or set method.moce_cluster_file")
+            "run.stages, or `synrep cluster CONFIG`), or set method.moce.cluster_file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["synrep-clusters"])

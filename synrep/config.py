@@ -7,6 +7,7 @@ from. The resolved config is written into the run directory and into every check
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -14,11 +15,12 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from synrep.errors import ConfigError
+from synrep.registry import Registry
 from synrep.utils import yaml_error_summary
 
 
@@ -82,81 +84,178 @@ class AugConfig:
     erase_scale: tuple[float, float] = (0.02, 0.2)
 
 
+#: Each method's options: a dataclass registered under the method's name (by
+#: :data:`synrep.methods.METHODS` when the method registers), configured as ``method.<name>.*``.
+METHOD_OPTIONS: Registry[type] = Registry("method")
+
+# Before methods had sections, synrep wrote one flat ``method`` section where some methods'
+# options carried a prefix (``mae_decoder_dim``, ``moce_clusters``): by method, the prefixes to
+# try before the bare name. Only read from stored configs (checkpoints, run folders).
+_LEGACY_PREFIXES = {"mae": ("mae",), "mixedae": ("mixedae", "mae"), "moce": ("moce", "mae")}
+
+
 @dataclass
+class MethodOptions:
+    """Base of every method's options: a method declares its own subclass (its section
+    ``method.<name>``) in its file and registers it with the method."""
+
+    #: ``method.<name>``, set when the method registers: error messages name keys with it.
+    section: ClassVar[str] = "method"
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        # A misspelt option set in code fails here instead of being silently ignored.
+        if key not in self.__dataclass_fields__:
+            raise AttributeError(f"{self.section} has no option {key!r}; its options: "
+                                 f"{', '.join(self.__dataclass_fields__)}")
+        object.__setattr__(self, key, value)
+
+
 class MethodConfig:
-    name: str = "simclr"  # a registered method: synclr, stablerep, simclr, supervised, mae, mixedae
-    temperature: float = 0.2
-    proj_layers: int = 2  # projection MLP depth (1 = linear)
-    proj_hidden_dim: int = 1024
-    proj_dim: int = 128
-    local_crops: int = 0  # multi-crop: extra small views per image (all positives)
-    local_size: int = 14
-    local_scale: tuple[float, float] = (0.1, 0.4)
-    images_per_caption: int = 2  # m images of each caption per batch (caption-group methods)
-    num_classes: int = 10  # supervised method only
-    label_smoothing: float = 0.0
-    # SynCLR (docs/methods.md section 1): EMA teacher keys, multi-crop queries, iBOT masking.
-    global_crops: int = 1  # global views per image (queries and keys)
-    teacher: bool = True  # keys from an EMA teacher; False = keys are the student's own features
-    ema_momentum: float = 0.994  # teacher momentum at step 0, cosine-annealed to ema_momentum_end
-    ema_momentum_end: float = 1.0
-    contrastive_weight: float = 1.0  # multi-positive contrastive term; 0 removes it
-    ibot_weight: float = 1.0  # iBOT masked-token term; 0 removes it (and the iBOT head)
-    ibot_prototypes: int = 1024  # prototypes of the iBOT head (the paper: 65,536)
-    ibot_hidden_dim: int = 512
-    ibot_bottleneck_dim: int = 128
-    ibot_mask: Literal["block", "random"] = "block"  # block-wise (BEiT) or uniformly random tokens
-    ibot_mask_prob: float = 0.5  # share of global crops that are masked
-    ibot_mask_ratio: tuple[float, float] = (0.1, 0.5)  # share of tokens masked, uniform per crop
-    ibot_student_temp: float = 0.1
-    ibot_teacher_temp: float = 0.07  # teacher temperature after warm-up
-    ibot_teacher_temp_start: float = 0.04
-    ibot_teacher_temp_warmup: int = 0  # steps of linear teacher-temperature warm-up
-    sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations for the teacher's token targets
-    # Flexi-JEST's mixed-resolution training (docs/methods.md section 5): this share of each batch's
-    # caption groups is trained at low_res_size (global crops downsampled, antialiased), so the
-    # learner also knows the low resolution it scores at (selection.score_size) and steps cost less.
-    low_res_share: float = 0.0  # in [0, 1); 0 trains every group at aug.size (synclr only)
-    low_res_size: int = 14
-    # MAE (He et al. 2022): reconstruct the pixels of randomly masked patches.
-    mae_mask_ratio: float = 0.75  # share of patches hidden from the encoder, in (0, 1)
-    mae_decoder_dim: int = 128  # width of the lightweight decoder (divisible by its heads)
-    mae_decoder_depth: int = 2  # transformer blocks of the decoder
-    mae_decoder_heads: int = 4  # attention heads of each decoder block
-    mae_norm_pix: bool = True  # targets: each patch normalised by its own mean and variance
-    # MixedAE (Chen et al. 2023): mix groups of 1/r images patch-wise instead of masking; uses the
-    # mae_decoder_* / mae_norm_pix keys above and proj_hidden_dim / proj_dim for its MLP head.
-    mixedae_ratio: float = 0.25  # share r of a mixed image's patches from each source: 1/r images
-    #   per group, 1/r an integer >= 2, r * (patches per image) an integer >= 2, and the batch
-    #   (per rank) divisible by 1/r
-    mixedae_contrastive_weight: float = 0.1  # weight of the homologous contrastive term; 0 = off
-    mixedae_temperature: float = 0.2  # InfoNCE temperature of the homologous contrastive term
-    mixedae_homologous: bool = True  # top-K homologous attention in pretraining; False = ordinary
-    # Language supervision (docs/methods.md sections 2, 4): clip and stablerep_pp add a text tower;
-    # image and text embeddings meet in proj_dim, compared with a learned logit scale.
-    text_model: str = "fashion-text"  # a built-in text tower, or a folder saved by save_pretrained
-    text_width: int = 256  # built-in tower: transformer width, layers, heads (width % heads == 0)
-    text_layers: int = 3
-    text_heads: int = 4
-    text_context: int = 32  # tokens per text, special tokens included (longer texts are cut)
-    clip_init_temperature: float = 0.07  # the logit scale starts at 1 / this (CLIP: 0.07)
-    clip_max_logit_scale: float = 100.0  # the learned logit scale is clamped here (CLIP: 100)
-    text_weight: float = 1.0  # stablerep_pp: weight of the image-text term (image-image: 1)
-    rewrites: bool = False  # LaCLIP: each step a caption or one of its RUN/rewrites, uniformly
-    # MoCE (Liu et al. 2023): MAE whose last blocks hold cluster-conditional experts; uses the
-    # mae_* keys above. The clusters come from the `cluster` stage (k-means on moce_features).
-    moce_features: str = ""  # checkpoint whose encoder features cluster the images (an MAE)
-    moce_clusters: int = 16  # k-means clusters of the pretraining images
-    moce_kmeans_iters: int = 50  # Lloyd iterations (k-means++ seeding, run.seed)
-    moce_cluster_file: str = ""  # clusters.safetensors to train with; "" = RUN/cluster's
-    moce_experts: int = 4  # experts in each MoE block
-    moce_blocks: int = 2  # the last n encoder blocks get MoE MLPs
-    moce_top_k: int = 1  # experts per image (all its tokens share the route); search needs 1
-    moce_importance_weight: float = 0.01  # V-MoE importance loss (CV^2 of summed gate probs)
-    moce_load_weight: float = 0.01  # load loss E * sum_e f_e * P_e (fraction routed x mean prob)
-    # "" trains from scratch; an MAE checkpoint of the same shape starts every weight from it and
-    # every expert from its block's dense MLP (sparse upcycling); gates start fresh
-    moce_init: str = ""
+    """``method``: which objective trains (``name``, a registered method) and that method's own
+    options, the section ``method.<name>`` declared by the method's file (for example
+    ``method.synclr.temperature``). A section of another method is an error naming its owner.
+
+    ``options`` (and ``cfg.method.<name>``) is the active method's options dataclass. A section
+    read before its method is registered is kept as given and checked when first used.
+    """
+
+    def __init__(self, name: str = "simclr") -> None:
+        self.name = name
+        self._raw: dict[str, dict[str, Any]] = {}  # sections as given, by method name
+        self._sources: dict[str, str] = {}
+        self._options: Any = None
+
+    # -- access --------------------------------------------------------------------------------
+    @property
+    def options(self) -> Any:
+        """The active method's options (its dataclass, defaults updated by its section)."""
+        cls = METHOD_OPTIONS.get(self.name)  # unknown method: one error listing the choices
+        if type(self._options) is not cls:
+            opts = cls()
+            raw = self._raw.get(self.name, {})
+            source = self._sources.get(self.name, "the config")
+            known = {f.name for f in dataclasses.fields(cls)}
+            for key in raw:
+                owners = [n for n in _owners(key) if n != self.name]
+                if key not in known and owners:
+                    raise ConfigError(
+                        f"'method.{self.name}.{key}' in {source}: {key} is an option of "
+                        f"method(s) {', '.join(owners)}, not of {self.name!r}; valid keys under "
+                        f"'method.{self.name}': {', '.join(sorted(known))}")
+            _merge(opts, raw, source, f"method.{self.name}.")
+            self._options = opts
+        return self._options
+
+    def __getattr__(self, key: str) -> Any:
+        # Called only when normal lookup fails: ``cfg.method.synclr`` -> synclr's options.
+        if key.startswith("_") or "name" not in self.__dict__:
+            raise AttributeError(key)
+        if key == self.name:
+            return self.options
+        owners = _owners(key)
+        if key in METHOD_OPTIONS:
+            raise AttributeError(f"method.{key}: this config trains method {self.name!r}")
+        if owners:
+            raise AttributeError(f"method.{key} is an option of method(s) {', '.join(owners)}: "
+                                 f"read it as cfg.method.{self.name}.{key}")
+        raise AttributeError(f"MethodConfig has no attribute {key!r}")
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key == "name" or key.startswith("_"):
+            object.__setattr__(self, key, value)
+            return
+        raise AttributeError(f"method.{key}: set options on the method's section, "
+                             f"cfg.method.{self.__dict__.get('name')}.{key}")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MethodConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"MethodConfig({self.to_dict()!r})"
+
+    def __deepcopy__(self, memo: dict) -> MethodConfig:
+        out = MethodConfig(self.name)
+        out._raw = copy.deepcopy(self._raw, memo)
+        out._sources = dict(self._sources)
+        out._options = copy.deepcopy(self._options, memo)
+        return out
+
+    # -- reading and writing -------------------------------------------------------------------
+    def update(self, updates: dict[str, Any], source: str) -> None:
+        """Merge a ``method`` mapping (from a file, overrides or a stored config). The sections
+        it sets must be those of the method it leaves active: a section of another method in
+        the same file (or the same overrides) is an error naming the method that owns it."""
+        if "name" in updates:
+            name = _coerce(updates["name"], str, f"'method.name' in {source}")
+            if METHOD_OPTIONS.names() and name not in METHOD_OPTIONS:
+                raise ConfigError(f"'method.name' in {source}: unknown method {name!r}; choose "
+                                  f"one of: {', '.join(METHOD_OPTIONS.names())}")
+            if name != self.name:
+                self._options = None
+            self.name = name
+        flat = {k: v for k, v in updates.items() if k != "name" and not isinstance(v, dict)}
+        if flat:
+            self._update_flat(flat, source)
+        for key, value in updates.items():
+            if key == "name" or not isinstance(value, dict):
+                continue
+            if key != self.name:
+                if key in METHOD_OPTIONS:
+                    raise ConfigError(
+                        f"'method.{key}' in {source} configures method {key!r}, but method.name "
+                        f"is {self.name!r}: remove the method.{key} section or set "
+                        f"method.name={key}")
+                raise ConfigError(f"unknown config key 'method.{key}' in {source}; the method "
+                                  f"section holds 'name' and the options of method.{self.name}")
+            _deep_update(self._raw.setdefault(key, {}), value)
+            self._sources[key] = source
+            self._options = None  # rebuilt from the updated section on next use
+        # Check the section now, while the source is known (once the methods are registered,
+        # which importing synrep.methods does; until then the section is checked on first use).
+        if self.name in METHOD_OPTIONS or METHOD_OPTIONS.names():
+            self.options  # noqa: B018
+
+    def _update_flat(self, flat: dict[str, Any], source: str) -> None:
+        if source.startswith(STORED):  # a config written before methods had sections
+            cls = METHOD_OPTIONS.get(self.name)
+            legacy = {}
+            for f in dataclasses.fields(cls):
+                prefixes = _LEGACY_PREFIXES.get(self.name, ())
+                for key in (*(f"{p}_{f.name}" for p in prefixes), f.name):
+                    if key in flat:
+                        legacy[f.name] = flat[key]
+                        break
+            self.update({self.name: legacy}, source)
+            return
+        key = next(iter(flat))
+        owners = _owners(key)
+        if not owners:
+            raise ConfigError(
+                f"unknown config key 'method.{key}' in {source}; the method section holds "
+                f"'name' and the method's own options under 'method.{self.name}'")
+        where = (f"write method.{self.name}.{key}" if self.name in owners
+                 else f"not of method {self.name!r}")
+        raise ConfigError(f"'method.{key}' in {source}: {key} is an option of method(s) "
+                          f"{', '.join(owners)}; {where}")
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.name in METHOD_OPTIONS:
+            return {"name": self.name, self.name: dataclasses.asdict(self.options)}
+        return {"name": self.name, **copy.deepcopy(self._raw)}
+
+
+def _owners(option: str) -> list[str]:
+    """The registered methods whose options include ``option``."""
+    return [n for n in METHOD_OPTIONS
+            if option in {f.name for f in dataclasses.fields(METHOD_OPTIONS.get(n))}]
+
+
+def _deep_update(into: dict[str, Any], updates: dict[str, Any]) -> None:
+    for k, v in updates.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _deep_update(into[k], v)
+        else:
+            into[k] = v
 
 
 @dataclass
@@ -382,7 +481,8 @@ class Config:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: self.method.to_dict() if f.name == "method"
+                else asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -470,7 +570,11 @@ def _merge(obj: Any, updates: dict[str, Any], source: str, prefix: str = "") -> 
                 f"{' under ' + repr(prefix[:-1]) if prefix else ''}: {', '.join(names)}"
             )
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
+        if isinstance(current, MethodConfig):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path!r} in {source} must be a mapping, got {value!r}")
+            current.update(value, source)
+        elif dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{path!r} in {source} must be a mapping, got {value!r}")
             _merge(current, value, source, f"{path}.")
@@ -528,10 +632,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+#: Source prefix of stored configs: their flat method section is read as an older synrep wrote it.
+STORED = "the config stored in"
+
+
 def config_from_dict(data: dict[str, Any], source: str) -> Config:
-    """Rebuild a config stored in a run directory or checkpoint."""
+    """Rebuild a config stored in a run directory or checkpoint (``source`` names it)."""
     cfg = Config()
-    _merge(cfg, data, source)
+    _merge(cfg, data, source if source.startswith(STORED) else f"{STORED} {source}")
     return cfg
 
 

@@ -74,9 +74,7 @@ def build_source(cfg: Config, batch_kind: str, batch_size: int | None = None,
     ``each_image`` makes every image of a caption group its own sample, for methods that learn
     from single images)."""
     d = cfg.data
-    if cfg.method.rewrites and not texts:
-        raise ConfigError(f"method.rewrites=true (LaCLIP) rewrites the captions of a text tower; "
-                          f"method {cfg.method.name!r} has none: use clip or stablerep_pp")
+    opts = cfg.method.options
     captions = None
     if d.source == "dataset":
         ds = load_dataset(d.dataset, d.split, root=d.root, image_size=d.image_size)
@@ -101,7 +99,8 @@ def build_source(cfg: Config, batch_kind: str, batch_size: int | None = None,
         if all("label" in meta for meta in groups.metas):
             labels = torch.tensor([int(meta["label"]) for meta in groups.metas])
         if texts:  # language supervision: each group's caption, with its LaCLIP rewrites
-            rewrites = read_rewrites(layout(cfg).rewrites) if cfg.method.rewrites else None
+            use = getattr(opts, "rewrites", False)  # LaCLIP (text-tower methods' option)
+            rewrites = read_rewrites(layout(cfg).rewrites) if use else None
             captions = group_texts(groups.captions, groups.keys, groups.metas, rewrites,
                                    repr(shards))
         if d.classes is not None:
@@ -113,7 +112,7 @@ def build_source(cfg: Config, batch_kind: str, batch_size: int | None = None,
             images, labels = images[keep], labels[keep]
             if captions is not None:
                 captions = [c for c, k in zip(captions, keep.tolist()) if k]
-        m = cfg.method.images_per_caption if batch_kind == "groups" else 1
+        m = opts.images_per_caption if batch_kind == "groups" else 1
         if each_image and batch_kind != "groups":  # (G, k, ...) -> G * k single images
             k = images.shape[1]
             images = images.flatten(0, 1)
@@ -126,9 +125,6 @@ def build_source(cfg: Config, batch_kind: str, batch_size: int | None = None,
 
 def build_method(cfg: Config) -> Method:
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    if cfg.method.low_res_share and cfg.method.name != "synclr":
-        raise ConfigError(f"method.low_res_share is a synclr option; method "
-                          f"{cfg.method.name!r} trains at aug.size: set method.low_res_share=0")
     encoder = build_encoder(cfg.model)
     return METHODS.get(cfg.method.name)(cfg, encoder)
 

@@ -40,7 +40,7 @@ from synrep.eval.scaling import draw_fit
 from synrep.layout import RunLayout
 from synrep.utils import yaml_error_summary
 
-REPORT_FILE = "report.html"
+REPORT_FILE = RunLayout(".").report.name
 #: results.json keys shown first, in this order, with a readable name; other ``*_top1`` keys follow.
 TOP1_LABELS = {
     "linear_probe_top1": "linear probe (L-BFGS)",
@@ -202,7 +202,7 @@ def _header(cfg: Config, run_dir: Path, sections: list[_Section],
     data = (f"{cfg.data.dataset} ({cfg.data.split})" if cfg.data.source == "dataset"
             else f"caption-group shards {cfg.data.shards or 'in images/ (this run)'}")
     precision = t.precision
-    env = run_dir / "train" / "env.json"
+    env = RunLayout(run_dir).train_env
     if env.is_file():  # what the trainer ran (train.precision=auto resolves per device)
         ran = json.loads(env.read_text()).get("precision", precision)
         precision = ran if ran == precision else f"{ran} ({precision})"
@@ -369,7 +369,7 @@ def _read_metrics(path: Path) -> tuple[list[dict[str, Any]], str]:
 
 
 def _training(run_dir: Path) -> tuple[str, bool]:
-    path = run_dir / "train" / "metrics.jsonl"
+    path = RunLayout(run_dir).metrics
     if not path.is_file():
         return _missing(str(path), f"synrep train CONFIG run.dir={run_dir}"), False
     rows, note = _read_metrics(path)
@@ -426,7 +426,7 @@ def _training(run_dir: Path) -> tuple[str, bool]:
     ]
     if note:
         parts.append(f'<p class="note">{_e(note)}</p>')
-    summary_path = run_dir / "train" / "summary.json"
+    summary_path = RunLayout(run_dir).train_summary
     summary = _read_json(summary_path) if summary_path.is_file() else None
     parts.append(_cols(
         f"<h3>Last logged step</h3>{_dict_table(final)}",
@@ -445,7 +445,7 @@ def _top1_keys(results: dict[str, Any]) -> list[str]:
 
 def _load_results(run_dir: Path) -> dict[str, dict[str, Any]] | None:
     """``RUN/eval/results.json`` ({dataset: {key: value}}), or None before evaluation."""
-    path = run_dir / "eval" / "results.json"
+    path = RunLayout(run_dir).results
     if not path.is_file():
         return None
     results = _read_json(path)
@@ -456,7 +456,7 @@ def _load_results(run_dir: Path) -> dict[str, dict[str, Any]] | None:
 
 
 def _evaluation(run_dir: Path, results: dict[str, dict[str, Any]] | None) -> tuple[str, bool]:
-    path = run_dir / "eval" / "results.json"
+    path = RunLayout(run_dir).results
     if results is None:
         return _missing(str(path), f"synrep eval CONFIG run.dir={run_dir}"), False
     if not results:
@@ -485,7 +485,7 @@ def _evaluation(run_dir: Path, results: dict[str, dict[str, Any]] | None) -> tup
 
 
 def _pca(run_dir: Path) -> tuple[str, bool]:
-    path = run_dir / "eval" / "pca.png"
+    path = RunLayout(run_dir).pca
     if not path.is_file():
         return _missing(str(path), f"synrep eval CONFIG run.dir={run_dir}",
                         " with <code>eval.pca_images</code> &gt; 0"), False
@@ -537,7 +537,7 @@ def _check_scale(data: Any, path: Path) -> tuple[list[dict[str, Any]], dict[str,
 
 
 def _scaling(run_dir: Path) -> tuple[str, bool]:
-    path = run_dir / "scale" / "results.json"
+    path = RunLayout(run_dir).scale_results
     if not path.is_file():
         return _missing(str(path), f"synrep scale CONFIG run.dir={run_dir}"), False
     data = _read_json(path)
@@ -680,7 +680,7 @@ def load_run_config(run_dir: str | Path) -> Config:
     if not run_dir.is_dir():
         raise ConfigError(f"run folder {str(run_dir)!r} does not exist; pass a folder a synrep "
                           "command wrote (runs/<config name>, or the run.dir=PATH it was given)")
-    path = run_dir / "config.yaml"
+    path = RunLayout(run_dir).config
     if not path.is_file():
         raise ConfigError(f"{str(path)!r} does not exist, so {str(run_dir)!r} is not a synrep run "
                           "folder; every stage writes it: run one first, e.g. `synrep run CONFIG "
@@ -732,7 +732,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *,
         ConfigError: ``run_dir`` or its ``config.yaml`` is missing or invalid.
         DataError: a stage output the report reads is malformed.
     """
-    out = Path(out) if out is not None else Path(run_dir) / REPORT_FILE
+    out = Path(out) if out is not None else RunLayout(run_dir).report
     text = build_report(run_dir, max_groups=max_groups)
     _write_atomic(out, text)
     return out

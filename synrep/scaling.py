@@ -38,7 +38,9 @@ def _size_config(cfg: Config, shards: str, captions: int, k: int) -> Config:
     sub.data.shards = shards
     sub.data.max_captions = captions
     sub.data.max_images_per_caption = k
-    sub.method.images_per_caption = min(cfg.method.images_per_caption, k)
+    opts = sub.method.options
+    if hasattr(opts, "images_per_caption"):  # caption-group methods: at most k per caption
+        opts.images_per_caption = min(opts.images_per_caption, k)
     if cfg.scale.steps is not None:
         sub.train.steps = cfg.scale.steps
         sub.optim.warmup_steps = min(cfg.optim.warmup_steps, cfg.scale.steps // 10)

@@ -15,7 +15,7 @@ needs_fashion = pytest.mark.skipif(
 # A tiny but real run: the 28 px ViT, a few steps, evaluation on a subset of the test set.
 TINY = [
     "train.steps=6", "train.batch_size=32", "train.ckpt_every=2", "train.log_every=2",
-    "optim.warmup_steps=2", "method.proj_hidden_dim=64", "eval.limit_train=1000",
+    "optim.warmup_steps=2", "eval.limit_train=1000",
     "eval.limit_test=500", "eval.linear_cs=[0.1,1.0]", "eval.linear_max_iter=30",
 ]
 

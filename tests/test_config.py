@@ -21,7 +21,7 @@ def test_yaml_and_overrides(tmp_path):
 
 
 def test_round_trip_through_dict():
-    cfg = load_config(None, ["method.temperature=0.3"])
+    cfg = load_config(None, ["method.simclr.temperature=0.3"])
     again = config_from_dict(cfg.to_dict(), "test")
     assert again == cfg
 
@@ -38,7 +38,7 @@ def test_unknown_key_names_key_and_file(tmp_path):
 @pytest.mark.parametrize("override, pattern", [
     ("train.steps=ten", "expected an integer"),
     ("train.steps=1.5", "expected an integer"),
-    ("method.temperature=[1]", "expected a number"),
+    ("method.simclr.temperature=[1]", "expected a number"),
     ("train.compile=1", "expected true or false"),
     ("train.precision=fp8", "expected one of"),
     ("aug.scale=[0.2]", "list of 2"),
@@ -82,3 +82,76 @@ def test_overrides_may_follow_options(tmp_path, capsys):
     assert code == 2 and "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "configs/fashion_simclr.yaml", "--checkpoint", str(missing), "stray"])
+
+
+# --- per-method sections -------------------------------------------------------------------
+
+def test_each_method_reads_its_own_section(tmp_path):
+    path = tmp_path / "mae.yaml"
+    path.write_text("method:\n  name: mae\n  mae:\n    mask_ratio: 0.6\n    decoder_dim: 64\n")
+    cfg = load_config(path, ["method.mae.decoder_depth=3"])
+    opts = cfg.method.options
+    assert opts is cfg.method.mae and type(opts).__name__ == "MAEOptions"
+    assert (opts.mask_ratio, opts.decoder_dim, opts.decoder_depth) == (0.6, 64, 3)
+    assert opts.decoder_heads == 4  # untouched options keep their defaults
+    assert cfg.to_dict()["method"] == {"name": "mae", "mae": {
+        "decoder_dim": 64, "decoder_depth": 3, "decoder_heads": 4, "norm_pix": True,
+        "mask_ratio": 0.6}}
+    again = config_from_dict(cfg.to_dict(), "test")
+    assert again == cfg and again.method.mae.decoder_depth == 3
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    # an option of another method, in the active method's section
+    (["method.name=simclr", "method.simclr.mask_ratio=0.5"],
+     r"mask_ratio is an option of method\(s\) mae, moce, not of 'simclr'"),
+    # another method's whole section
+    (["method.name=simclr", "method.moce.clusters=4"],
+     r"'method.moce' in command-line overrides configures method 'moce', but method.name is "
+     r"'simclr'"),
+    # a flat option, as configs were written before sections
+    (["method.name=synclr", "method.teacher=false"],
+     r"teacher is an option of method\(s\) synclr; write method.synclr.teacher"),
+    (["method.name=mae", "method.teacher=false"],
+     r"teacher is an option of method\(s\) synclr; not of method 'mae'"),
+    # an option no method has
+    (["method.name=synclr", "method.synclr.temprature=0.1"], r"valid keys under 'method.synclr'"),
+    (["method.name=nope"], r"'method.name' in command-line overrides: unknown method 'nope'"),
+])
+def test_options_of_other_methods_are_errors_naming_the_owner(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, overrides)
+
+
+def test_a_file_may_switch_method_by_override(tmp_path):
+    # the file's section configures its own method; an override trains another one instead
+    cfg = load_config("configs/fashion_simclr.yaml", ["method.name=supervised"])
+    assert cfg.method.name == "supervised" and cfg.method.options.num_classes == 10
+    assert cfg.to_dict()["method"] == {"name": "supervised", "supervised": {
+        "num_classes": 10, "label_smoothing": 0.0}}
+
+
+def test_a_misspelt_option_set_in_code_is_an_error():
+    cfg = Config()
+    cfg.method.simclr.temperature = 0.1
+    with pytest.raises(AttributeError, match="method.simclr has no option 'temprature'"):
+        cfg.method.simclr.temprature = 0.1
+    with pytest.raises(AttributeError, match="cfg.method.simclr.temperature"):
+        cfg.method.temperature = 0.1
+
+
+def test_a_flat_method_section_of_an_older_synrep_is_read_with_its_prefixes():
+    # as checkpoints written before method sections store it: every method's options, flat
+    stored = {"method": {"name": "moce", "temperature": 0.5, "mae_decoder_dim": 64,
+                         "mae_mask_ratio": 0.6, "moce_clusters": 8, "moce_top_k": 1,
+                         "mixedae_temperature": 0.3, "proj_dim": 32}}
+    cfg = config_from_dict(stored, "checkpoint 'old.safetensors'")
+    m = cfg.method.moce
+    assert (m.decoder_dim, m.mask_ratio, m.clusters, m.top_k) == (64, 0.6, 8, 1)
+    stored["method"]["name"] = "mixedae"
+    assert config_from_dict(stored, "checkpoint 'old'").method.mixedae.temperature == 0.3
+    stored["method"]["name"] = "synclr"
+    assert config_from_dict(stored, "checkpoint 'old'").method.synclr.temperature == 0.5
+    # the same flat keys written by a user are refused, naming the section to use
+    with pytest.raises(ConfigError, match="write method.synclr.temperature"):
+        load_config(None, ["method.name=synclr", "method.temperature=0.5"])

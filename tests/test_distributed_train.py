@@ -50,7 +50,7 @@ def test_two_process_online_selection_picks_one_global_batch(tmp_path):
         for i in range(32)])
     write_sizes(tmp_path / "shards")
     proc = _torchrun(2, tmp_path / "ddp", "train.batch_size=8", "method.name=stablerep",
-                     "method.images_per_caption=2", "data.source=shards",
+                     "method.stablerep.images_per_caption=2", "data.source=shards",
                      f"data.shards={tmp_path / 'shards'}", "selection.online=true",
                      "selection.score=hard_learner", "selection.filter_ratio=0.5",
                      "selection.chunks=4")

@@ -94,7 +94,10 @@ def test_train_generator_and_render_through_the_images_stage(tmp_path):
     args = ["configs/generator_fashion.yaml", f"run.dir={tmp_path / 'g'}",
             "generator.vae_steps=3", "generator.steps=4", "generator.ckpt_every=2",
             "generator.train_limit=256", "generator.batch_size=16",
-            "generator.vae_batch_size=16"]
+            "generator.vae_batch_size=16",
+            # the config's 400 decoder fine-tuning steps at batch 128 took minutes here: 2 run
+            # the same code
+            "generator.decoder_steps=2", "generator.decoder_batch_size=16"]
     assert main(["train-generator", *args]) == 0
     pipe = tmp_path / "g" / "generator" / "pipeline"
     unet = (pipe / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()

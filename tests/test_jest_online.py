@@ -36,7 +36,7 @@ def pool(tmp_path_factory):
     write_shard(root / "shards" / "00001.tar", groups[16:])
     write_sizes(root / "shards")
     base = [*TINY, "run.threads=1", "train.batch_size=4", "method.name=stablerep",
-            "method.images_per_caption=2", "data.source=shards", f"data.shards={root / 'shards'}"]
+            "data.source=shards", f"data.shards={root / 'shards'}"]
     ref_dir = root / "reference"
     assert main(["train", CONFIG, *base, "train.steps=2", "data.max_captions=8",
                  f"run.dir={ref_dir}"]) == 0
@@ -100,13 +100,14 @@ def test_flexi_scoring_costs_fewer_flops(pool, tmp_path):
     assert f_full["reference_pool_flops"] == 0  # hard learner: no reference pass
 
     # Flexi-JEST's mixed-resolution training: half the chosen groups train at the scoring size
-    synclr = ["method.name=synclr", "method.teacher=false", "method.ibot_weight=0"]
+    synclr = ["method.name=synclr", "method.synclr.teacher=false", "method.synclr.ibot_weight=0"]
     flexi = {}
     for share in (0.0, 0.5):
         run = tmp_path / f"flexi_{share}"
         assert main(_online(pool, run, "train.steps=1", "selection.score=hard_learner",
                             "selection.reference=", "selection.score_size=14", *synclr,
-                            f"method.low_res_share={share}", "method.low_res_size=14")) == 0
+                            f"method.synclr.low_res_share={share}",
+                            "method.synclr.low_res_size=14")) == 0
         flexi[share] = json.loads((run / "train/summary.json").read_text())["accounting"]
     assert flexi[0.5]["train_flops_per_step"] < 0.7 * flexi[0.0]["train_flops_per_step"]
     assert flexi[0.5]["score_flops_per_step"] == flexi[0.0]["score_flops_per_step"]
@@ -115,7 +116,8 @@ def test_flexi_scoring_costs_fewer_flops(pool, tmp_path):
     three, two = tmp_path / "three", tmp_path / "two"
     for run, extra in ((three, []), (two, ["selection.score_images=2"])):
         assert main(_online(pool, run, "train.steps=1", "selection.score=hard_learner",
-                            "selection.reference=", "method.images_per_caption=3", *extra)) == 0
+                            "selection.reference=", "method.stablerep.images_per_caption=3",
+                            *extra)) == 0
     f3, f2 = (json.loads((r / "train/summary.json").read_text())["accounting"]
               for r in (three, two))
     assert f2["score_flops_per_step"] == pytest.approx(2 / 3 * f3["score_flops_per_step"],
@@ -168,13 +170,13 @@ def test_bad_settings_are_clear_errors(pool, tmp_path, capsys, override, message
 
 def test_reference_with_another_embedding_size_is_rejected(pool, tmp_path, capsys):
     other = tmp_path / "other"
-    assert main(["train", CONFIG, *pool["base"], "train.steps=1", "method.proj_dim=32",
+    assert main(["train", CONFIG, *pool["base"], "train.steps=1", "method.stablerep.proj_dim=32",
                  f"run.dir={other}"]) == 0
     ref = other / "train/checkpoints/final.safetensors"
     assert main(_online(pool, tmp_path / "bad", f"selection.reference={ref}")) == 2
     err = capsys.readouterr().err
     assert "embeds images in 32 dimensions but the learner in 128" in err
-    assert "method.proj_dim" in err
+    assert "method.stablerep.proj_dim" in err
     # found before the reference's pass over the pool: no cache of the wrong size is left
     assert not (tmp_path / "bad/train/reference_embeddings.safetensors").exists()
     # offline: a learner and a reference of different embedding sizes

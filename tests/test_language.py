@@ -27,8 +27,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CLIP_CONFIG = "configs/clip_fashion.yaml"
 PP_CONFIG = "configs/stablerep_pp_fashion.yaml"
 # A tiny text tower and a tiny run: seconds on one CPU thread.
-SMALL_TEXT = ["method.text_width=32", "method.text_layers=1", "method.text_heads=2",
-              "method.proj_hidden_dim=64", "run.threads=1"]
+def small_text(method: str) -> list[str]:
+    """A tiny text tower (and image head) for ``method`` (clip or stablerep_pp)."""
+    out = [f"method.{method}.text_width=32", f"method.{method}.text_layers=1",
+           f"method.{method}.text_heads=2", "run.threads=1"]
+    return out + ([f"method.{method}.proj_hidden_dim=64"] if method == "stablerep_pp" else [])
+
+
+SMALL_TEXT = small_text("clip")
 CAPTIONS = ["a dark coat", "a sandal on a bench", "a bag next to a chair", "a pale dress",
             "a sneaker", "a shirt with a collar", "a trouser", "a pullover at dusk"]
 
@@ -216,8 +222,8 @@ def test_text_tower_loads_a_saved_clip_text_model(tmp_path) -> None:
     from synrep.testing import build_tiny_clip_text
 
     folder = build_tiny_clip_text(tmp_path / "text", width=32, max_length=16)
-    cfg = load_config(CLIP_CONFIG, [f"method.text_model={folder}", "method.text_context=64",
-                                    "method.proj_dim=24", "method.proj_hidden_dim=64"])
+    cfg = load_config(CLIP_CONFIG, [f"method.clip.text_model={folder}",
+                                    "method.clip.text_context=64", "method.clip.proj_dim=24"])
     method = build_method(cfg)
     saved = CLIPTextModel.from_pretrained(folder).eval()
     for k, v in saved.state_dict().items():
@@ -234,15 +240,18 @@ def test_text_tower_loads_a_saved_clip_text_model(tmp_path) -> None:
     torch.testing.assert_close(emb, pooled @ method.text.proj.weight.T)
     assert emb.shape == (2, 24)
     with pytest.raises(ConfigError, match="neither a built-in text model"):
-        build_text_tower(load_config(None, ["method.text_model=no/such/folder"]).method)
+        build_text_tower(load_config(None, ["method.name=clip",
+                                            "method.clip.text_model=no/such/folder"]
+                                     ).method.options)
 
 
 def test_builtin_text_tower_reads_the_shipped_vocabulary() -> None:
     from synrep.models.text import build_text_tower
 
-    cfg = load_config(None, ["method.text_width=32", "method.text_layers=2",
-                             "method.text_heads=4", "method.text_context=12"])
-    tower = build_text_tower(cfg.method).eval()
+    cfg = load_config(None, ["method.name=clip", "method.clip.text_width=32",
+                             "method.clip.text_layers=2", "method.clip.text_heads=4",
+                             "method.clip.text_context=12"])
+    tower = build_text_tower(cfg.method.options).eval()
     tok = tower.tokenizer
     ids, mask = tower.tokenize(CAPTIONS[:2])
     assert tok.unk_token_id not in ids[mask.bool()].tolist()  # grammar words are all known
@@ -254,8 +263,8 @@ def test_builtin_text_tower_reads_the_shipped_vocabulary() -> None:
         padded = tower(["a dark coat", "a bag next to a chair in soft morning light"])[:1]
     torch.testing.assert_close(alone, padded, rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="divisible"):
-        build_text_tower(load_config(None, ["method.text_width=30",
-                                            "method.text_heads=4"]).method)
+        build_text_tower(load_config(None, ["method.name=clip", "method.clip.text_width=30",
+                                            "method.clip.text_heads=4"]).method.options)
 
 
 # ----------------------------------------------------------------------------- LaCLIP
@@ -299,7 +308,7 @@ def test_laclip_batches_use_the_rewrites_stage(tmp_path) -> None:
     rows = read_caption_shard(run / "captions/captions-00000.jsonl")
     shards = _shards_from_captions(rows, tmp_path / "shards")
     overrides = [f"run.dir={run}", f"data.shards={shards}", "train.batch_size=8",
-                 "method.rewrites=true", *SMALL_TEXT]
+                 "method.clip.rewrites=true", *SMALL_TEXT]
     source = build_source(load_config(CLIP_CONFIG, overrides), "images", texts=True)
     table = read_rewrites(run / "rewrites")
     candidates = {r["caption_id"]: [r["caption"], *table[r["caption_id"]][1]] for r in rows}
@@ -338,11 +347,11 @@ def test_text_methods_reject_unusable_configs(tmp_path) -> None:
 
     with pytest.raises(ConfigError, match="data.source=shards"):
         build_source(load_config(CLIP_CONFIG, ["data.source=dataset"]), "images", texts=True)
-    with pytest.raises(ConfigError, match="has none: use clip or stablerep_pp"):
-        build_source(load_config(CLIP_CONFIG, ["method.name=stablerep", "method.rewrites=true"]),
-                     "groups")
+    with pytest.raises(ConfigError, match="rewrites is an option of method.s. clip, stablerep_pp"):
+        load_config(CLIP_CONFIG, ["method.name=stablerep", "method.stablerep.rewrites=true"])
     with pytest.raises(ConfigError, match="use method.name=stablerep"):
-        build_method(load_config(PP_CONFIG, ["method.text_weight=0", *SMALL_TEXT]))
+        build_method(load_config(PP_CONFIG, ["method.stablerep_pp.text_weight=0",
+                                             *small_text("stablerep_pp")]))
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -356,9 +365,10 @@ def _tiny_shards(out: Path, n: int = 16, k: int = 3) -> Path:
 
 
 def _train_args(config: str, shards: Path, run: Path, *extra: str) -> list[str]:
+    method = "clip" if config == CLIP_CONFIG else "stablerep_pp"
     return ["train", config, "train.steps=3", "train.batch_size=8", "train.ckpt_every=3",
             "train.log_every=1", "optim.warmup_steps=1", f"data.shards={shards}",
-            f"run.dir={run}", *SMALL_TEXT, *extra]
+            f"run.dir={run}", *small_text(method), *extra]
 
 
 @needs_fashion
@@ -409,7 +419,8 @@ def test_stablerep_pp_trains_with_both_terms(tmp_path) -> None:
     shards = _tiny_shards(tmp_path / "shards")
     run = tmp_path / "run"
     assert main(_train_args(PP_CONFIG, shards, run, "train.batch_size=4",
-                            "method.images_per_caption=2", "method.text_weight=0.5")) == 0
+                            "method.stablerep_pp.images_per_caption=2",
+                            "method.stablerep_pp.text_weight=0.5")) == 0
     rows = [json.loads(x) for x in (run / "train/metrics.jsonl").open()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:

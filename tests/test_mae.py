@@ -14,7 +14,8 @@ from synrep import cli
 from synrep.config import Config, load_config
 from synrep.errors import ConfigError
 from synrep.factory import build_method
-from synrep.methods.mae import MAE, loss_fn, patchify, random_masking, unpatchify
+from synrep.losses.mae import masked_reconstruction_loss as loss_fn
+from synrep.methods.mae import MAE, patchify, random_masking, unpatchify
 from synrep.models import Encoder
 from synrep.train.loop import train
 from tests.conftest import TINY, needs_fashion
@@ -25,11 +26,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _cfg(**method) -> Config:
     cfg = Config()
     cfg.method.name = "mae"
-    cfg.method.mae_decoder_dim = 32
-    cfg.method.mae_decoder_heads = 2
-    cfg.method.mae_decoder_depth = 1
+    opts = cfg.method.mae
+    opts.decoder_dim = 32
+    opts.decoder_heads = 2
+    opts.decoder_depth = 1
     for k, v in method.items():
-        setattr(cfg.method, k, v)
+        setattr(opts, k, v)
     return cfg
 
 
@@ -166,17 +168,17 @@ def test_encoder_tokens_match_timm_embedding(kw):
 
 
 def test_bad_settings_raise_config_error():
-    with pytest.raises(ConfigError, match="mae_mask_ratio"):
-        build_method(_cfg(mae_mask_ratio=0.0))
-    with pytest.raises(ConfigError, match="mae_decoder_heads"):
-        build_method(_cfg(mae_decoder_dim=30, mae_decoder_heads=4))
+    with pytest.raises(ConfigError, match=r"method\.mae\.mask_ratio"):
+        build_method(_cfg(mask_ratio=0.0))
+    with pytest.raises(ConfigError, match=r"method\.mae\.decoder_heads"):
+        build_method(_cfg(decoder_dim=30, decoder_heads=4))
     cfg = _cfg()
     cfg.aug.size = 21
     with pytest.raises(ConfigError, match="aug.size"):
         build_method(cfg)
 
 
-@pytest.mark.parametrize("override, needle", [("method.mae_mask_ratio=1.0", "mae_mask_ratio"),
+@pytest.mark.parametrize("override, needle", [("method.mae.mask_ratio=1.0", "mask_ratio"),
                                               ("model.backbone=resnet18_28", "ViT")])
 def test_cli_rejects_bad_settings(tmp_path, capsys, override, needle):
     code = cli.main(["run", "configs/mae_fashion.yaml", *TINY, "run.threads=1",

@@ -87,8 +87,9 @@ def test_mix_patches():
 @pytest.mark.parametrize("homologous", [True, False])
 def test_forward_trains_every_part_and_keeps_timm_attention(homologous):
     cfg = load_config("configs/mixedae_fashion.yaml", [
-        *TINY, "run.threads=1", f"method.mixedae_homologous={str(homologous).lower()}",
-        "method.mae_decoder_dim=32", "method.mae_decoder_heads=2", "method.mae_decoder_depth=1"])
+        *TINY, "run.threads=1", f"method.mixedae.homologous={str(homologous).lower()}",
+        "method.mixedae.decoder_dim=32", "method.mixedae.decoder_heads=2",
+        "method.mixedae.decoder_depth=1"])
     m = build_method(cfg)
     assert isinstance(m, MixedAE)
     x = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
@@ -108,9 +109,9 @@ def test_forward_trains_every_part_and_keeps_timm_attention(homologous):
 
 
 @pytest.mark.parametrize("override, needle", [
-    ("method.mixedae_ratio=0.3", "mixedae_ratio"),
-    ("method.mixedae_ratio=0.0625", "integer number >= 2"),  # 1 of 16 patches per source
-    ("train.batch_size=30", "train.batch_size=30 must be divisible by 1/mixedae_ratio = 4"),
+    ("method.mixedae.ratio=0.3", "mixedae.ratio"),
+    ("method.mixedae.ratio=0.0625", "integer number >= 2"),  # 1 of 16 patches per source
+    ("train.batch_size=30", "train.batch_size=30 must be divisible by 1/method.mixedae.ratio = 4"),
 ])
 def test_cli_rejects_bad_settings(tmp_path, capsys, override, needle):
     code = cli.main(["run", "configs/mixedae_fashion.yaml", *TINY, "run.threads=1",
@@ -135,7 +136,8 @@ def test_decoder_input_per_source():
     """Decoder row g*n+s: positions owned by s keep the encoded token, others the mask token, plus
     the decoder segment embedding of s and the sin-cos positions."""
     cfg = load_config("configs/mixedae_fashion.yaml", [
-        "method.mae_decoder_dim=32", "method.mae_decoder_heads=2", "method.mae_decoder_depth=1"])
+        "method.mixedae.decoder_dim=32", "method.mixedae.decoder_heads=2",
+        "method.mixedae.decoder_depth=1"])
     m = build_method(cfg).eval()
     seen = []
     m.decoder_blocks.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
@@ -162,7 +164,8 @@ def test_homologous_contrastive_loss_pairs_each_sources_halves():
     written out here row by row (positive: the same source's other half; negatives: every other
     half of the batch)."""
     cfg = load_config("configs/mixedae_fashion.yaml", [
-        "method.mae_decoder_dim=32", "method.mae_decoder_heads=2", "method.mae_decoder_depth=1"])
+        "method.mixedae.decoder_dim=32", "method.mixedae.decoder_heads=2",
+        "method.mixedae.decoder_depth=1"])
     m = build_method(cfg).eval()
     g = torch.Generator().manual_seed(7)
     n_groups, n_src, n_pos, d = 2, m.n_src, m.n_pos, 192

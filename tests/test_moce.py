@@ -4,6 +4,7 @@ model, MoE blocks under 2 gloo processes, a tiny cluster -> train -> search -> e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -36,14 +37,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _cfg(**method) -> Config:
     cfg = Config()
     cfg.method.name = "moce"
-    cfg.method.mae_decoder_dim = 32
-    cfg.method.mae_decoder_heads = 2
-    cfg.method.mae_decoder_depth = 1
-    cfg.method.moce_clusters = 6
-    cfg.method.moce_experts = 3
-    cfg.method.moce_blocks = 2
+    opts = cfg.method.moce
+    opts.decoder_dim = 32
+    opts.decoder_heads = 2
+    opts.decoder_depth = 1
+    opts.clusters = 6
+    opts.experts = 3
+    opts.blocks = 2
     for k, v in method.items():
-        setattr(cfg.method, k, v)
+        setattr(opts, k, v)
     return cfg
 
 
@@ -52,7 +54,7 @@ def _model(gate_dim: int = 8, seed: int = 0, **method) -> MoCE:
     torch.manual_seed(seed)
     model = MoCE(cfg, build_encoder(cfg.model), gate_dim=gate_dim)
     g = torch.Generator().manual_seed(seed + 1)
-    model.centroids.copy_(torch.randn(cfg.method.moce_clusters, gate_dim, generator=g))
+    model.centroids.copy_(torch.randn(cfg.method.moce.clusters, gate_dim, generator=g))
     return model.eval()
 
 
@@ -139,7 +141,7 @@ def test_moe_block_without_a_route_names_expert_search():
 
 def _training_batch(model: MoCE, n: int) -> dict:
     """``n`` random images bound to clusters round-robin (the model's training assignment)."""
-    model._assign = torch.arange(n) % model.cfg.method.moce_clusters
+    model._assign = torch.arange(n) % model.cfg.method.moce.clusters
     return {"images": torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8),
             "index": torch.arange(n)}
 
@@ -179,7 +181,7 @@ def test_moce_trains_under_bf16_autocast():
 # --- expert search and the dense export ------------------------------------------------------
 
 def test_search_picks_the_expert_of_the_matching_clusters():
-    model = _model(gate_dim=4, moce_clusters=4, moce_experts=3)
+    model = _model(gate_dim=4, clusters=4, experts=3)
     # Clusters 0, 1 ("shoes") sit near +e0, clusters 2, 3 ("shirts") near +e1; the gates send
     # shoes to expert 2 in both blocks and shirts to expert 0 (block 4) and 1 (block 5).
     model.centroids.copy_(torch.tensor([[1.0, 0, 0, 0], [0.9, 0.1, 0, 0],
@@ -200,7 +202,7 @@ def test_search_picks_the_expert_of_the_matching_clusters():
     assert search_experts(model, shirts).chosen == [0, 1]
     # A mixed downstream set keeps the majority's experts.
     assert search_experts(model, torch.cat([shoes, shirts[:10]])).chosen == [2, 2]
-    with pytest.raises(ConfigError, match="moce_features"):
+    with pytest.raises(ConfigError, match=r"method\.moce\.features"):
         search_experts(model, torch.randn(3, 7))
 
 
@@ -208,8 +210,8 @@ def test_search_picks_the_experts_that_trained_on_the_matching_cluster():
     """Train a MoCE model on two clusters of images (bright squares / dark stripes), count which
     expert of each MoE block every cluster's images went through during training, then search
     with downstream features from each cluster: the search must export those experts."""
-    model = _model(gate_dim=4, moce_clusters=2, moce_experts=2, moce_importance_weight=1.0,
-                   moce_load_weight=1.0).train()
+    model = _model(gate_dim=4, clusters=2, experts=2, importance_weight=1.0,
+                   load_weight=1.0).train()
     model.centroids.copy_(torch.eye(4)[:2])
     g = torch.Generator().manual_seed(0)
     bright = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
@@ -254,7 +256,7 @@ def _set_routes(model: MoCE, routes: dict[int, tuple[int, ...]]) -> None:
 
 
 def test_search_keeps_the_most_common_route_not_each_blocks_most_used_expert():
-    model = _model(gate_dim=4, moce_clusters=4, moce_experts=3)
+    model = _model(gate_dim=4, clusters=4, experts=3)
     model.centroids.copy_(torch.eye(4))  # cluster c sits on axis c
     # Routes (block 4, block 5): cluster 0 -> (0, 2), cluster 1 -> (1, 1), cluster 2 -> (0, 1),
     # cluster 3 -> (2, 0). With 30, 35, 20 and 5 images, block by block expert 0 (50 images) and
@@ -283,7 +285,7 @@ def test_search_keeps_the_most_common_route_not_each_blocks_most_used_expert():
 def test_exported_dense_vit_equals_the_routed_moce(tmp_path):
     model = _model(seed=3)
     x = torch.rand(5, 1, 28, 28)
-    k = model.cfg.method.moce_clusters
+    k = model.cfg.method.moce.clusters
     for cluster in range(k):
         chosen = [int(p[0].argmax()) for p in model.gate_probs(torch.tensor([cluster]))]
         routed = model.encode_tokens(x, torch.full((5,), cluster))
@@ -306,8 +308,11 @@ def _mae_checkpoint(tmp_path, seed: int = 5, **method):
     from synrep.checkpoint import save_checkpoint
     from synrep.methods.mae import MAE
 
+    moce = _cfg(**method)
     cfg = _cfg(**method)
     cfg.method.name = "mae"
+    for f in dataclasses.fields(cfg.method.mae):  # the same decoder and masking
+        setattr(cfg.method.mae, f.name, getattr(moce.method.moce, f.name))
     torch.manual_seed(seed)
     mae = MAE(cfg, build_encoder(cfg.model))
     return mae, save_checkpoint(tmp_path / "mae.safetensors", mae, json.loads(cfg.to_json()),
@@ -316,10 +321,10 @@ def _mae_checkpoint(tmp_path, seed: int = 5, **method):
 
 def test_upcycled_moce_starts_as_the_dense_mae_on_every_route(tmp_path):
     mae, path = _mae_checkpoint(tmp_path)
-    model = _model(seed=1, moce_init=str(path))  # other random weights, then upcycled
+    model = _model(seed=1, init=str(path))  # other random weights, then upcycled
     x = torch.rand(4, 1, 28, 28)
     dense = mae.encoder.eval().tokens(x)
-    for cluster in range(model.cfg.method.moce_clusters):
+    for cluster in range(model.cfg.method.moce.clusters):
         routed = model.encode_tokens(x, torch.full((4,), cluster))
         torch.testing.assert_close(routed, dense, rtol=0, atol=1e-6)
     for layer, i in zip(model.moe_layers, model.moe_indices):
@@ -336,9 +341,9 @@ def test_upcycled_moce_starts_as_the_dense_mae_on_every_route(tmp_path):
 
 
 def test_upcycling_rejects_a_checkpoint_that_does_not_fit(tmp_path):
-    _, path = _mae_checkpoint(tmp_path, mae_decoder_dim=16)
+    _, path = _mae_checkpoint(tmp_path, decoder_dim=16)
     with pytest.raises(CheckpointError, match="does not fit this model"):
-        _model(moce_init=str(path))
+        _model(init=str(path))
     moce_path = export_expert(_model(), [0, 0], tmp_path / "x.safetensors")
     from synrep.checkpoint import Checkpoint, save_checkpoint
 
@@ -346,7 +351,7 @@ def test_upcycling_rejects_a_checkpoint_that_does_not_fit(tmp_path):
     cfg = dict(ck.config, method=dict(ck.config["method"], name="moce"))
     other = save_checkpoint(tmp_path / "moce.safetensors", ck.model_state, cfg, step=1)
     with pytest.raises(CheckpointError, match="upcycles a dense MAE"):
-        _model(moce_init=str(other))
+        _model(init=str(other))
 
 
 # --- distributed -----------------------------------------------------------------------------
@@ -466,12 +471,12 @@ def test_moce_model_trains_the_same_under_two_gloo_processes(tmp_path, monkeypat
 # --- errors ----------------------------------------------------------------------------------
 
 def test_bad_settings_and_files_get_clear_errors(tmp_path):
-    with pytest.raises(ConfigError, match="moce_blocks"):
-        _model(moce_blocks=9)
-    with pytest.raises(ConfigError, match="moce_experts"):
-        _model(moce_experts=1)
-    with pytest.raises(ConfigError, match="moce_top_k"):
-        _model(moce_top_k=5)
+    with pytest.raises(ConfigError, match="method.moce.blocks"):
+        _model(blocks=9)
+    with pytest.raises(ConfigError, match="method.moce.experts"):
+        _model(experts=1)
+    with pytest.raises(ConfigError, match="method.moce.top_k"):
+        _model(top_k=5)
     with pytest.raises(ConfigError, match="cluster stage"):
         load_clusters(tmp_path / "missing.safetensors")
     bad = tmp_path / "bad.safetensors"
@@ -485,10 +490,10 @@ def test_bad_settings_and_files_get_clear_errors(tmp_path):
 
 def test_cli_cluster_without_features_names_the_key(tmp_path, capsys):
     code = cli.main(["cluster", "configs/moce_fashion.yaml", f"run.dir={tmp_path}",
-                     "method.moce_features="])
+                     "method.moce.features="])
     assert code == 2
     err = capsys.readouterr().err
-    assert "method.moce_features" in err and "Traceback" not in err
+    assert "method.moce.features" in err and "Traceback" not in err
 
 
 @needs_fashion
@@ -500,7 +505,7 @@ def test_cluster_train_search_eval_end_to_end(tmp_path):
     feats = mae_dir / "train" / "checkpoints" / "final.safetensors"
     run = tmp_path / "moce"
     args = ["run", "configs/moce_fashion.yaml", *small, "train.steps=3", f"run.dir={run}",
-            f"method.moce_features={feats}", "method.moce_clusters=4",
+            f"method.moce.features={feats}", "method.moce.clusters=4",
             "eval.classes=[5,9]", "eval.protocols=[linear]"]
     assert cli.main(args) == 0
     centroids, assign, meta = load_clusters(run / "cluster" / "clusters.safetensors")
@@ -526,7 +531,7 @@ def test_cluster_train_search_eval_end_to_end(tmp_path):
     # Training against clusters of other data is refused with the fix.
     assert cli.main([*args[:-2], "data.classes=[5]", "run.stages=[train]",
                      f"run.dir={tmp_path / 'other'}",
-                     f"method.moce_cluster_file={run / 'cluster' / 'clusters.safetensors'}"]) == 2
+                     f"method.moce.cluster_file={run / 'cluster' / 'clusters.safetensors'}"]) == 2
 
 
 def test_search_with_top_k_above_one_is_refused_before_training(tmp_path, capsys):
@@ -534,11 +539,11 @@ def test_search_with_top_k_above_one_is_refused_before_training(tmp_path, capsys
     # before any stage, rather than after training
     run = tmp_path / "topk"
     code = cli.main(["run", "configs/moce_fashion.yaml", *TINY, f"run.dir={run}",
-                     "method.moce_top_k=2", "run.stages=[train,search]"])
+                     "method.moce.top_k=2", "run.stages=[train,search]"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "method.moce_top_k=1" in err and "Traceback" not in err
+    assert "method.moce.top_k=1" in err and "Traceback" not in err
     assert not (run / "train").exists()
     code = cli.main(["search", "configs/moce_fashion.yaml", *TINY, f"run.dir={run}",
-                     "method.moce_top_k=2"])
-    assert code == 2 and "method.moce_top_k=1" in capsys.readouterr().err
+                     "method.moce.top_k=2"])
+    assert code == 2 and "method.moce.top_k=1" in capsys.readouterr().err

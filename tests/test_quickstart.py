@@ -20,7 +20,8 @@ def _tiny_quickstart(tmp_path: Path):
     return load_config(ROOT / "configs" / "quickstart.yaml", [
         f"run.dir={tmp_path / 'run'}", "captions.num=16", "captions.shard_size=16",
         "images.shard_size=8", "images.steps=2", "train.steps=2", "train.batch_size=4",
-        "train.ckpt_every=1", "method.proj_hidden_dim=32", "method.ibot_prototypes=16",
+        "train.ckpt_every=1", "method.synclr.proj_hidden_dim=32",
+        "method.synclr.ibot_prototypes=16",
     ])
 
 

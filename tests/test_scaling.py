@@ -32,7 +32,7 @@ def _shards(tmp_path):
 def test_scale_trains_every_size_fits_and_resumes(tmp_path, capsys):
     run = tmp_path / "run"
     args = ["scale", CONFIG, *TINY, "train.batch_size=4", "method.name=stablerep",
-            "method.images_per_caption=2", "data.source=shards",
+            "method.stablerep.images_per_caption=2", "data.source=shards",
             f"data.shards={_shards(tmp_path)}", f"run.dir={run}", "scale.captions=[4,16]",
             "scale.images_per_caption=[1,3]", "scale.steps=2"]
     assert main(args) == 0

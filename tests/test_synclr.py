@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from synrep.config import Config
+from synrep.config import Config, load_config
 from synrep.data.masks import patch_masks
 from synrep.errors import ConfigError
 from synrep.factory import build_method
@@ -126,14 +126,15 @@ def test_patch_masks(kind):
 def _cfg(**method) -> Config:
     cfg = Config()
     cfg.method.name = "synclr"
-    cfg.method.images_per_caption = 2
-    cfg.method.proj_hidden_dim = 64
-    cfg.method.ibot_prototypes = 32
-    cfg.method.ibot_hidden_dim = 32
-    cfg.method.ibot_bottleneck_dim = 16
+    opts = cfg.method.synclr
+    opts.images_per_caption = 2
+    opts.proj_hidden_dim = 64
+    opts.ibot_prototypes = 32
+    opts.ibot_hidden_dim = 32
+    opts.ibot_bottleneck_dim = 16
     cfg.train.steps = 10
     for k, v in method.items():
-        setattr(cfg.method, k, v)
+        setattr(opts, k, v)
     return cfg
 
 
@@ -209,7 +210,7 @@ def test_low_res_share_trains_whole_groups_at_low_resolution():
         caption = torch.arange(6).repeat_interleave(2).repeat(2)
         q = m.head(ref)
         expected = multipos_query_key_loss(q, caption, q, caption, torch.arange(24),
-                                           cfg.method.temperature)
+                                           cfg.method.synclr.temperature)
         assert m.losses(v)["loss"].item() == pytest.approx(expected.item(), rel=1e-4)
     # without a low-resolution share every view is encoded at full size
     full = build_method(_cfg(teacher=False, ibot_weight=0.0, global_crops=2))
@@ -250,10 +251,8 @@ def test_low_res_group_count(share, groups, expected):
 def test_bad_low_res_settings_are_refused(changes, needle):
     with pytest.raises(ConfigError, match=needle):
         build_method(_cfg(**changes))
-    cfg = _cfg(low_res_share=0.5)
-    cfg.method.name = "stablerep"
-    with pytest.raises(ConfigError, match="synclr option"):
-        build_method(cfg)
+    with pytest.raises(ConfigError, match="low_res_share is an option of method.s. synclr"):
+        load_config(None, ["method.name=stablerep", "method.stablerep.low_res_share=0.5"])
     cnn = _cfg(teacher=False, ibot_weight=0.0, low_res_share=0.5)
     cnn.model.backbone = "resnet18_28"
     with pytest.raises(ConfigError, match="needs a ViT backbone"):
@@ -265,7 +264,7 @@ def test_ibot_refuses_a_convolutional_stem():
     cfg.model.backbone = "vit_tiny_c7_28"
     with pytest.raises(ConfigError, match="across patch borders"):
         build_method(cfg)
-    cfg.method.ibot_weight = 0.0
+    cfg.method.synclr.ibot_weight = 0.0
     build_method(cfg)  # the contrastive term alone is fine
 
 
@@ -369,15 +368,15 @@ def test_recipe_configs_build(name):
     """The paper recipes parse and build their method (on a small backbone, to stay fast)."""
     from pathlib import Path
 
-    from synrep.config import load_config
-
     path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    small = ([f"method.{m}.local_size=14", f"method.{m}.ibot_prototypes=64"]
+             if (m := "stablerep" if name.startswith("stablerep") else "synclr") == "synclr"
+             else [])
     cfg = load_config(path, ["model.backbone=vit_tiny_p7_28", "model.img_size=28", "aug.size=28",
-                             "method.local_size=14", "method.ibot_prototypes=64",
-                             "method.proj_hidden_dim=64"])
+                             *small, f"method.{m}.proj_hidden_dim=64"])
     method = build_method(cfg)
     assert method.batch_kind == "groups"
     full = load_config(path)
     assert full.data.source == "shards"
     if name != "quickstart":
-        assert full.train.batch_size == 8192 and full.method.images_per_caption == 4
+        assert full.train.batch_size == 8192 and full.method.options.images_per_caption == 4

@@ -225,9 +225,9 @@ def test_stablerep_trains_on_caption_group_shards(tmp_path):
         write_shard(shard_dir / f"{s:05d}.tar", groups)
     write_sizes(shard_dir)
     run = tmp_path / "run"
-    args = ["train", CONFIG, *TINY, "train.batch_size=8", "train.steps=2", "method.name=stablerep",
-            "method.images_per_caption=2", "data.source=shards", f"data.shards={shard_dir}",
-            f"run.dir={run}"]
+    args = ["train", CONFIG, *TINY, "train.batch_size=8", "train.steps=2",
+            "method.name=stablerep", "method.stablerep.images_per_caption=2", "data.source=shards",
+            f"data.shards={shard_dir}", f"run.dir={run}"]
     assert main(args) == 0
     rows = [json.loads(x) for x in (run / "train/metrics.jsonl").open()]
     # 8 captions x 2 images, one view each: the loss starts near log(15), the uniform value.

@@ -38,6 +38,7 @@ from synrep.concepts.fashion import ATTRIBUTES, measure_attributes
 from synrep.config import Config
 from synrep.data.fashion_mnist import load_fashion_mnist
 from synrep.images.render import Renderer
+from synrep.layout import layout
 from synrep.utils import ensure_writable_dir, write_json_atomic
 
 TARGETS = {"class_consistency": 85.0, "attribute_adherence": 80.0, "diversity_ratio": 0.5}
@@ -138,7 +139,7 @@ def evaluate_generator(cfg: Config, captions_per_class: int = 20, pairs_per_clas
                        ) -> dict[str, Any]:
     """Render the probe captions with ``cfg.images`` (any pipeline) and compute the metrics."""
 
-    out = ensure_writable_dir(cfg.run_dir / "generator_eval", "run.dir")
+    out = ensure_writable_dir(layout(cfg).generator_eval, "run.dir")
     judge, judge_acc = train_judge(cfg.eval.root, out / "judge.safetensors", cfg.run.seed)
     renderer = Renderer(cfg.images, cfg.run.device)
     k = max(2, cfg.images.images_per_caption)

@@ -47,6 +47,7 @@ from synrep.config import Config
 from synrep.data.fashion_mnist import load_fashion_mnist
 from synrep.errors import CheckpointError, ConfigError
 from synrep.images.render import resolve_pipeline
+from synrep.layout import layout
 from synrep.utils import ensure_writable_dir, write_json_atomic
 
 IMAGE_SIZE = 32  # Fashion-MNIST's 28 px padded to a multiple of 8, as diffusers pipelines need
@@ -479,8 +480,8 @@ def train_generator(cfg: Config) -> Path:
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
     dev = _train_device(g.device)
-    work = ensure_writable_dir(cfg.run_dir / "generator", "run.dir")
-    out = Path(g.out) if g.out else work / "pipeline"
+    work = ensure_writable_dir(layout(cfg).generator, "run.dir")
+    out = Path(g.out) if g.out else layout(cfg).generator_pipeline
     images, labels = training_images(cfg.eval.root)
     if g.train_limit:
         keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(

@@ -9,11 +9,16 @@ more than 100, which we found necessary to prevent training instability"). Under
 ``torch.distributed`` every query is scored against the embeddings of the *global* batch, gathered
 with gradient, and labels are offset by rank; each rank's loss is the mean over its own rows, so
 DDP's gradient averaging reproduces one process on the concatenated batch.
+
+:func:`clip_loss` is the functional form with a fixed scale and a ``reduction`` (``"none"``: each
+row's loss, what JEST's CLIP scoring sums; :class:`synrep.selection.jest.SoftmaxPairs` evaluates
+the same per-example losses blockwise for large super-batches).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +27,46 @@ from torch import nn
 from synrep.dist import gather_with_grad, rank
 from synrep.losses.multipos import multipos_query_key_loss
 
-__all__ = ["ClipLoss", "MultiPosImageTextLoss", "logit_scale"]
+__all__ = ["ClipLoss", "MultiPosImageTextLoss", "clip_loss", "logit_scale"]
+
+Reduction = Literal["mean", "sum", "none"]
 
 
 def logit_scale(log_scale: torch.Tensor, max_logit_scale: float = 100.0) -> torch.Tensor:
     """``exp(log_scale)`` clamped at ``max_logit_scale`` (no gradient above the clamp)."""
     return log_scale.float().exp().clamp(max=max_logit_scale)
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+              scale: float | torch.Tensor, reduction: Reduction = "mean",
+              gather: bool = True) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy at a given logit ``scale`` (not its log), see
+    :class:`ClipLoss`.
+
+    ``image_features`` and ``text_features`` [n, d] (normalised inside); ``scale`` a number or a
+    scalar tensor that may carry a gradient. ``reduction``: ``"mean"`` (:class:`ClipLoss`),
+    ``"sum"``, or ``"none"``: the [n] losses ``(CE_image_i + CE_text_i) / 2`` of this rank's
+    rows. With ``gather=False`` the rows are scored against this rank's columns only, also under
+    ``torch.distributed``. Computes in float32 (float64 inputs stay float64), also under autocast.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    with torch.autocast(image_features.device.type, enabled=False):
+        img = F.normalize(_at_least_float32(image_features), dim=1)
+        txt = F.normalize(_at_least_float32(text_features), dim=1)
+        n = img.shape[0]
+        # This rank's rows against every rank's columns; the positives sit at rank * n + i.
+        labels = torch.arange(n, device=img.device) + (rank() * n if gather else 0)
+        txt_all = gather_with_grad(txt) if gather else txt
+        img_all = gather_with_grad(img) if gather else img
+        logits_img = scale * img @ txt_all.T  # (n, N)
+        logits_txt = scale * txt @ img_all.T  # (n, N)
+        return (F.cross_entropy(logits_img, labels, reduction=reduction)
+                + F.cross_entropy(logits_txt, labels, reduction=reduction)) / 2
 
 
 def _check_max(max_logit_scale: float) -> float:
@@ -67,15 +106,8 @@ class ClipLoss(nn.Module):
                 f"image and text features must both be [n, d], got "
                 f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
         with torch.autocast(image_features.device.type, enabled=False):  # logits in float32
-            img = F.normalize(image_features.float(), dim=1)
-            txt = F.normalize(text_features.float(), dim=1)
             scale = logit_scale(log_scale, self.max_logit_scale)
-            n = img.shape[0]
-            # This rank's rows against every rank's columns; the positives sit at rank * n + i.
-            labels = torch.arange(n, device=img.device) + rank() * n
-            logits_img = scale * img @ gather_with_grad(txt).T  # (n, N)
-            logits_txt = scale * txt @ gather_with_grad(img).T  # (n, N)
-            return (F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_txt, labels)) / 2
+            return clip_loss(image_features, text_features, scale)
 
 
 class MultiPosImageTextLoss(nn.Module):

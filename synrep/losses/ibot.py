@@ -6,6 +6,13 @@ teacher's distribution is not a softmax with a centre (DINO, iBOT) but the Sinkh
 equipartition of its scores (SwAV; DINOv2, which SynCLR follows): every prototype receives the same
 share of the masked tokens of the global batch. Sums run over all ranks, so N processes compute
 exactly what one process computes on the concatenated batch.
+
+Shapes: ``scores`` / ``student`` / ``targets`` [n, K] for the n masked tokens of this rank and K
+prototypes, ``image_of_token`` [n] (each token's crop among ``n_images``). Example:
+
+    >>> teacher, student = torch.randn(20, 16), torch.randn(20, 16, requires_grad=True)
+    >>> targets = sinkhorn_knopp(teacher, temperature=0.05)  # (20, 16), rows sum to 1
+    >>> loss = ibot_loss(student, targets, torch.arange(20) // 5, n_images=4, temperature=0.1)
 """
 
 from __future__ import annotations

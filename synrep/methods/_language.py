@@ -2,26 +2,43 @@
 the text tower, the image projection into the shared space, and CLIP's learned logit scale.
 
 Images enter the shared space as ``image_proj(encoder(x))`` (a linear map without bias, as in
-CLIP), texts as :class:`~synrep.models.text.TextTower` embeddings; both are ``method.proj_dim``
+CLIP), texts as :class:`~synrep.models.text.TextTower` embeddings; both are ``proj_dim``
 wide. The logit scale is a parameter holding log(scale), initialised to
-``log(1 / method.clip_init_temperature)``; losses clamp the scale at
-``method.clip_max_logit_scale`` and, as CLIP does, the parameter itself is clamped to
+``log(1 / clip_init_temperature)``; losses clamp the scale at
+``clip_max_logit_scale`` and, as CLIP does, the parameter itself is clamped to
 [0, log(max)] after every optimizer step.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from synrep.config import Config
+from synrep.config import Config, MethodOptions
 from synrep.errors import ConfigError
 from synrep.methods.base import Method
 from synrep.models import Encoder
 from synrep.models.text import build_text_tower
+
+
+@dataclass
+class TextTowerOptions(MethodOptions):
+    """Options of methods with a text tower: image and text embeddings meet in ``proj_dim``,
+    compared with a learned logit scale (docs/methods.md sections 2, 4)."""
+
+    proj_dim: int = 128
+    text_model: str = "fashion-text"  # a built-in text tower, or a folder saved by save_pretrained
+    text_width: int = 256  # built-in tower: transformer width, layers, heads (width % heads == 0)
+    text_layers: int = 3
+    text_heads: int = 4
+    text_context: int = 32  # tokens per text, special tokens included (longer texts are cut)
+    clip_init_temperature: float = 0.07  # the logit scale starts at 1 / this (CLIP: 0.07)
+    clip_max_logit_scale: float = 100.0  # the learned logit scale is clamped here (CLIP: 100)
+    rewrites: bool = False  # LaCLIP: each step a caption or one of its RUN/rewrites, uniformly
 
 
 class LanguageMethod(Method):
@@ -33,16 +50,17 @@ class LanguageMethod(Method):
 
     def __init__(self, cfg: Config, encoder: Encoder) -> None:
         super().__init__(encoder)
-        m = cfg.method
+        m = cfg.method.options
+        s = m.section
         if not m.clip_init_temperature > 0:
             raise ConfigError(
-                f"method.clip_init_temperature must be > 0, got {m.clip_init_temperature}")
+                f"{s}.clip_init_temperature must be > 0, got {m.clip_init_temperature}")
         if not m.clip_max_logit_scale >= 1 / m.clip_init_temperature:
             raise ConfigError(
-                f"method.clip_max_logit_scale={m.clip_max_logit_scale} is below the initial "
+                f"{s}.clip_max_logit_scale={m.clip_max_logit_scale} is below the initial "
                 f"scale 1 / clip_init_temperature = {1 / m.clip_init_temperature:.4g}")
         if m.proj_dim < 1:
-            raise ConfigError(f"method.proj_dim must be >= 1, got {m.proj_dim}")
+            raise ConfigError(f"{s}.proj_dim must be >= 1, got {m.proj_dim}")
         self.text = build_text_tower(m)
         self.image_proj = nn.Linear(encoder.embed_dim, m.proj_dim, bias=False)
         nn.init.normal_(self.image_proj.weight, std=encoder.embed_dim**-0.5)

@@ -7,17 +7,58 @@ live outside the module that DDP wraps.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from synrep.config import METHOD_OPTIONS, MethodOptions
 from synrep.errors import ConfigError
 from synrep.layout import layout
 from synrep.registry import Registry
 
-METHODS: Registry[type[Method]] = Registry("method")
+
+class MethodRegistry(Registry):
+    """Method classes by name. Registering a class also registers its options dataclass
+    (``cls.Options``) as the config section ``method.<name>``."""
+
+    def register(self, name: str | None = None):
+        add = super().register(name)
+
+        def deco(cls):
+            key = name or cls.__name__
+            if cls.Options in (METHOD_OPTIONS.get(n) for n in METHOD_OPTIONS) or \
+                    cls.Options is MethodOptions:
+                raise ValueError(f"method {key!r}: declare its own Options subclass (its config "
+                                 f"section method.{key}), even if it adds no option")
+            add(cls)
+            cls.Options.section = f"method.{key}"
+            METHOD_OPTIONS.add(key, cls.Options)
+            return cls
+
+        return deco
+
+
+METHODS: MethodRegistry = MethodRegistry("method")
+
+
+@dataclass
+class ContrastiveOptions(MethodOptions):
+    """Options of methods with a contrastive projection head."""
+
+    temperature: float = 0.2
+    proj_layers: int = 2  # projection MLP depth (1 = linear)
+    proj_hidden_dim: int = 1024
+    proj_dim: int = 128
+
+
+@dataclass
+class GroupOptions(ContrastiveOptions):
+    """Options of methods that learn from caption groups (several images of one caption)."""
+
+    images_per_caption: int = 2  # m images of each caption per batch
 
 
 class Method(nn.Module):
@@ -26,6 +67,9 @@ class Method(nn.Module):
     ``batch["images"]`` is uint8, (B, C, H, W) for single images or (G, m, C, H, W) for caption
     groups (m images of each of G captions); ``batch["labels"]`` is (B,) or (G,) when present.
     """
+
+    #: The method's options: its config section ``method.<name>``.
+    Options: type[MethodOptions] = MethodOptions
 
     #: "images" for (B, C, H, W) batches, "groups" for (G, m, C, H, W) caption-group batches.
     batch_kind: str = "images"

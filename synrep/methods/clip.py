@@ -2,14 +2,15 @@
 
 Each step draws B captions and one of each caption's k generated images (a different one each
 step, seeded by (seed, step)); the image tower embeds an augmented view, the text tower the
-caption (with ``method.rewrites``, the caption or one of its LaCLIP rewrites, uniformly: Fan et al.
-2023, arXiv 2305.20088; docs/methods.md section 4), and the symmetric InfoNCE with a learned logit
-scale pulls each pair together against every other pair of the global batch. This is the
-synthetic-image CLIP of the scaling study (docs/methods.md section 3).
+caption (with ``method.clip.rewrites``, the caption or one of its LaCLIP rewrites, uniformly:
+Fan et al. 2023, arXiv 2305.20088; docs/methods.md section 4), and the symmetric InfoNCE with a
+learned logit scale pulls each pair together against every other pair of the global batch. This
+is the synthetic-image CLIP of the scaling study (docs/methods.md section 3).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,20 +18,26 @@ import torch
 from synrep.config import Config
 from synrep.data.augment import BatchAugment
 from synrep.losses import ClipLoss, logit_scale
-from synrep.methods._language import LanguageMethod
+from synrep.methods._language import LanguageMethod, TextTowerOptions
 from synrep.methods.base import METHODS
 from synrep.models import Encoder
 
 
+@dataclass
+class CLIPOptions(TextTowerOptions):
+    """``method.clip``: the text tower and the shared embedding."""
+
+
 @METHODS.register("clip")
 class CLIP(LanguageMethod):
+    Options = CLIPOptions
     batch_kind = "images"  # on caption-group shards: one image per caption, (B, 1, C, H, W)
     name = "clip"
 
     def __init__(self, cfg: Config, encoder: Encoder) -> None:
         super().__init__(cfg, encoder)
         self.augment = BatchAugment(cfg.aug)
-        self.loss_fn = ClipLoss(cfg.method.clip_max_logit_scale)
+        self.loss_fn = ClipLoss(cfg.method.options.clip_max_logit_scale)
 
     def forward(self, batch: dict[str, Any], g: torch.Generator) -> dict[str, torch.Tensor]:
         x = batch["images"]

@@ -1,13 +1,13 @@
 """MAE (He et al. 2022, arXiv 2111.06377): reconstruct the pixels of randomly masked patches.
 
 Each image gets one augmented view (``aug``: crop + flip in MAE). Its patches are embedded and
-given the encoder's position embedding, a random ``mae_mask_ratio`` of them is dropped per image,
-and the ViT encoder runs on the visible patches (plus its class/register tokens) only. A light
-decoder maps the encoded tokens to ``mae_decoder_dim``, fills the dropped positions with a learned
+given the encoder's position embedding, a random ``method.mae.mask_ratio`` of them is dropped per
+image, and the ViT encoder runs on the visible patches (plus its class/register tokens) only. A
+light decoder maps the encoded tokens to ``decoder_dim``, fills the dropped positions with a learned
 mask token, restores the patch order, adds a fixed 2-D sin-cos position embedding and predicts the
-pixels of every patch. The loss is the mean squared error over the masked patches only, against
-the view's patches after the encoder's input normalisation, each patch normalised by its own mean
-and variance when ``mae_norm_pix`` is on.
+pixels of every patch. The loss (:class:`~synrep.losses.mae.MaskedReconstructionLoss`) is the
+mean squared error over the masked patches only, against the view's patches after the encoder's
+input normalisation, each patch normalised by its own mean and variance when ``norm_pix`` is on.
 
 The encoder stays the :class:`~synrep.models.Encoder` in ``self.encoder`` (the decoder lives in
 other attributes), so evaluation reads an MAE checkpoint like any other.
@@ -15,14 +15,17 @@ other attributes), so evaluation reads an MAE checkpoint like any other.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from timm.layers import HybridEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from synrep.config import Config
+from synrep.config import Config, MethodOptions
 from synrep.data.augment import BatchAugment
 from synrep.errors import ConfigError
+from synrep.losses.mae import MaskedReconstructionLoss
 from synrep.methods.base import METHODS, Method
 from synrep.models import Encoder
 
@@ -90,24 +93,6 @@ def random_masking(x: torch.Tensor, ratio: float, g: torch.Generator | None,
     return visible, mask, ids_restore
 
 
-def loss_fn(target: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
-            norm_pix: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """Mean over masked patches of the per-patch mean squared error.
-
-    ``target`` and ``pred`` (B, L, P) patches, ``mask`` (B, L) with 1 = masked. With ``norm_pix``
-    each target patch is first normalised by its own mean and (unbiased) variance:
-    ``(t - mean) / sqrt(var + eps)``. Visible patches do not contribute.
-    """
-    target = target.float()
-    if norm_pix:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + eps).sqrt()
-    per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # (B, L)
-    mask = mask.to(per_patch.dtype)
-    return (per_patch * mask).sum() / mask.sum().clamp(min=1)
-
-
 def sincos_pos_embed_2d(dim: int, h: int, w: int) -> torch.Tensor:
     """Fixed 2-D sine-cosine position embedding (h*w, dim), rows in row-major grid order.
 
@@ -128,61 +113,82 @@ def sincos_pos_embed_2d(dim: int, h: int, w: int) -> torch.Tensor:
     return torch.cat([axis(rows), axis(cols)], dim=1).float()
 
 
+@dataclass
+class MAEDecoderOptions(MethodOptions):
+    """The lightweight decoder of the MAE family and its pixel targets."""
+
+    decoder_dim: int = 128  # width of the decoder (divisible by its heads)
+    decoder_depth: int = 2  # transformer blocks of the decoder
+    decoder_heads: int = 4  # attention heads of each decoder block
+    norm_pix: bool = True  # targets: each patch normalised by its own mean and variance
+
+
+@dataclass
+class MAEOptions(MAEDecoderOptions):
+    """``method.mae``: reconstruct the pixels of randomly masked patches (He et al. 2022)."""
+
+    mask_ratio: float = 0.75  # share of patches hidden from the encoder, in (0, 1)
+
+
 @METHODS.register("mae")
 class MAE(Method):
+    Options = MAEOptions
     batch_kind = "images"
     each_image = True  # on caption-group shards every image is a sample
 
     def __init__(self, cfg: Config, encoder: Encoder) -> None:
         super().__init__(encoder)
-        m = cfg.method
-        self.name = m.name  # "mae", or a subclass's name, in error messages
+        m = cfg.method.options
+        s = m.section  # method.mae, or a subclass's section, in error messages
+        self.name = cfg.method.name
         if not encoder.is_vit:
             raise ConfigError(
-                f"method {m.name!r} masks patch tokens and needs a ViT backbone, but "
+                f"method {self.name!r} masks patch tokens and needs a ViT backbone, but "
                 f"model.backbone={cfg.model.backbone!r} is not one; use e.g. "
                 "model.backbone=vit_tiny_p7_28")
-        if not 0.0 < m.mae_mask_ratio < 1.0:
+        if hasattr(m, "mask_ratio") and not 0.0 < m.mask_ratio < 1.0:
             raise ConfigError(
-                f"method.mae_mask_ratio={m.mae_mask_ratio} must lie strictly between 0 and 1 "
-                "(MAE uses 0.75); set e.g. method.mae_mask_ratio=0.75")
-        if m.mae_decoder_heads < 1 or m.mae_decoder_dim % m.mae_decoder_heads:
+                f"{s}.mask_ratio={m.mask_ratio} must lie strictly between 0 and 1 "
+                f"(MAE uses 0.75); set e.g. {s}.mask_ratio=0.75")
+        if m.decoder_heads < 1 or m.decoder_dim % m.decoder_heads:
             raise ConfigError(
-                f"method.mae_decoder_dim={m.mae_decoder_dim} must be divisible by "
-                f"method.mae_decoder_heads={m.mae_decoder_heads}; change either (e.g. 128 and 4)")
-        if m.mae_decoder_dim < 4 or m.mae_decoder_dim % 4:
+                f"{s}.decoder_dim={m.decoder_dim} must be divisible by "
+                f"{s}.decoder_heads={m.decoder_heads}; change either (e.g. 128 and 4)")
+        if m.decoder_dim < 4 or m.decoder_dim % 4:
             raise ConfigError(
-                f"method.mae_decoder_dim={m.mae_decoder_dim} must be a positive multiple of 4 "
-                "(the decoder's 2-D sin-cos position embedding); e.g. method.mae_decoder_dim=128")
-        if m.mae_decoder_depth < 0:
-            raise ConfigError(
-                f"method.mae_decoder_depth={m.mae_decoder_depth} must be >= 0 (MAE here: 2)")
+                f"{s}.decoder_dim={m.decoder_dim} must be a positive multiple of 4 "
+                f"(the decoder's 2-D sin-cos position embedding); e.g. {s}.decoder_dim=128")
+        if m.decoder_depth < 0:
+            raise ConfigError(f"{s}.decoder_depth={m.decoder_depth} must be >= 0 (MAE here: 2)")
         vit = encoder.backbone
         if isinstance(vit.patch_embed, HybridEmbed):
             raise ConfigError(
-                f"method {m.name!r} hides patches from the encoder, but the convolutional stem of "
+                f"method {self.name!r} hides patches from the encoder, but the convolutional stem "
+                "of "
                 f"model.backbone={cfg.model.backbone!r} lets visible tokens see across patch "
                 "borders; use a plain patch embedding (e.g. model.backbone=vit_tiny_p7_28)")
         ph, pw = vit.patch_embed.patch_size
         if ph != pw:
-            raise ConfigError(f"method {m.name!r} needs square patches, the backbone has {ph}x{pw}")
+            raise ConfigError(
+                f"method {self.name!r} needs square patches, the backbone has {ph}x{pw}")
         self.patch = ph
         self.img_size = tuple(vit.patch_embed.img_size)  # the backbone's model.img_size
         if (cfg.aug.size, cfg.aug.size) != self.img_size:
             raise ConfigError(
-                f"method {m.name!r} trains at the backbone's image size {self.img_size[0]}, but "
+                f"method {self.name!r} trains at the backbone's image size {self.img_size[0]}, but "
                 f"aug.size={cfg.aug.size}; set aug.size={self.img_size[0]} (or change "
                 "model.img_size)")
         self.grid = (self.img_size[0] // ph, self.img_size[1] // pw)
         self.in_chans = cfg.model.in_chans
-        if m.mae_norm_pix and ph * pw * self.in_chans < 2:
-            raise ConfigError("method.mae_norm_pix=true needs patches of more than one value")
-        self.mask_ratio = m.mae_mask_ratio
-        self.norm_pix = m.mae_norm_pix
+        if m.norm_pix and ph * pw * self.in_chans < 2:
+            raise ConfigError(f"{s}.norm_pix=true needs patches of more than one value")
+        self.mask_ratio = getattr(m, "mask_ratio", None)  # MixedAE mixes instead of masking
+        self.norm_pix = m.norm_pix
+        self.recon_loss = MaskedReconstructionLoss(m.norm_pix)  # synrep.losses.mae
         self.augment = BatchAugment(cfg.aug)
 
         # Decoder: Linear(D -> Dd), mask token, fixed sin-cos positions, blocks, norm, Linear.
-        dd = m.mae_decoder_dim
+        dd = m.decoder_dim
         self.num_prefix = encoder.num_prefix_tokens  # class + register tokens kept by the decoder
         self.decoder_embed = nn.Linear(encoder.embed_dim, dd)
         # 1-D, so it is exempt from weight decay like the encoder's cls token and pos embedding.
@@ -192,8 +198,8 @@ class MAE(Method):
         # Fixed (not trained) and rebuilt from the config: kept out of checkpoints.
         self.register_buffer("decoder_pos_embed", pos.unsqueeze(0), persistent=False)
         self.decoder_blocks = nn.Sequential(*[
-            Block(dd, m.mae_decoder_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=nn.LayerNorm)
-            for _ in range(m.mae_decoder_depth)])
+            Block(dd, m.decoder_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=nn.LayerNorm)
+            for _ in range(m.decoder_depth)])
         self.decoder_norm = nn.LayerNorm(dd)
         self.decoder_pred = nn.Linear(dd, ph * pw * self.in_chans)
         self._init_decoder()
@@ -289,5 +295,5 @@ class MAE(Method):
         view = self.encoder.normalize(self.augment(x, g))  # (B, C, S, S)
         latent, mask, ids_restore = self.forward_encoder(view, g)
         pred = self.forward_decoder(latent, ids_restore)
-        loss = loss_fn(patchify(view, self.patch), pred, mask, self.norm_pix)
+        loss = self.recon_loss(patchify(view, self.patch), pred, mask)
         return {"loss": loss, "mask_ratio": mask.mean().detach()}

@@ -2,7 +2,7 @@
 
 There is no official code; every choice the paper leaves open is stated here and in the functions.
 
-**Mixing.** With ratio ``r = method.mixedae_ratio`` (e.g. 0.25) the batch is cut into groups
+**Mixing.** With ratio ``r = method.mixedae.ratio`` (e.g. 0.25) the batch is cut into groups
 of ``n = 1/r`` consecutive images (the batch order is already random). Each group becomes one mixed
 image of N patches: a seeded random permutation of the N positions per group gives positions
 ``perm[s*K:(s+1)*K]`` to source slot ``s``, ``K = r*N``, and the mixed patch at position ``j`` is
@@ -18,7 +18,7 @@ patch count of one source), softmax over those. Choice: prefix tokens (class/reg
 kept as keys, in addition to the K patch keys, and prefix queries attend to every key normally. The
 blocks are run by hand with their own ``qkv``/``proj`` weights (:func:`homologous_block`), so
 ``self.encoder`` keeps timm's ordinary ``Attention`` modules: the state dict, fine-tuning and probes
-are unchanged and use ordinary attention. ``method.mixedae_homologous=false`` runs the blocks as
+are unchanged and use ordinary attention. ``method.mixedae.homologous=false`` runs the blocks as
 they are (ordinary attention) for ablation. The top-K selection is not differentiable; gradients
 flow through the kept logits.
 
@@ -29,9 +29,10 @@ step's generator; sizes floor(K/2) and ceil(K/2), hence K >= 2), the encoder's n
 patch tokens of each half are averaged, and each average goes through an MLP head
 (Linear(D, proj_hidden_dim), GELU, Linear(proj_dim)) and is L2-normalised. This gives two
 embeddings per source image, i.e. 2B in the batch; the loss is the symmetric InfoNCE
-(NT-Xent, temperature ``mixedae_temperature``): the positive of a half is the other half of the
-same source, negatives are the other 2B - 2 halves in the batch, including the other sources of the
-same mixed image (the hard negatives).
+(NT-Xent, :class:`~synrep.losses.ntxent.NTXentLoss`, temperature
+``method.mixedae.temperature``): the positive of a half is the other half of the same source,
+negatives are the other 2B - 2 halves of the global batch (all ranks), including the other
+sources of the same mixed image (the hard negatives).
 
 **Reconstruction.** The encoded mixed sequence (G, P + N, D) goes through MAE's ``decoder_embed``.
 For each source slot ``s`` a decoder input is built: positions owned by ``s`` keep their encoded
@@ -40,7 +41,7 @@ embedding of ``s`` is added to the patch positions and the fixed sin-cos positio
 So every image of the batch gets one decoder sequence (B in all) and MAE's loss is applied on its
 positions *not* owned by ``s`` against its own (augmented, normalised) view: an MAE with mask ratio
 ``1 - r`` whose visible tokens were encoded inside the mixture. Loss = recon +
-``mixedae_contrastive_weight`` * contrastive.
+``contrastive_weight`` * contrastive.
 
 Segment embeddings are stored flat (1-D parameters, like MAE's mask token) so the training loop
 exempts them from weight decay like position embeddings.
@@ -49,6 +50,7 @@ exempts them from weight decay like position embeddings.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -58,8 +60,9 @@ from torch import nn
 
 from synrep.config import Config
 from synrep.errors import ConfigError
+from synrep.losses.ntxent import NTXentLoss
 from synrep.methods.base import METHODS
-from synrep.methods.mae import MAE, loss_fn, patchify
+from synrep.methods.mae import MAE, MAEDecoderOptions, patchify
 from synrep.models import Encoder
 
 
@@ -159,65 +162,69 @@ def homologous_block(blk: Block, x: torch.Tensor, top_k: int, keep_prefix: int) 
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE over 2M L2-normalised embeddings ``z1``, ``z2`` (M, d): the positive of
-    ``z1[i]`` is ``z2[i]`` and vice versa, the other 2M - 2 embeddings are negatives."""
-    z = torch.cat([z1, z2]).float()
-    sim = z @ z.t() / temperature
-    m = z1.shape[0]
-    sim = sim.masked_fill(torch.eye(2 * m, dtype=torch.bool, device=z.device), float("-inf"))
-    target = torch.cat([torch.arange(m, 2 * m), torch.arange(m)]).to(z.device)
-    return F.cross_entropy(sim, target)
+@dataclass
+class MixedAEOptions(MAEDecoderOptions):
+    """``method.mixedae``: mix groups of 1/ratio images patch-wise instead of masking (Chen et
+    al. 2023), with MAE's decoder and a homologous contrastive MLP head."""
+
+    ratio: float = 0.25  # share r of a mixed image's patches from each source: 1/r images per
+    #   group, 1/r an integer >= 2, r * (patches per image) an integer >= 2, and the batch
+    #   (per rank) divisible by 1/r
+    contrastive_weight: float = 0.1  # weight of the homologous contrastive term; 0 = off
+    temperature: float = 0.2  # InfoNCE temperature of the homologous contrastive term
+    homologous: bool = True  # top-K homologous attention in pretraining; False = ordinary
+    proj_hidden_dim: int = 1024  # the contrastive MLP head
+    proj_dim: int = 128
 
 
 @METHODS.register("mixedae")
 class MixedAE(MAE):
+    Options = MixedAEOptions
     batch_kind = "images"
 
     def __init__(self, cfg: Config, encoder: Encoder) -> None:
         super().__init__(cfg, encoder)  # MAE's checks (ViT, decoder keys, image size), decoder
-        m = cfg.method
+        m = cfg.method.options
+        s = m.section
         n_pos = self.grid[0] * self.grid[1]
         try:
-            n = _group_size(m.mixedae_ratio)
+            n = _group_size(m.ratio)
         except ValueError:
             raise ConfigError(
-                f"method.mixedae_ratio={m.mixedae_ratio} must be 1/n for an integer n >= 2 (each "
-                "mixed image takes its patches from n images); set e.g. method.mixedae_ratio=0.25"
-            ) from None
+                f"{s}.ratio={m.ratio} must be 1/n for an integer n >= 2 (each mixed image takes "
+                f"its patches from n images); set e.g. {s}.ratio=0.25") from None
         if n_pos % n or n_pos // n < 2:
             raise ConfigError(
-                f"method.mixedae_ratio={m.mixedae_ratio} must give each of the {n} sources an "
-                f"integer number >= 2 of the {n_pos} patches (r*N = {m.mixedae_ratio * n_pos:g}); "
-                f"use a ratio 1/n with n dividing {n_pos} and n <= {n_pos // 2}")
+                f"{s}.ratio={m.ratio} must give each of the {n} sources an integer number >= 2 "
+                f"of the {n_pos} patches (r*N = {m.ratio * n_pos:g}); use a ratio 1/n with n "
+                f"dividing {n_pos} and n <= {n_pos // 2}")
         if cfg.train.batch_size % n:
             raise ConfigError(
-                f"train.batch_size={cfg.train.batch_size} must be divisible by 1/mixedae_ratio = "
+                f"train.batch_size={cfg.train.batch_size} must be divisible by 1/{s}.ratio = "
                 f"{n} (groups of {n} images are mixed); e.g. train.batch_size="
                 f"{max(n, cfg.train.batch_size // n * n)}")
-        if m.mixedae_temperature <= 0:
+        if m.temperature <= 0:
+            raise ConfigError(f"{s}.temperature={m.temperature} must be > 0 (e.g. 0.2)")
+        if m.contrastive_weight < 0:
             raise ConfigError(
-                f"method.mixedae_temperature={m.mixedae_temperature} must be > 0 (e.g. 0.2)")
-        if m.mixedae_contrastive_weight < 0:
-            raise ConfigError(
-                f"method.mixedae_contrastive_weight={m.mixedae_contrastive_weight} must be >= 0")
+                f"{s}.contrastive_weight={m.contrastive_weight} must be >= 0")
         vit = encoder.backbone
-        if m.mixedae_homologous and not all(
+        if m.homologous and not all(
                 type(blk) is Block and type(blk.attn) is Attention for blk in vit.blocks):
             raise ConfigError(
-                "method.mixedae_homologous=true runs timm's plain Block/Attention by hand, but the "
-                f"backbone {cfg.model.backbone!r} has other blocks; set "
-                "method.mixedae_homologous=false")
+                f"{s}.homologous=true runs timm's plain Block/Attention by hand, but the "
+                f"backbone {cfg.model.backbone!r} has other blocks; set {s}.homologous=false")
         self.n_src, self.k_src, self.n_pos = n, n_pos // n, n_pos
-        self.homologous = m.mixedae_homologous
-        self.contrastive_weight = m.mixedae_contrastive_weight
-        self.temperature = m.mixedae_temperature
-        d, dd = encoder.embed_dim, m.mae_decoder_dim
+        self.homologous = m.homologous
+        self.contrastive_weight = m.contrastive_weight
+        self.temperature = m.temperature
+        d, dd = encoder.embed_dim, m.decoder_dim
         # Flat (n*D,) so the loop's "ndim <= 1" rule keeps them out of weight decay.
         self.segment_embed = nn.Parameter(torch.randn(n * d) * 0.02)
         self.decoder_segment_embed = nn.Parameter(torch.randn(n * dd) * 0.02)
         self.contrastive_head = nn.Sequential(
             nn.Linear(d, m.proj_hidden_dim), nn.GELU(), nn.Linear(m.proj_hidden_dim, m.proj_dim))
+        self.ntxent = NTXentLoss(m.temperature)  # synrep.losses.ntxent, across ranks
 
     def forward_mixed_encoder(self, x: torch.Tensor, g: torch.Generator
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -277,7 +284,7 @@ class MixedAE(MAE):
         b = grouped[:, :, half:].mean(dim=2).reshape(grp * n, d)
         z1 = F.normalize(self.contrastive_head(a), dim=-1)
         z2 = F.normalize(self.contrastive_head(b), dim=-1)
-        return nt_xent(z1, z2, self.temperature)
+        return self.ntxent(z1, z2)
 
     def forward(self, batch, g: torch.Generator) -> dict[str, torch.Tensor]:
         x = batch["images"]
@@ -288,7 +295,7 @@ class MixedAE(MAE):
         pred = self.forward_mixed_decoder(latent, source)  # (B, N, P), row b = image b
         mask = (source.unsqueeze(1) != torch.arange(self.n_src, device=source.device)
                 .view(1, -1, 1)).reshape(-1, self.n_pos).float()  # 1 = not owned = reconstruct
-        recon = loss_fn(patchify(view, self.patch), pred, mask, self.norm_pix)
+        recon = self.recon_loss(patchify(view, self.patch), pred, mask)
         out = {"recon": recon.detach()}
         loss = recon
         if self.contrastive_weight > 0:

@@ -4,15 +4,16 @@ docs/methods.md section 6. Three steps:
 
 1. The ``cluster`` stage (:mod:`synrep.stages.moce`) runs k-means on a pretrained MAE's features of
    the pretraining images and keeps the centroids and every image's cluster.
-2. ``method.name=moce`` trains an MAE whose last ``moce_blocks`` encoder blocks replace their MLP
-   by ``moce_experts`` expert MLPs (:class:`MoEMlp`). The gate of each MoE block reads the
+2. ``method.name=moce`` trains an MAE whose last ``method.moce.blocks`` encoder blocks replace
+   their MLP by ``experts`` expert MLPs (:class:`MoEMlp`). The gate of each MoE block reads the
    **centroid of the image's cluster**, not the token, so every token of an image takes the same
    route and each expert trains on semantically similar images (the centroids are standardised
    over the clusters first, :meth:`MoCE.route_inputs`). Two regularisers keep the gates
    balanced (*check* in the paper; here the V-MoE pair): the importance loss CV(Imp)^2 with
    Imp_e = sum_i p_ie, and the load loss E * sum_e f_e * mean_i p_ie with f_e the share of images
-   whose top expert is e (Switch Transformer's differentiable form). Both are computed on the
-   batch gathered from all ranks, so N processes train exactly as one. ``moce_init`` optionally
+   whose top expert is e (Switch Transformer's differentiable form; both in
+   :mod:`synrep.losses.moe_balance`). Both are computed on the batch gathered from all ranks, so
+   N processes train exactly as one. ``init`` optionally
    starts the model from a dense MAE checkpoint, every expert a copy of its block's MLP
    (sparse upcycling, :meth:`MoCE.upcycle_from`); the default trains from scratch.
 3. Expert search (:func:`search_experts`, the ``search`` stage) assigns a downstream dataset's
@@ -28,12 +29,11 @@ ViT reproduces the routed model bit for bit, while the gate still gets the gradi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
 
@@ -43,30 +43,13 @@ from synrep.cluster import load_clusters, nearest
 from synrep.config import Config, config_from_dict
 from synrep.errors import CheckpointError, ConfigError
 from synrep.layout import layout
+from synrep.losses.moe_balance import ImportanceLoss, LoadLoss, importance_loss, load_loss
 from synrep.methods.base import METHODS
-from synrep.methods.mae import MAE, loss_fn, patchify
+from synrep.methods.mae import MAE, MAEOptions, patchify
 from synrep.models import Encoder, build_encoder
 
 __all__ = ["MoCE", "MoEMlp", "cluster_path", "importance_loss", "load_loss", "search_experts",
            "export_expert", "load_moce"]
-
-
-def importance_loss(probs: torch.Tensor) -> torch.Tensor:
-    """V-MoE importance loss: squared coefficient of variation of Imp_e = sum_i p_ie.
-
-    ``probs`` (N, E) gate probabilities; population variance. 0 when every expert has the same
-    summed probability, E - 1 when one expert takes all of it with certainty.
-    """
-    imp = probs.sum(0)
-    return imp.var(unbiased=False) / imp.mean().pow(2).clamp_min(1e-12)
-
-
-def load_loss(probs: torch.Tensor) -> torch.Tensor:
-    """Load loss E * sum_e f_e * P_e: f_e the share of rows whose top expert is e (no gradient),
-    P_e the mean probability of e. 1 for a perfectly balanced, uniform gate; E at worst."""
-    e = probs.shape[1]
-    f = F.one_hot(probs.argmax(1), e).to(probs.dtype).mean(0)
-    return e * (f * probs.mean(0)).sum()
 
 
 def route_weights(probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,8 +109,28 @@ def moe_block(blk: nn.Module, x: torch.Tensor, probs: torch.Tensor) -> torch.Ten
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x), probs)))
 
 
+@dataclass
+class MoCEOptions(MAEOptions):
+    """``method.moce``: MAE whose last blocks hold cluster-conditional experts (Liu et al. 2023);
+    the clusters come from the `cluster` stage (k-means on ``features``)."""
+
+    features: str = ""  # checkpoint whose encoder features cluster the images (an MAE)
+    clusters: int = 16  # k-means clusters of the pretraining images
+    kmeans_iters: int = 50  # Lloyd iterations (k-means++ seeding, run.seed)
+    cluster_file: str = ""  # clusters.safetensors to train with; "" = RUN/cluster's
+    experts: int = 4  # experts in each MoE block
+    blocks: int = 2  # the last n encoder blocks get MoE MLPs
+    top_k: int = 1  # experts per image (all its tokens share the route); search needs 1
+    importance_weight: float = 0.01  # V-MoE importance loss (CV^2 of summed gate probs)
+    load_weight: float = 0.01  # load loss E * sum_e f_e * P_e (fraction routed x mean prob)
+    # "" trains from scratch; an MAE checkpoint of the same shape starts every weight from it and
+    # every expert from its block's dense MLP (sparse upcycling); gates start fresh
+    init: str = ""
+
+
 @METHODS.register("moce")
 class MoCE(MAE):
+    Options = MoCEOptions
     batch_kind = "images"
     # The MoE blocks need a route per image, so evaluation reads the dense ViT that expert search
     # exports for the downstream dataset (the `search` stage, synrep.stages.moce).
@@ -140,52 +143,55 @@ class MoCE(MAE):
     def __init__(self, cfg: Config, encoder: Encoder, gate_dim: int | None = None,
                  upcycle: bool = True) -> None:
         super().__init__(cfg, encoder)
-        m = cfg.method
+        m = cfg.method.options
+        s = m.section
         vit = encoder.backbone
         depth = len(vit.blocks)
-        if not 1 <= m.moce_blocks <= depth:
-            raise ConfigError(f"method.moce_blocks={m.moce_blocks} must lie in 1..{depth} (the "
+        if not 1 <= m.blocks <= depth:
+            raise ConfigError(f"{s}.blocks={m.blocks} must lie in 1..{depth} (the "
                               "encoder's blocks); MoE MLPs replace those of the last n blocks")
-        if m.moce_experts < 2:
-            raise ConfigError(f"method.moce_experts={m.moce_experts}: a mixture needs >= 2 experts")
-        if not 1 <= m.moce_top_k <= m.moce_experts:
-            raise ConfigError(f"method.moce_top_k={m.moce_top_k} must lie in "
-                              f"1..{m.moce_experts} (method.moce_experts)")
-        for key in ("moce_importance_weight", "moce_load_weight"):
+        if m.experts < 2:
+            raise ConfigError(f"{s}.experts={m.experts}: a mixture needs >= 2 experts")
+        if not 1 <= m.top_k <= m.experts:
+            raise ConfigError(f"{s}.top_k={m.top_k} must lie in 1..{m.experts} ({s}.experts)")
+        for key in ("importance_weight", "load_weight"):
             if getattr(m, key) < 0:
-                raise ConfigError(f"method.{key} must be >= 0, got {getattr(m, key)}")
+                raise ConfigError(f"{s}.{key} must be >= 0, got {getattr(m, key)}")
         centroids = None
         if gate_dim is None:
             centroids, gate_dim = _centroids_for(cfg)
-        self.moe_indices = list(range(depth - m.moce_blocks, depth))
+        self.moe_indices = list(range(depth - m.blocks, depth))
         for i in self.moe_indices:
             blk = vit.blocks[i]
             dense = blk.mlp
             if not (hasattr(dense, "fc1") and hasattr(dense, "fc2")):
                 raise ConfigError(f"method 'moce' needs timm Mlp blocks; block {i} has "
                                   f"{type(dense).__name__}")
-            blk.mlp = MoEMlp(dense.fc1.in_features, dense.fc1.out_features, m.moce_experts,
-                             gate_dim, m.moce_top_k, act_layer=type(dense.act))
+            blk.mlp = MoEMlp(dense.fc1.in_features, dense.fc1.out_features, m.experts,
+                             gate_dim, m.top_k, act_layer=type(dense.act))
         # Saved with the weights: expert search assigns downstream images to these centroids.
         self.register_buffer(
             "centroids", centroids if centroids is not None
-            else torch.zeros(m.moce_clusters, gate_dim))
-        if m.moce_init and upcycle:  # not when a trained MoCE checkpoint is loaded next
-            self.upcycle_from(m.moce_init)
-        self.importance_weight = m.moce_importance_weight
-        self.load_weight = m.moce_load_weight
+            else torch.zeros(m.clusters, gate_dim))
+        if m.init and upcycle:  # not when a trained MoCE checkpoint is loaded next
+            self.upcycle_from(m.init)
+        self.importance_weight = m.importance_weight
+        self.load_weight = m.load_weight
+        # synrep.losses.moe_balance: each on the gate probabilities gathered from every rank
+        self.importance_loss = ImportanceLoss()
+        self.load_loss = LoadLoss()
         self.cfg = cfg
         self._assign: torch.Tensor | None = None
 
     def upcycle_from(self, path: str | Path) -> None:
-        """Start from a dense MAE checkpoint (``method.moce_init``): every shared weight is
+        """Start from a dense MAE checkpoint (``method.moce.init``): every shared weight is
         copied, and each MoE block's experts all start as that block's dense MLP (sparse
         upcycling). The gates keep their fresh initialisation; the cluster routing then makes the
         experts diverge, each on its clusters' images."""
         ck = Checkpoint(path)
         if ck.config.get("method", {}).get("name") != "mae":
             raise CheckpointError(
-                f"method.moce_init={str(path)!r} is a {ck.config.get('method', {}).get('name')!r} "
+                f"method.moce.init={str(path)!r} is a {ck.config.get('method', {}).get('name')!r} "
                 "checkpoint; MoCE upcycles a dense MAE one (method.name=mae, same model and "
                 "decoder settings)")
         dense = ck.model_state
@@ -200,7 +206,7 @@ class MoCE(MAE):
             if src not in dense or dense[src].shape != value.shape:
                 found = "missing" if src not in dense else f"of shape {tuple(dense[src].shape)}"
                 raise CheckpointError(
-                    f"method.moce_init={str(path)!r} does not fit this model: {src!r} is {found}, "
+                    f"method.moce.init={str(path)!r} does not fit this model: {src!r} is {found}, "
                     f"the model needs {tuple(value.shape)}; upcycle an MAE trained with the same "
                     "model.* and method.mae_* settings")
             state[name] = dense[src]
@@ -208,7 +214,7 @@ class MoCE(MAE):
         extra = sorted(set(dense) - used)
         if extra:
             raise CheckpointError(
-                f"method.moce_init={str(path)!r} holds weights this model lacks ({extra[:3]}); "
+                f"method.moce.init={str(path)!r} holds weights this model lacks ({extra[:3]}); "
                 "upcycle an MAE trained with the same model.* and method.mae_* settings")
         self.load_state_dict(state, strict=True)
 
@@ -281,10 +287,10 @@ class MoCE(MAE):
         view = self.encoder.normalize(self.augment(x, g))
         latent, mask, ids_restore = self.forward_encoder(view, g, route=probs)
         pred = self.forward_decoder(latent, ids_restore)
-        recon = loss_fn(patchify(view, self.patch), pred, mask, self.norm_pix)
+        recon = self.recon_loss(patchify(view, self.patch), pred, mask)
         # Balance terms on the global batch (identical on every rank).
-        imp = torch.stack([importance_loss(dist.gather_with_grad(p)) for p in probs]).mean()
-        load = torch.stack([load_loss(dist.gather_with_grad(p)) for p in probs]).mean()
+        imp = torch.stack([self.importance_loss(p) for p in probs]).mean()
+        load = torch.stack([self.load_loss(p) for p in probs]).mean()
         loss = recon + self.importance_weight * imp + self.load_weight * load
         with torch.no_grad():
             # experts that received at least one image, averaged over the MoE blocks
@@ -295,19 +301,19 @@ class MoCE(MAE):
 
 
 def cluster_path(cfg: Config) -> Path:
-    """The clusters file a MoCE run trains with: ``method.moce_cluster_file`` or RUN/cluster's."""
-    if cfg.method.moce_cluster_file:
-        return Path(cfg.method.moce_cluster_file)
+    """The clusters file a MoCE run trains with: ``method.moce.cluster_file`` or RUN/cluster's."""
+    if cfg.method.moce.cluster_file:
+        return Path(cfg.method.moce.cluster_file)
     return layout(cfg).clusters
 
 
 def _centroids_for(cfg: Config) -> tuple[torch.Tensor, int]:
     """The centroids (K, D) a new MoCE model is built with: those of the run's clusters file."""
     centroids, _, _ = load_clusters(cluster_path(cfg))
-    if len(centroids) != cfg.method.moce_clusters:
+    if len(centroids) != cfg.method.moce.clusters:
         raise ConfigError(
             f"{str(cluster_path(cfg))!r} holds {len(centroids)} clusters but "
-            f"method.moce_clusters={cfg.method.moce_clusters}; rerun the cluster stage")
+            f"method.moce.clusters={cfg.method.moce.clusters}; rerun the cluster stage")
     return centroids.float(), centroids.shape[1]
 
 
@@ -349,7 +355,7 @@ def search_experts(model: MoCE, features: torch.Tensor) -> Search:
     centroids = model.centroids.float().cpu()
     if features.shape[1] != centroids.shape[1]:
         raise ConfigError(f"downstream features have {features.shape[1]} dimensions but the "
-                          f"centroids {centroids.shape[1]}; use the model's method.moce_features")
+                          f"centroids {centroids.shape[1]}; use the model's method.moce.features")
     clusters = nearest(features.float(), centroids)
     hist = torch.bincount(clusters, minlength=len(centroids))
     route = torch.stack([p.argmax(1).cpu() for p in model.gate_probs(
@@ -398,6 +404,7 @@ def export_expert(model: MoCE, chosen: list[int], path: str | Path,
                   extra: dict[str, Any] | None = None) -> Path:
     """Write a dense ViT built from the chosen experts as an ordinary MAE checkpoint."""
     cfg = json.loads(model.cfg.to_json())
-    cfg["method"]["name"] = "mae"
+    moce = cfg["method"]["moce"]  # the dense ViT is an MAE with the same decoder and masking
+    cfg["method"] = {"name": "mae", "mae": {f.name: moce[f.name] for f in fields(MAEOptions)}}
     return save_checkpoint(path, dense_state(model, chosen), cfg, step=0,
                            extra={"moce_expert": {"chosen": chosen, **(extra or {})}})

@@ -8,21 +8,33 @@ one image per caption, two views").
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
 from synrep.config import Config
 from synrep.data.augment import MultiCrop
 from synrep.losses import MultiPosConLoss
-from synrep.methods.base import METHODS, Method
+from synrep.methods.base import METHODS, ContrastiveOptions, Method
 from synrep.models import Encoder, ProjectionHead
+
+
+@dataclass
+class SimCLROptions(ContrastiveOptions):
+    """``method.simclr``: the projection head and temperature, and optional multi-crop."""
+
+    local_crops: int = 0  # multi-crop: extra small views per image (all positives)
+    local_size: int = 14
+    local_scale: tuple[float, float] = (0.1, 0.4)
 
 
 @METHODS.register("simclr")
 class SimCLR(Method):
+    Options = SimCLROptions
+
     def __init__(self, cfg: Config, encoder: Encoder) -> None:
         super().__init__(encoder)
-        m = cfg.method
+        m = cfg.method.options
         self.head = ProjectionHead(encoder.embed_dim, m.proj_hidden_dim, m.proj_dim, m.proj_layers)
         local = dataclasses.replace(cfg.aug, size=m.local_size, scale=m.local_scale)
         self.crops = MultiCrop(cfg.aug, local, n_global=2, n_local=m.local_crops)

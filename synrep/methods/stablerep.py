@@ -6,23 +6,31 @@ contrastive loss treats the m images of a caption as one class.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from synrep.config import Config
 from synrep.data.augment import BatchAugment
 from synrep.errors import ConfigError
 from synrep.losses import MultiPosConLoss
-from synrep.methods.base import METHODS, Method
+from synrep.methods.base import METHODS, GroupOptions, Method
 from synrep.models import Encoder, ProjectionHead
+
+
+@dataclass
+class StableRepOptions(GroupOptions):
+    """``method.stablerep``: the projection head, temperature and images per caption."""
 
 
 @METHODS.register("stablerep")
 class StableRep(Method):
+    Options = StableRepOptions
     batch_kind = "groups"
 
     def __init__(self, cfg: Config, encoder: Encoder) -> None:
         super().__init__(encoder)
-        m = cfg.method
+        m = cfg.method.options
         self.head = ProjectionHead(encoder.embed_dim, m.proj_hidden_dim, m.proj_dim, m.proj_layers)
         self.augment = BatchAugment(cfg.aug)
         self.loss_fn = MultiPosConLoss(m.temperature)

@@ -6,13 +6,14 @@ goes through the MLP head to the image-image loss (the m images of a caption are
 :mod:`synrep.methods.stablerep`) and through a linear projection into the space shared with the
 text tower, where the m images of a caption all match that caption's text
 (:class:`~synrep.losses.MultiPosImageTextLoss`, with CLIP's learned logit scale). The loss is
-``image_image + method.text_weight * image_text``, the weights of the paper's code
-(w1 = w2 = 1 by default). With ``method.rewrites`` each caption's text is the caption or one of
-its LaCLIP rewrites, uniformly (docs/methods.md section 4).
+``image_image + method.stablerep_pp.text_weight * image_text``, the weights of the paper's code
+(w1 = w2 = 1 by default). With ``method.stablerep_pp.rewrites`` each caption's text is the
+caption or one of its LaCLIP rewrites, uniformly (docs/methods.md section 4).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,21 +22,30 @@ from synrep.config import Config
 from synrep.data.augment import BatchAugment
 from synrep.errors import ConfigError
 from synrep.losses import MultiPosConLoss, MultiPosImageTextLoss, logit_scale
-from synrep.methods._language import LanguageMethod
-from synrep.methods.base import METHODS
+from synrep.methods._language import LanguageMethod, TextTowerOptions
+from synrep.methods.base import METHODS, GroupOptions
 from synrep.models import Encoder, ProjectionHead
+
+
+@dataclass
+class StableRepPPOptions(GroupOptions, TextTowerOptions):
+    """``method.stablerep_pp``: StableRep's head and temperature, the text tower, and the
+    weight of the image-text term."""
+
+    text_weight: float = 1.0  # image_image + text_weight * image_text (the paper's code: 1, 1)
 
 
 @METHODS.register("stablerep_pp")
 class StableRepPP(LanguageMethod):
+    Options = StableRepPPOptions
     batch_kind = "groups"
     name = "stablerep_pp"
 
     def __init__(self, cfg: Config, encoder: Encoder) -> None:
-        m = cfg.method
+        m = cfg.method.options
         if not m.text_weight > 0:
-            raise ConfigError(f"method.text_weight={m.text_weight} switches the image-text term "
-                              "off: use method.name=stablerep for the image-only loss")
+            raise ConfigError(f"{m.section}.text_weight={m.text_weight} switches the image-text "
+                              "term off: use method.name=stablerep for the image-only loss")
         super().__init__(cfg, encoder)
         self.head = ProjectionHead(encoder.embed_dim, m.proj_hidden_dim, m.proj_dim, m.proj_layers)
         self.augment = BatchAugment(cfg.aug)

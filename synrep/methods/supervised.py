@@ -3,24 +3,36 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synrep.config import Config
+from synrep.config import Config, MethodOptions
 from synrep.data.augment import BatchAugment
 from synrep.errors import ConfigError
 from synrep.methods.base import METHODS, Method
 from synrep.models import Encoder
 
 
+@dataclass
+class SupervisedOptions(MethodOptions):
+    """``method.supervised``: the classifier over the data's labels."""
+
+    num_classes: int = 10
+    label_smoothing: float = 0.0
+
+
 @METHODS.register("supervised")
 class Supervised(Method):
+    Options = SupervisedOptions
+
     def __init__(self, cfg: Config, encoder: Encoder) -> None:
         super().__init__(encoder)
-        self.classifier = nn.Linear(encoder.embed_dim, cfg.method.num_classes)
+        self.classifier = nn.Linear(encoder.embed_dim, cfg.method.options.num_classes)
         self.augment = BatchAugment(cfg.aug)
-        self.label_smoothing = cfg.method.label_smoothing
+        self.label_smoothing = cfg.method.options.label_smoothing
 
     def forward(self, batch, g: torch.Generator) -> dict[str, torch.Tensor]:
         x, y = batch["images"], batch.get("labels")

@@ -25,7 +25,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from timm.layers import HybridEmbed
@@ -36,62 +37,98 @@ from synrep.data.augment import MultiCrop, resize
 from synrep.data.masks import patch_masks
 from synrep.errors import ConfigError
 from synrep.losses import ibot_loss, multipos_query_key_loss, sinkhorn_knopp
-from synrep.methods.base import METHODS, Method
+from synrep.methods.base import METHODS, GroupOptions, Method
 from synrep.models import Encoder, ProjectionHead, PrototypeHead
 
 
+@dataclass
+class SynCLROptions(GroupOptions):
+    """``method.synclr``: SynCLR's terms (docs/methods.md section 1): EMA teacher keys,
+    multi-crop queries, iBOT masked modelling; and Flexi-JEST's mixed resolution."""
+
+    local_crops: int = 0  # multi-crop: extra small views per image (all positives)
+    local_size: int = 14
+    local_scale: tuple[float, float] = (0.1, 0.4)
+    global_crops: int = 1  # global views per image (queries and keys)
+    teacher: bool = True  # keys from an EMA teacher; False = keys are the student's own features
+    ema_momentum: float = 0.994  # teacher momentum at step 0, cosine-annealed to ema_momentum_end
+    ema_momentum_end: float = 1.0
+    contrastive_weight: float = 1.0  # multi-positive contrastive term; 0 removes it
+    ibot_weight: float = 1.0  # iBOT masked-token term; 0 removes it (and the iBOT head)
+    ibot_prototypes: int = 1024  # prototypes of the iBOT head (the paper: 65,536)
+    ibot_hidden_dim: int = 512
+    ibot_bottleneck_dim: int = 128
+    ibot_mask: Literal["block", "random"] = "block"  # block-wise (BEiT) or uniformly random
+    ibot_mask_prob: float = 0.5  # share of global crops that are masked
+    ibot_mask_ratio: tuple[float, float] = (0.1, 0.5)  # share of tokens masked, uniform per crop
+    ibot_student_temp: float = 0.1
+    ibot_teacher_temp: float = 0.07  # teacher temperature after warm-up
+    ibot_teacher_temp_start: float = 0.04
+    ibot_teacher_temp_warmup: int = 0  # steps of linear teacher-temperature warm-up
+    sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations for the teacher's token targets
+    # Flexi-JEST's mixed-resolution training (docs/methods.md section 5): this share of each
+    # batch's caption groups is trained at low_res_size (global crops downsampled,
+    # antialiased), so the learner also knows the low resolution it scores at
+    # (selection.score_size) and steps cost less.
+    low_res_share: float = 0.0  # in [0, 1); 0 trains every group at aug.size
+    low_res_size: int = 14
+
+
 def _check(cfg: Config, encoder: Encoder) -> None:
-    m = cfg.method
+    m = cfg.method.options
+    s = m.section  # method.synclr
     if m.contrastive_weight < 0 or m.ibot_weight < 0:
-        raise ConfigError("method.contrastive_weight and method.ibot_weight must be >= 0")
+        raise ConfigError(f"{s}.contrastive_weight and {s}.ibot_weight must be >= 0")
     if m.contrastive_weight == 0 and m.ibot_weight == 0:
-        raise ConfigError("method.contrastive_weight and method.ibot_weight are both 0: "
+        raise ConfigError(f"{s}.contrastive_weight and {s}.ibot_weight are both 0: "
                           "nothing to train")
     if m.global_crops < 1:
-        raise ConfigError(f"method.global_crops must be >= 1, got {m.global_crops}")
+        raise ConfigError(f"{s}.global_crops must be >= 1, got {m.global_crops}")
     if m.ibot_weight > 0 and not m.teacher:
-        raise ConfigError("iBOT targets come from the EMA teacher: set method.teacher=true or "
-                          "method.ibot_weight=0")
+        raise ConfigError(f"iBOT targets come from the EMA teacher: set {s}.teacher=true or "
+                          f"{s}.ibot_weight=0")
     if m.ibot_weight > 0 and not encoder.is_vit:
         raise ConfigError("iBOT masks patch tokens and needs a ViT backbone: set "
-                          "method.ibot_weight=0 for CNN backbones")
+                          f"{s}.ibot_weight=0 for CNN backbones")
     if m.contrastive_weight > 0 and m.images_per_caption * m.global_crops < 2 \
             and m.local_crops == 0:
         raise ConfigError("the contrastive term needs two views of a caption: raise "
-                          "method.images_per_caption, method.global_crops or method.local_crops")
+                          f"{s}.images_per_caption, {s}.global_crops or {s}.local_crops")
     if m.contrastive_weight == 0 and m.local_crops:
-        raise ConfigError("local crops only feed the contrastive term: set method.local_crops=0")
+        raise ConfigError(f"local crops only feed the contrastive term: set {s}.local_crops=0")
     if not 0 <= m.ema_momentum <= m.ema_momentum_end <= 1:
-        raise ConfigError("need 0 <= method.ema_momentum <= method.ema_momentum_end <= 1")
+        raise ConfigError(f"need 0 <= {s}.ema_momentum <= {s}.ema_momentum_end <= 1")
     if not 0 <= m.low_res_share < 1:
-        raise ConfigError(f"method.low_res_share must be in [0, 1), got {m.low_res_share}")
+        raise ConfigError(f"{s}.low_res_share must be in [0, 1), got {m.low_res_share}")
     if m.low_res_share > 0:
         if not encoder.is_vit:
-            raise ConfigError("method.low_res_share needs a ViT backbone: a CNN's batch-norm "
+            raise ConfigError(f"{s}.low_res_share needs a ViT backbone: a CNN's batch-norm "
                               "statistics would mix the two resolutions; set it to 0")
         p = encoder.backbone.patch_embed.patch_size[0]
         if not (p <= m.low_res_size < cfg.aug.size and m.low_res_size % p == 0):
             raise ConfigError(
-                f"method.low_res_size={m.low_res_size} must be a multiple of the patch size {p} "
+                f"{s}.low_res_size={m.low_res_size} must be a multiple of the patch size {p} "
                 f"below aug.size={cfg.aug.size} (e.g. {max(p, cfg.aug.size // 2 // p * p)})")
         if m.ibot_weight > 0:
-            raise ConfigError("method.low_res_share needs method.ibot_weight=0: iBOT masks are "
+            raise ConfigError(f"{s}.low_res_share needs {s}.ibot_weight=0: iBOT masks are "
                               "drawn on the full-resolution patch grid")
     if m.ibot_weight > 0 and isinstance(getattr(encoder.backbone, "patch_embed", None),
                                         HybridEmbed):
         raise ConfigError(
             f"iBOT masks patch tokens, but the convolutional stem of model.backbone="
             f"{cfg.model.backbone!r} lets visible tokens see across patch borders: set "
-            "method.ibot_weight=0 or use a plain patch embedding (e.g. vit_tiny_p7_28)")
+            f"{s}.ibot_weight=0 or use a plain patch embedding (e.g. vit_tiny_p7_28)")
+
 
 @METHODS.register("synclr")
 class SynCLR(Method):
+    Options = SynCLROptions
     batch_kind = "groups"
 
     def __init__(self, cfg: Config, encoder: Encoder) -> None:
         super().__init__(encoder)
         _check(cfg, encoder)
-        m = cfg.method
+        m = cfg.method.options
         self.cfg = m
         self.total_steps = cfg.train.steps
         self.step = 0

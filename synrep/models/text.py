@@ -62,10 +62,10 @@ def fashion_text(m) -> tuple[PreTrainedModel, Any]:
 
     for key in ("text_width", "text_layers", "text_heads", "text_context"):
         if getattr(m, key) < 1:
-            raise ConfigError(f"method.{key} must be >= 1, got {getattr(m, key)}")
+            raise ConfigError(f"{m.section}.{key} must be >= 1, got {getattr(m, key)}")
     if m.text_width % m.text_heads:
-        raise ConfigError(f"method.text_width={m.text_width} must be divisible by "
-                          f"method.text_heads={m.text_heads}")
+        raise ConfigError(f"{m.section}.text_width={m.text_width} must be divisible by "
+                          f"{m.section}.text_heads={m.text_heads}")
     tok = load_tokenizer(SHIPPED["fashion-mini"] / "tokenizer")
     # eos_token_id != 2 makes CLIPTextModel pool at the first end-of-text token (not argmax id).
     config = CLIPTextConfig(
@@ -106,7 +106,7 @@ class TextTower(nn.Module):
         context: texts are truncated to this many tokens (special tokens included).
 
     Example:
-        >>> tower = build_text_tower(cfg.method)
+        >>> tower = build_text_tower(cfg.method.options)
         >>> tower(["a dark coat", "a sandal on a bench"]).shape
         torch.Size([2, 128])
     """
@@ -143,7 +143,7 @@ class TextTower(nn.Module):
 
 
 def build_text_tower(m) -> TextTower:
-    """The text tower of a :class:`synrep.config.MethodConfig` (``text_model``, ``proj_dim``)."""
+    """The text tower of a text-tower method's options (``text_model``, ``proj_dim``, ...)."""
     name = m.text_model
     if name in TEXT_MODELS:
         model, tok = TEXT_MODELS.get(name)(m)
@@ -152,7 +152,7 @@ def build_text_tower(m) -> TextTower:
         path = Path(name).expanduser()
         if not name or not path.is_dir():
             raise ConfigError(
-                f"method.text_model={name!r} is neither a built-in text model "
+                f"{m.section}.text_model={name!r} is neither a built-in text model "
                 f"({', '.join(TEXT_MODELS.names())}) nor a folder; give a folder written by "
                 "save_pretrained (a hub model: download it first, e.g. `huggingface-cli download "
                 "ID --local-dir DIR`)")

@@ -28,6 +28,13 @@ Pairwise decomposition, per loss:
 * Multi-positive over whole caption groups: :class:`MultiposGroups` selects groups of ``m`` images
   and, like softmax, recomputes the exact gains against the selected groups (no frozen
   denominator, so groups are coupled through each other's negatives).
+
+The losses themselves are those of :mod:`synrep.losses`: SigLIP's pair losses are
+:func:`~synrep.losses.siglip.siglip_loss` with ``reduction="none"``, a CLIP sub-batch's loss is
+:func:`~synrep.losses.clip.clip_loss`, a caption-group set's summed loss is
+:func:`~synrep.losses.multipos.multipos_loss` with ``reduction="sum"``; the dense functions below
+call them. The classes evaluate the same quantities blockwise (bounded memory, one pass per
+chunk) for the sampler, which those functions cannot do without the full ``[B, B]`` matrix.
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from synrep.dist import gather_no_grad, rank, world_size
+from synrep.losses.clip import clip_loss
+from synrep.losses.multipos import multipos_loss
+from synrep.losses.siglip import siglip_loss
 
 Score = Literal["learnability", "hard_learner", "easy_reference"]
 Precision = Literal["fp32", "bf16"]
@@ -431,7 +441,8 @@ class _DensePairs(_AdditivePairs):
 class SigmoidPairs(_AdditivePairs):
     """SigLIP pair losses ``S_ij = -log sigmoid(z_ij (t x_i.y_j + b))``, ``z = +1`` iff i = j.
 
-    Exact: the SigLIP loss of a sub-batch ``A`` is ``sum_{i,j in A} S_ij / |A|``.
+    Exact: the SigLIP loss of a sub-batch ``A`` is ``sum_{i,j in A} S_ij / |A|``. ``S`` is
+    :func:`synrep.losses.siglip.siglip_loss` with ``reduction="none"``, computed here by blocks.
 
     Shapes: img [B, d], txt [B, d] (L2-normalised inside); ``t`` the logit scale (not its log),
     ``b`` the bias of the model being scored. ``precision="bf16"``: the sampler's GEMMs (the
@@ -664,7 +675,9 @@ class SoftmaxPairs:
     where ``r_i, c_i`` are the row and column LSEs of ``i`` within ``A``. It keeps ``s[:, A]`` and
     ``s[A, :]`` ((B, |A|) each) and recomputes the gain from them per chunk: O(B b) memory. A
     singleton has zero CLIP loss, so the first chunk is drawn instead from each example's loss
-    against the whole super-batch (RHO-LOSS style; the diagonal of :func:`softmax_pair_loss`).
+    against the whole super-batch (RHO-LOSS style; the diagonal of :func:`softmax_pair_loss`):
+    ``per_example`` is :func:`synrep.losses.clip.clip_loss` with ``reduction="none"``, its
+    log-sum-exps computed in row blocks.
 
     Shapes: img [B, d], txt [B, d] (L2-normalised inside). ``precision="bf16"``: the tracker's
     logit blocks (:meth:`logits`) come from bf16 GEMM operands (:func:`_mm_operand`).
@@ -771,7 +784,9 @@ class MultiposGroups:
     ``T`` of a single group depends only on the spread of its positive similarities
     (``m = 2``: zero), so, as for :class:`SoftmaxPairs`, the first chunk is drawn instead from
     :meth:`example_losses`, each group's loss against the whole super-batch; with one chunk the
-    sampler is therefore independent (RHO-LOSS style) selection by that loss.
+    sampler is therefore independent (RHO-LOSS style) selection by that loss. (``T`` is
+    :func:`synrep.losses.multipos.multipos_loss` with ``reduction="sum"`` on the images of ``A``;
+    :meth:`example_losses` its ``reduction="none"`` anchor losses summed per group.)
 
     Shapes: z [G, m, d] (every image L2-normalised inside), ``m >= 2``. ``precision="bf16"``:
     the similarity GEMMs read bf16 operands (:func:`_mm_operand`); the exponentials, logs and
@@ -914,8 +929,13 @@ class _MultiposGroupTracker:
 
 @torch.no_grad()
 def sigmoid_pair_loss(img: Tensor, txt: Tensor, t: float, b: float) -> Tensor:
-    """[B, B] SigLIP pair losses; see :class:`SigmoidPairs` (exactly decomposable)."""
-    return SigmoidPairs(img, txt, t, b).dense()
+    """[B, B] SigLIP pair losses (exactly decomposable, see :class:`SigmoidPairs`): the
+    unreduced :func:`synrep.losses.siglip.siglip_loss` of this process's examples."""
+    _check_embeddings(("img", "txt"), img, txt)
+    t = _check_temperature("t (sigmoid logit scale)", t)
+    if not math.isfinite(b):
+        raise ValueError(f"b (sigmoid bias) must be finite, got {b!r}")
+    return siglip_loss(img, txt, t, float(b), reduction="none", gather=False)
 
 
 @torch.no_grad()
@@ -937,21 +957,20 @@ def softmax_pair_loss(img: Tensor, txt: Tensor, temperature: float) -> Tensor:
 
 
 def softmax_batch_loss(img: Tensor, txt: Tensor, idx: Tensor, temperature: float) -> Tensor:
-    """The symmetric CLIP loss (mean over the batch) of the examples ``idx`` (n,). Scalar."""
+    """The symmetric CLIP loss (mean over the batch) of the examples ``idx`` (n,): the loss of
+    :func:`synrep.losses.clip.clip_loss` at scale ``1 / temperature``. Scalar."""
     _check_embeddings(("img", "txt"), img, txt)
-    _check_temperature("temperature", temperature)
-    x, y = _as_float(img)[idx], _as_float(txt)[idx]
-    logits = x @ y.T / temperature  # (n, n)
-    target = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    temperature = _check_temperature("temperature", temperature)
+    return clip_loss(img.detach()[idx], txt.detach()[idx], 1 / temperature, gather=False)
 
 
 def multipos_group_loss(z: Tensor, idx: Tensor, temperature: float) -> Tensor:
     """``T(A)`` of :class:`MultiposGroups` for the groups ``idx`` (a,), written out densely.
 
     The multi-positive loss summed over the anchors of the selected groups' images (each anchor's
-    log-sum-exp runs over the other selected images, its positives are its group-mates). Builds
-    the ``(a m, a m)`` similarity matrix: small inputs and tests only. Scalar; 0 for no groups.
+    log-sum-exp runs over the other selected images, its positives are its group-mates):
+    :func:`synrep.losses.multipos.multipos_loss` with ``reduction="sum"``. Builds the
+    ``(a m, a m)`` similarity matrix: small inputs and tests only. Scalar; 0 for no groups.
     """
     _check_groups("z", z)
     temperature = _check_temperature("temperature", temperature)
@@ -962,14 +981,8 @@ def multipos_group_loss(z: Tensor, idx: Tensor, temperature: float) -> Tensor:
     a, m, d = zs.shape
     if a == 0:
         return zs.new_zeros(())
-    x = zs.reshape(a * m, d)
-    s = x @ x.T / temperature  # (a m, a m)
-    group = torch.arange(a, device=s.device).repeat_interleave(m)
-    self_mask = torch.eye(a * m, dtype=torch.bool, device=s.device)
-    pos = (group[:, None] == group[None, :]) & ~self_mask
-    lse = torch.logsumexp(s.masked_fill(self_mask, -math.inf), dim=1)
-    pos_mean = (s * pos).sum(dim=1) / (m - 1)
-    return (lse - pos_mean).sum()
+    group = torch.arange(a, device=zs.device).repeat_interleave(m)
+    return multipos_loss(zs.reshape(a * m, d), group, temperature, reduction="sum", gather=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,11 +80,17 @@ def check_selection(cfg: Config, b: int, big: int | None = None) -> int:
     _check_reference(cfg)
     if s.score_size is not None and s.score_size < 1:
         raise ConfigError(f"selection.score_size must be >= 1 or null, got {s.score_size}")
-    m = cfg.method.images_per_caption
+    opts = cfg.method.options
+    if not hasattr(opts, "images_per_caption"):
+        raise ConfigError(
+            f"selection selects caption groups: it needs a caption-group method (synclr, "
+            f"stablerep, stablerep_pp), not method.name={cfg.method.name}")
+    m = opts.images_per_caption
     if s.score_images is not None and not 2 <= s.score_images <= m:
         raise ConfigError(
             f"selection.score_images={s.score_images} must be in [2, {m}] "
-            "(method.images_per_caption): the multi-positive score needs two images of a caption")
+            f"({opts.section}.images_per_caption): the multi-positive score needs two images "
+            "of a caption")
     return big
 
 
@@ -202,8 +208,8 @@ def _check_reference_dim(cfg: Config, dim: int, learner_dim: int) -> None:
         raise CheckpointError(
             f"selection.reference={cfg.selection.reference!r} embeds images in {dim} "
             f"dimensions but the learner in {learner_dim}; learnability subtracts the two "
-            "models' losses, so train the reference with this run's method.proj_dim "
-            f"({learner_dim})")
+            f"models' losses, so train the reference with this run's "
+            f"{cfg.method.options.section}.proj_dim ({learner_dim})")
 
 
 @dataclass
@@ -297,7 +303,7 @@ class OnlineSelector:
         sel, stats = select_groups(
             learner, reference, self.b, self.generator(step), score=s.score, joint=s.joint,
             chunks=s.chunks, temperature=s.temperature,
-            loss_temperature=self.cfg.method.temperature, greedy=s.greedy,
+            loss_temperature=self.cfg.method.options.temperature, greedy=s.greedy,
             balance=dist.world_size() > 1, precision=self.precision)
         local = sel.local.to(batch["images"].device)
         sub = {k: [v[i] for i in local.tolist()] if isinstance(v, list) else v[local]  # texts
@@ -361,7 +367,7 @@ def select_offline(cfg: Config) -> Path:
         raise CheckpointError(
             f"selection.reference embeds images in {emb['reference'].shape[-1]} dimensions but "
             f"selection.learner in {emb['learner'].shape[-1]}; train both with the same "
-            "method.proj_dim")
+            f"{cfg.method.options.section}.proj_dim")
     g = torch.Generator().manual_seed(cfg.run.seed)
     order = torch.randperm(len(images), generator=g)
     kept, t0 = [], time.perf_counter()
@@ -374,7 +380,7 @@ def select_offline(cfg: Config) -> Path:
         sub = {r: None if z is None else z[part].to(device) for r, z in emb.items()}
         sel, _ = select_groups(sub["learner"], sub["reference"], b, sel_gen, score=s.score,
                                joint=s.joint, chunks=chunks, temperature=s.temperature,
-                               loss_temperature=cfg.method.temperature, greedy=s.greedy,
+                               loss_temperature=cfg.method.options.temperature, greedy=s.greedy,
                                balance=False, precision=precision)
         kept.append(part[sel.indices.cpu()])
     ids = torch.cat(kept).sort().values

@@ -30,7 +30,8 @@ class Stage:
     rendering). ``needs``: the stages whose outputs it reads, when they are in the run.
     ``check(cfg)``, when given, validates the config before any stage of the run starts, so a
     mistake is found before hours of earlier stages. ``order`` places it in ``synrep run``'s
-    canonical sequence.
+    canonical sequence. ``reruns``: a cheap stage whose inputs change whenever another stage
+    runs (the report) is never complete and always runs again.
     """
 
     name: str
@@ -40,6 +41,7 @@ class Stage:
     ranks: Callable[[Config], Ranks] = lambda cfg: "main"
     needs: tuple[str, ...] = ()
     check: Callable[[Config], None] | None = None
+    reruns: bool = False
     help: str = ""
 
     def execute(self, cfg: Config) -> None:

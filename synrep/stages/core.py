@@ -101,6 +101,5 @@ register_stage(Stage(
     "eval", _eval, _eval_done, order=80, needs=("train", "search"),
     help="frozen-feature protocols on real data -> RUN/eval/results.json"))
 register_stage(Stage(
-    # cheap, and its inputs change whenever another stage runs: always rewritten
-    "report", _report, lambda cfg: False, order=90,
+    "report", _report, lambda cfg: False, order=90, reruns=True,
     help="the HTML report -> RUN/report.html"))

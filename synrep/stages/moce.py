@@ -26,6 +26,15 @@ from synrep.methods.moce import export_expert, load_moce, search_experts
 from synrep.stages.base import Stage, register_stage
 from synrep.utils import write_json_atomic
 
+
+def _moce(cfg: Config, stage: str):
+    """``method.moce``'s options, or a clear error for a run of another method."""
+    if cfg.method.name != "moce":
+        raise ConfigError(f"the {stage} stage is MoCE's; this run's method is "
+                          f"{cfg.method.name!r} (set method.name=moce)")
+    return cfg.method.moce
+
+
 # -- cluster ---------------------------------------------------------------------------------
 
 
@@ -39,14 +48,14 @@ def cluster_features(encoder, images: Tensor, device: torch.device | str = "cpu"
 
 
 def _feature_checkpoint(cfg: Config) -> Path:
-    path = cfg.method.moce_features
+    path = _moce(cfg, "cluster").features
     if not path:
         raise ConfigError(
-            "the cluster stage needs method.moce_features: a checkpoint whose encoder features "
+            "the cluster stage needs method.moce.features: a checkpoint whose encoder features "
             "cluster the images (MoCE uses a pretrained MAE), e.g. "
-            "method.moce_features=runs/mae_fashion/train/checkpoints/final.safetensors")
+            "method.moce.features=runs/mae_fashion/train/checkpoints/final.safetensors")
     if not Path(path).is_file():
-        raise ConfigError(f"method.moce_features={path!r} does not exist; train an MAE first "
+        raise ConfigError(f"method.moce.features={path!r} does not exist; train an MAE first "
                           "(synrep run configs/mae_fashion.yaml) and pass its final checkpoint")
     return Path(path)
 
@@ -54,10 +63,10 @@ def _feature_checkpoint(cfg: Config) -> Path:
 def _key(cfg: Config, shape: tuple[int, ...]) -> dict[str, Any]:
     ck = _feature_checkpoint(cfg)
     st = ck.stat()
-    m = cfg.method
+    m = _moce(cfg, "cluster")
     return {"features": str(ck.resolve()), "features_size": st.st_size,
-            "features_mtime_ns": st.st_mtime_ns, "clusters": m.moce_clusters,
-            "iters": m.moce_kmeans_iters, "seed": cfg.run.seed, "shape": list(shape),
+            "features_mtime_ns": st.st_mtime_ns, "clusters": m.clusters,
+            "iters": m.kmeans_iters, "seed": cfg.run.seed, "shape": list(shape),
             "data": json.loads(cfg.to_json())["data"]}
 
 
@@ -80,18 +89,18 @@ def cluster_done(cfg: Config) -> bool:
 
 def run_cluster(cfg: Config) -> Path:
     """Cluster the training source's images; write RUN/cluster/clusters.safetensors."""
-    m = cfg.method
-    if m.moce_clusters < 1:
-        raise ConfigError(f"method.moce_clusters={m.moce_clusters} must be >= 1")
+    m = _moce(cfg, "cluster")
+    if m.clusters < 1:
+        raise ConfigError(f"method.moce.clusters={m.clusters} must be >= 1")
     ck = _feature_checkpoint(cfg)
     device = torch.device(cfg.run.device)
     try:
         encoder, other = load_encoder(ck, device, weights="student")
     except ConfigError as e:
-        raise CheckpointError(f"method.moce_features={str(ck)!r}: {e}") from None
+        raise CheckpointError(f"method.moce.features={str(ck)!r}: {e}") from None
     if other.model.in_chans != cfg.model.in_chans:
         raise CheckpointError(
-            f"method.moce_features={str(ck)!r} takes {other.model.in_chans}-channel images but "
+            f"method.moce.features={str(ck)!r} takes {other.model.in_chans}-channel images but "
             f"this run's data has {cfg.model.in_chans}")
     images = _source_images(cfg)
     lead = tuple(images.shape[:-3])
@@ -102,13 +111,13 @@ def run_cluster(cfg: Config) -> Path:
                              antialias=True).round().clamp(0, 255).to(torch.uint8)
     with torch.inference_mode():
         feats = cluster_features(encoder, flat, device)
-    tqdm.write(f"[cluster] k-means: {len(feats)} images, {m.moce_clusters} clusters")
-    centroids, assign, inertia = kmeans(feats, m.moce_clusters, m.moce_kmeans_iters, cfg.run.seed)
-    sizes = torch.bincount(assign, minlength=m.moce_clusters)
+    tqdm.write(f"[cluster] k-means: {len(feats)} images, {m.clusters} clusters")
+    centroids, assign, inertia = kmeans(feats, m.clusters, m.kmeans_iters, cfg.run.seed)
+    sizes = torch.bincount(assign, minlength=m.clusters)
     meta = {"key": _key(cfg, lead), "inertia": inertia, "feature_dim": int(feats.shape[1]),
             "feature_img_size": size, "sizes": sizes.tolist()}
     out = save_clusters(layout(cfg).clusters, centroids, assign.reshape(lead), meta)
-    print(f"[cluster] {out}: {m.moce_clusters} clusters of {len(feats)} images, sizes "
+    print(f"[cluster] {out}: {m.clusters} clusters of {len(feats)} images, sizes "
           f"{min(sizes.tolist())}..{max(sizes.tolist())}, inertia {inertia:.4f}")
     return out
 
@@ -136,16 +145,16 @@ def search_done(cfg: Config) -> bool:
 
 def check_searchable(cfg: Config) -> None:
     """Expert search exports one expert per MoE block, a normal-size ViT that equals the MoCE
-    model only when every image takes one expert per block (``method.moce_top_k=1``); with
+    model only when every image takes one expert per block (``method.moce.top_k=1``); with
     top-k > 1 the routed model mixes k experts and no single-expert ViT reproduces it."""
     if cfg.method.name != "moce":
         raise ConfigError(f"the search stage exports an expert of a MoCE model; this run's "
                           f"method is {cfg.method.name!r} (set method.name=moce)")
-    if cfg.method.moce_top_k != 1:
+    if cfg.method.moce.top_k != 1:
         raise ConfigError(
             f"the search stage exports one expert per MoE block, which is the MoCE model only "
-            f"with method.moce_top_k=1 (this run has {cfg.method.moce_top_k}: each image mixes "
-            f"{cfg.method.moce_top_k} experts); train with method.moce_top_k=1, or drop search "
+            f"with method.moce.top_k=1 (this run has {cfg.method.moce.top_k}: each image mixes "
+            f"{cfg.method.moce.top_k} experts); train with method.moce.top_k=1, or drop search "
             "from run.stages and evaluate the MoCE checkpoint itself")
 
 
@@ -159,11 +168,11 @@ def run_search(cfg: Config) -> Path:
     device = torch.device(cfg.run.device)
     model = load_moce(ck, device)
     check_searchable(model.cfg)  # the checkpoint's own routing, whatever this config says
-    feat_path = model.cfg.method.moce_features
+    feat_path = model.cfg.method.moce.features
     if not feat_path or not Path(feat_path).is_file():
         raise ConfigError(
             f"expert search embeds the downstream images with the clustering model "
-            f"method.moce_features={feat_path!r}, which does not exist; keep that checkpoint")
+            f"method.moce.features={feat_path!r}, which does not exist; keep that checkpoint")
     featurer, fcfg = load_encoder(feat_path, device, weights="student")
     ds = load_split(cfg.eval, cfg.eval.train_split, fcfg.model.img_size)
     with torch.inference_mode():

@@ -13,6 +13,7 @@ import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -25,7 +26,7 @@ from synrep.config import Config
 from synrep.data.sources import ArraySource
 from synrep.device import autocast_for, choose_attention, resolve_device, resolve_precision
 from synrep.errors import CheckpointError, ConfigError
-from synrep.factory import build_method, build_optimizer, build_source
+from synrep.factory import build_method, build_optimizer, build_source, checkpoint_config
 from synrep.layout import layout
 from synrep.selection.online import OnlineSelector, check_selection
 from synrep.train.step import TrainingDiverged, set_schedule, step_seed, train_step
@@ -38,18 +39,30 @@ _RESUME_SECTIONS = ("model", "method", "data", "aug", "optim", "train", "selecti
 
 def check_same_run(ck: Checkpoint, cfg: Config) -> None:
     """Refuse to resume or reuse a checkpoint trained with a different config."""
-    stored, current = ck.config, json.loads(cfg.to_json())
-    defaults = json.loads(Config().to_json())
+    # Read as any stored config: keys missing from an older checkpoint had their defaults then,
+    # and a flat method section is an older synrep's.
+    stored = json.loads(checkpoint_config(ck).to_json())
+    current = json.loads(cfg.to_json())
     for section in _RESUME_SECTIONS:
-        # Keys (or sections) missing from an older checkpoint had their defaults then.
-        then = {**defaults[section], **stored.get(section, {})}
-        if then != current[section]:
-            changed = sorted(k for k in set(current[section]) | set(then)
-                             if then.get(k) != current[section].get(k))
+        then, now = _flat(stored[section]), _flat(current[section])
+        if then != now:
+            changed = sorted(k for k in set(now) | set(then) if then.get(k) != now.get(k))
             raise CheckpointError(
                 f"{str(ck.path)!r} was written with a different {section!r} config (changed: "
                 f"{', '.join(f'{section}.{k}' for k in changed)}); use the same config, or "
                 "start a new run with run.dir=<new folder>")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections as dotted keys: {"name": "mae", "mae": {"mask_ratio": 0.75}} ->
+    {"name": "mae", "mae.mask_ratio": 0.75}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 class _Accounting:
