@@ -166,6 +166,15 @@ def checkpoint_config(ck: Checkpoint) -> Config:
             from None
 
 
+def check_input_channels(other: Config, cfg: Config, key: str) -> None:
+    """Refuse a model (the checkpoint named by config key ``key``, trained with ``other``) that
+    takes other images than this run's data."""
+    if other.model.in_chans != cfg.model.in_chans:
+        raise CheckpointError(
+            f"{key} takes {other.model.in_chans}-channel images but this run's data has "
+            f"{cfg.model.in_chans}; use a model trained on images like these")
+
+
 def load_method(path: str | Path, device: torch.device | str = "cpu") -> tuple[Method, Config]:
     """The whole trained method in a synrep checkpoint (eval mode) and its config."""
     ck = Checkpoint(path)

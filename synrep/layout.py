@@ -14,7 +14,9 @@ A run directory (``run.dir``) holds everything a ``synrep run`` writes, one fold
     RUN/report.html                      the HTML report
 
 Code asks a :class:`RunLayout` for a path instead of joining folder names itself, so the layout
-can change in one place.
+can change in one place. Only the working files that one module keeps inside its own folder
+(the mini generator's trainer state in ``RUN/generator``, its evaluation's judge model) are
+named by that module.
 """
 
 from __future__ import annotations

@@ -154,7 +154,7 @@ def violations(root: Path, extra_dirs: tuple[str, ...] = ("benchmarks",)) -> lis
             if private and not _under(mod, imp.target):
                 errors.append(f"{where}:{imp.line}: imports private name(s) {private} of "
                               f"{imp.target}; make them public or keep them in their module")
-    errors += [f"import cycle: {' -> '.join(c)}" for c in cycles(graph)]
+    errors += [f"import cycle among {len(c)} modules: {', '.join(c)}" for c in cycles(graph)]
     for d in extra_dirs:
         for path in sorted((root / d).rglob("*.py")):
             for imp in imports_of(path.read_text(), path.stem, False):
@@ -166,7 +166,7 @@ def violations(root: Path, extra_dirs: tuple[str, ...] = ("benchmarks",)) -> lis
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """The strongly connected components with more than one module (Tarjan), each as a path."""
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -194,7 +194,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
                 if w == v:
                     break
             if len(comp) > 1:
-                out.append(sorted(comp) + [sorted(comp)[0]])
+                out.append(sorted(comp))
 
     for v in sorted(graph):
         if v not in index:

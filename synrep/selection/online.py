@@ -33,7 +33,7 @@ from synrep.data.augment import resize
 from synrep.data.shards import iter_groups, write_shard
 from synrep.device import resolve_device, resolve_precision
 from synrep.errors import CheckpointError, ConfigError
-from synrep.factory import checkpoint_config, load_method, pool_groups
+from synrep.factory import check_input_channels, checkpoint_config, load_method, pool_groups
 from synrep.layout import layout
 from synrep.methods import Method
 from synrep.selection import jest
@@ -131,10 +131,7 @@ def load_frozen(path: str, cfg: Config, role: str, device: torch.device) -> Meth
         other = checkpoint_config(Checkpoint(path))
     except CheckpointError as e:
         raise CheckpointError(f"{key}={e}") from None
-    if other.model.in_chans != cfg.model.in_chans:
-        raise CheckpointError(
-            f"{key}={path!r} takes {other.model.in_chans}-channel images but this run's data has "
-            f"{cfg.model.in_chans}; train the {role} on images like these")
+    check_input_channels(other, cfg, f"{key}={path!r}")
     method, _ = load_method(path, device)
     return method.requires_grad_(False)
 

@@ -20,7 +20,7 @@ from synrep.config import Config
 from synrep.errors import CheckpointError, ConfigError, DataError
 from synrep.eval.features import extract_features
 from synrep.eval.stage import load_split
-from synrep.factory import build_source, load_encoder
+from synrep.factory import build_source, check_input_channels, load_encoder
 from synrep.layout import layout
 from synrep.methods.moce import export_expert, load_moce, search_experts
 from synrep.stages.base import Stage, register_stage
@@ -98,10 +98,7 @@ def run_cluster(cfg: Config) -> Path:
         encoder, other = load_encoder(ck, device, weights="student")
     except ConfigError as e:
         raise CheckpointError(f"method.moce.features={str(ck)!r}: {e}") from None
-    if other.model.in_chans != cfg.model.in_chans:
-        raise CheckpointError(
-            f"method.moce.features={str(ck)!r} takes {other.model.in_chans}-channel images but "
-            f"this run's data has {cfg.model.in_chans}")
+    check_input_channels(other, cfg, f"method.moce.features={str(ck)!r}")
     images = _source_images(cfg)
     lead = tuple(images.shape[:-3])
     flat = images.reshape(-1, *images.shape[-3:])
