@@ -12,7 +12,7 @@ import torch
 from timm.layers import Attention
 
 from synrep import cli
-from synrep.config import load_config
+from synrep.config import Config, load_config
 from synrep.factory import build_method
 from synrep.methods.mixedae import MixedAE, homologous_attention, homologous_block, mix_patches
 from tests.conftest import TINY, needs_fashion
@@ -186,3 +186,27 @@ def test_homologous_contrastive_loss_pairs_each_sources_halves():
     # a different split of each source's positions changes nothing here
     again = m.contrastive_loss(latent, source, torch.Generator().manual_seed(9))
     assert again.item() == pytest.approx(got.item(), rel=1e-6)
+
+
+def test_gradients_are_the_same_in_every_run_on_two_threads():
+    # The segment embedding's gradient once came from an indexing backward whose accumulation
+    # order depended on thread timing: two runs of one seed then trained different weights.
+    cfg = Config()
+    cfg.method.name = "mixedae"
+    cfg.train.batch_size = 64
+    m = build_method(cfg).train()
+    x = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(3):
+            m.zero_grad()
+            m({"images": x}, torch.Generator().manual_seed(1))["loss"].backward()
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    finally:
+        torch.set_num_threads(threads)
+    for other in grads[1:]:
+        for name, grad in grads[0].items():
+            assert torch.equal(grad, other[name]), name

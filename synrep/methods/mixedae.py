@@ -238,7 +238,10 @@ class MixedAE(MAE):
                 f"{t.shape[0]} (per rank); make the per-rank batch divisible by {self.n_src}")
         mixed, source, owner = mix_patches(t, 1.0 / self.n_src, g)
         seg = self.segment_embed.view(self.n_src, -1).to(mixed.dtype)
-        mixed = mixed + seg[source]
+        # seg[source] as a one-hot product: indexing's backward accumulates (G*N -> n rows) in a
+        # thread-dependent order on a CPU, so two runs of one seed drifted apart; a matmul's
+        # reduction order is fixed. The forward is exact (one 1 and zeros per row).
+        mixed = mixed + F.one_hot(source, self.n_src).to(mixed.dtype) @ seg
         p = self.num_prefix
         tokens = torch.cat([prefix[owner[:, 0]], mixed], dim=1)  # prefix tokens are shared
         tokens = vit.norm_pre(vit.pos_drop(tokens))
