@@ -195,11 +195,9 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu",
         raise ConfigError(f"eval.weights={weights!r}: choose teacher or student")
     ck = Checkpoint(path)
     cfg = config_from_dict(ck.config, f"checkpoint {str(path)!r}")
-    if cfg.method.name == "moce":
-        raise ConfigError(
-            f"{str(path)!r} is a MoCE checkpoint: its MoE blocks need a route per image. Run "
-            "expert search (`synrep search CONFIG`) and evaluate the dense ViT it exports "
-            "(RUN/search/expert.safetensors)")
+    why = METHODS.get(cfg.method.name).no_plain_encoder if cfg.method.name in METHODS else ""
+    if why:
+        raise ConfigError(f"{str(path)!r}: {why}")
     encoder = build_encoder(cfg.model)
     has_teacher = any(k.startswith("teacher.encoder.") for k in ck.model_state)
     prefix = "teacher.encoder." if weights == "teacher" and has_teacher else "encoder."

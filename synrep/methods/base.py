@@ -86,6 +86,10 @@ class Method(nn.Module):
     #: :meth:`encode_image` and :meth:`encode_text`, and evaluation adds zero-shot classification.
     has_text_tower: bool = False
 
+    #: Why the encoder in this method's checkpoints cannot be read as a plain encoder (and what
+    #: to use instead); "" when it can.
+    no_plain_encoder: str = ""
+
     #: The stage that writes the checkpoint evaluation reads (see :meth:`eval_checkpoint`).
     eval_after: str = "train"
 

@@ -135,6 +135,9 @@ class MoCE(MAE):
     # The MoE blocks need a route per image, so evaluation reads the dense ViT that expert search
     # exports for the downstream dataset (the `search` stage, synrep.stages.moce).
     eval_after = "search"
+    no_plain_encoder = (
+        "a MoCE checkpoint: its MoE blocks need a route per image. Run expert search (`synrep "
+        "search CONFIG`) and evaluate the dense ViT it exports (RUN/search/expert.safetensors)")
 
     @classmethod
     def eval_checkpoint(cls, cfg: Config) -> Path:
