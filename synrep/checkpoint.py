@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from synrep.errors import CheckpointError
+from synrep.utils import is_no_space, json_dumps, no_space_error, temp_path
 
 FORMAT = "synrep-checkpoint-v1"
 
@@ -59,9 +60,16 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module | dict[str, torch.T
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
         tensors.update(opt_tensors)
         meta["optimizer"] = opt_meta
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"synrep": json.dumps(meta)})
-    os.replace(tmp, path)
+    metadata = {"synrep": json_dumps(meta, path)}  # NaN/inf refused before anything is written
+    tmp = temp_path(path)  # unique to this process: ranks or runs never share a temporary file
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if is_no_space(e):
+            raise no_space_error(path) from None
+        raise
     return path
 
 
@@ -70,6 +78,10 @@ class Checkpoint:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise CheckpointError(
+                f"checkpoint {str(self.path)!r} is a directory, not a file; pass the "
+                "checkpoint's .safetensors file (e.g. RUN/train/checkpoints/final.safetensors)")
         if not self.path.is_file():
             raise CheckpointError(f"checkpoint {str(self.path)!r} does not exist")
         try:
@@ -89,13 +101,40 @@ class Checkpoint:
                 f"{str(self.path)!r} is not a synrep checkpoint ({type(e).__name__}: {e}); "
                 "synrep reads only safetensors checkpoints written by `synrep train` and never "
                 "unpickles files") from None
-        if self.meta.get("format") != FORMAT:
-            raise CheckpointError(
-                f"{str(self.path)!r} has checkpoint format {self.meta.get('format')!r}; this "
-                f"synrep reads {FORMAT!r}")
-        self.step: int = int(self.meta["step"])
+        self._check_meta()
+        self.step: int = self.meta["step"]
         self.config: dict[str, Any] = self.meta["config"]
         self.extra: dict[str, Any] = self.meta.get("extra", {})
+
+    def _check_meta(self) -> None:
+        """The metadata's shape: an object with an integer ``step`` and object ``config``."""
+        meta = self.meta
+
+        def bad(what: str) -> CheckpointError:
+            return CheckpointError(
+                f"checkpoint {str(self.path)!r} has malformed synrep metadata ({what}); it was "
+                "not written by `synrep train` or was edited: use an unmodified checkpoint")
+
+        if not isinstance(meta, dict):
+            raise bad(f"a JSON {type(meta).__name__}, expected an object")
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(
+                f"{str(self.path)!r} has checkpoint format {meta.get('format')!r}; this "
+                f"synrep reads {FORMAT!r}")
+        if "step" not in meta:
+            raise bad("no 'step'")
+        step = meta["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise bad(f"'step' is {step!r}, expected an integer >= 0")
+        if not isinstance(meta.get("config"), dict):
+            got = "missing" if "config" not in meta else f"a {type(meta['config']).__name__}"
+            raise bad(f"'config' is {got}, expected an object")
+        if not isinstance(meta.get("extra", {}), dict):
+            raise bad(f"'extra' is a {type(meta['extra']).__name__}, expected an object")
+        opt = meta.get("optimizer")
+        if opt is not None and not (isinstance(opt, dict) and isinstance(
+                opt.get("param_groups"), list) and isinstance(opt.get("scalars"), dict)):
+            raise bad("'optimizer' is not an object with 'param_groups' and 'scalars'")
 
     @property
     def model_state(self) -> dict[str, torch.Tensor]:

@@ -14,14 +14,19 @@
     synrep config CONFIG [key.sub=value ...]  print the resolved config
 
 ``main(argv)`` takes a list so tests run the real CLI in-process. Errors caused by input print one
-message and exit with status 2.
+message and exit with status 2. Ctrl-C (SIGINT) and SIGTERM (``kill``, a batch scheduler's stop)
+both stop the command the same way: the running stage unwinds (its outputs are written under
+temporary names and renamed, so nothing half-written looks finished), one line says to run the
+same command again to resume, and the exit status is 130 (128 + SIGINT) or 143 (128 + SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -32,11 +37,12 @@ from synrep.browser import render_in_browser
 from synrep.config import load_config, save_config
 from synrep.errors import SynrepError
 from synrep.eval.features import save_features
-from synrep.eval.stage import embed_split, evaluate_checkpoint
+from synrep.eval.stage import check_eval, embed_split, evaluate_checkpoint
 from synrep.factory import load_encoder
 from synrep.images.evaluate import evaluate_generator
 from synrep.images.mini import train_generator
 from synrep.layout import layout
+from synrep.lock import run_lock
 from synrep.pipeline import print_summary, run_stages
 from synrep.report import write_report
 from synrep.scaling import run_scaling
@@ -108,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_embed(args: argparse.Namespace) -> None:
     out = Path(args.out)
+    if out.is_dir():  # before any feature is computed
+        raise SynrepError(f"--out {str(out)!r} is a directory; name the .npz file to write, "
+                          f"e.g. --out {str(out / 'features.npz')!r}")
     ensure_writable_dir(out.parent if str(out.parent) else Path("."), "--out")
     encoder, cfg = load_encoder(args.checkpoint, torch.device(args.device))
     ecfg = cfg.eval
@@ -133,7 +142,28 @@ def _cmd_report(args: argparse.Namespace) -> None:
         print(f"screenshot: {args.screenshot}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as a KeyboardInterrupt so every ``finally`` and
+    ``except KeyboardInterrupt`` treats it as Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; SIGTERM is handled as SIGINT while it runs (the previous handler is put
+    back when it returns)."""
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)  # only the main thread may set signal handlers
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     # Overrides may also follow options (`eval CONFIG --checkpoint X key=value`).
     args, extra = parser.parse_known_args(argv)
@@ -162,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
             run_stages(cfg, ["images"])
         elif args.command == "train-generator":
             ensure_writable_dir(cfg.run_dir, "run.dir")
-            save_config(cfg, layout(cfg).config)
-            train_generator(cfg)
+            with run_lock(cfg.run_dir):
+                save_config(cfg, layout(cfg).config)
+                train_generator(cfg)
         elif args.command == "eval-generator":
             evaluate_generator(cfg)
         elif args.command == "select":
@@ -179,16 +210,20 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             if args.checkpoint:
                 ensure_writable_dir(cfg.run_dir, "run.dir")
-                save_config(cfg, layout(cfg).config)
-                print_summary(cfg, evaluate_checkpoint(cfg, args.checkpoint))
+                with run_lock(cfg.run_dir):
+                    # checked before the config is written: a refused command changes nothing
+                    check_eval(cfg)
+                    load_encoder(args.checkpoint, "cpu", cfg.eval.weights)
+                    save_config(cfg, layout(cfg).config)
+                    print_summary(cfg, evaluate_checkpoint(cfg, args.checkpoint))
             else:
                 run_stages(cfg, ["eval"], force=True)
     except SynrepError as e:
         print(f"synrep: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("synrep: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
     return 0
 
 

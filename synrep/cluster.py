@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 
 from synrep.errors import ConfigError, DataError
+from synrep.utils import atomic_output, json_dumps
 
 __all__ = ["kmeans", "load_clusters", "nearest", "save_clusters"]
 
@@ -112,8 +113,8 @@ def save_clusters(path: str | Path, centroids: Tensor, assign: Tensor,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sizes = torch.bincount(assign.flatten(), minlength=len(centroids))
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"centroids": centroids.contiguous(), "assign": assign.contiguous(),
-               "sizes": sizes}, str(tmp), metadata={"synrep-clusters": json.dumps(meta)})
-    tmp.replace(path)
+    data = save({"centroids": centroids.contiguous(), "assign": assign.contiguous(),
+                 "sizes": sizes}, metadata={"synrep-clusters": json_dumps(meta, path)})
+    with atomic_output(path) as f:
+        f.write(data)
     return path

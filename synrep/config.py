@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -21,7 +22,7 @@ import yaml
 
 from synrep.errors import ConfigError
 from synrep.registry import Registry
-from synrep.utils import yaml_error_summary
+from synrep.utils import atomic_output, yaml_error_summary
 
 
 @dataclass
@@ -101,6 +102,8 @@ class MethodOptions:
 
     #: ``method.<name>``, set when the method registers: error messages name keys with it.
     section: ClassVar[str] = "method"
+    #: option -> rule (see :data:`RULES`), checked when a config loads; subclasses add theirs.
+    rules: ClassVar[dict[str, str]] = {}
 
     def __setattr__(self, key: str, value: Any) -> None:
         # A misspelt option set in code fails here instead of being silently ignored.
@@ -545,11 +548,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # NaN or infinity never reach a run or an output
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
             return float(value)
         # PyYAML follows YAML 1.1, which reads "1e-3" (no dot) as a string; YAML 1.2 and every
         # user reads it as a number.
         if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
-            return float(value)
+            return float(value)  # the pattern admits no nan or inf
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -629,7 +634,124 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg.run.name = "default"
     if not cfg.run.dir:
         cfg.run.dir = f"runs/{cfg.run.name}"
+    check_config(cfg)
     return cfg
+
+
+# -- value rules, checked when a config loads ------------------------------------------------
+# "section.key" -> rule. A rule is a comparison (">= 1", "> 0"), an interval ("in [0, 1)"),
+# "each <rule>" for lists, or "pair <rule>" for (low, high) pairs that must also be ordered.
+# Options that may be null are only checked when set. Method options carry their own rules
+# (``MethodOptions.rules``).
+RULES: dict[str, str] = {
+    "run.seed": ">= 0", "run.threads": ">= 0",
+    "data.max_captions": ">= 1", "data.max_images_per_caption": ">= 1",
+    "data.image_size": ">= 1",
+    "model.in_chans": ">= 1", "model.img_size": ">= 1", "model.drop_path": "in [0, 1)",
+    "model.std": "> 0",
+    "aug.size": ">= 1", "aug.scale": "pair in (0, 1]", "aug.ratio": "pair > 0",
+    "aug.hflip": "in [0, 1]", "aug.jitter_p": "in [0, 1]", "aug.brightness": ">= 0",
+    "aug.contrast": ">= 0", "aug.saturation": ">= 0", "aug.hue": "in [0, 0.5]",
+    "aug.grayscale_p": "in [0, 1]", "aug.blur_p": "in [0, 1]", "aug.blur_sigma": "pair > 0",
+    "aug.solarize_p": "in [0, 1]", "aug.sharpen_p": "in [0, 1]", "aug.sharpen_amount": "pair >= 0",
+    "aug.sharpen_sigma": "> 0", "aug.noise_p": "in [0, 1]", "aug.noise_std": ">= 0",
+    "aug.erase_p": "in [0, 1]", "aug.erase_scale": "pair in (0, 1)",
+    "optim.lr": "> 0", "optim.weight_decay": ">= 0", "optim.betas": "each in [0, 1)",
+    "optim.warmup_steps": ">= 0", "optim.min_lr_ratio": "in [0, 1]",
+    "optim.weight_decay_end": ">= 0", "optim.grad_clip": ">= 0",
+    "train.steps": ">= 1", "train.batch_size": ">= 1", "train.ckpt_every": ">= 1",
+    "train.keep_every": ">= 0", "train.log_every": ">= 1",
+    "eval.image_size": ">= 1", "eval.n_last_blocks": ">= 1", "eval.linear_cs": "each > 0",
+    "eval.linear_max_iter": ">= 1", "eval.sgd_lrs": "each > 0", "eval.sgd_epochs": ">= 1",
+    "eval.knn_k": ">= 1", "eval.knn_temperature": "> 0", "eval.fewshot_shots": "each >= 1",
+    "eval.fewshot_seeds": ">= 1", "eval.fewshot_c": "> 0", "eval.finetune_epochs": ">= 1",
+    "eval.finetune_batch_size": ">= 1", "eval.finetune_lr": "> 0",
+    "eval.finetune_layer_decay": "in (0, 1]", "eval.finetune_weight_decay": ">= 0",
+    "eval.finetune_warmup_epochs": ">= 0", "eval.finetune_label_smoothing": "in [0, 1)",
+    "eval.pca_images": ">= 0", "eval.val_fraction": "in (0, 1)", "eval.batch_size": ">= 1",
+    "eval.limit_train": ">= 1", "eval.limit_test": ">= 1",
+    "captions.num": ">= 1", "captions.shard_size": ">= 1", "captions.demos_per_prompt": ">= 0",
+    "captions.temperature": ">= 0", "captions.top_p": "in (0, 1]",
+    "captions.max_new_tokens": ">= 1", "captions.batch_size": ">= 1", "captions.min_words": ">= 1",
+    "captions.max_words": ">= 1", "captions.near_dup_threshold": "in (0, 1]",
+    "captions.num_perm": ">= 1", "captions.min_accept_rate": "in [0, 1]",
+    "captions.max_rounds": ">= 1", "captions.banks": "each >= 0", "captions.templates": "each >= 0",
+    "captions.rewrite.k": ">= 1", "captions.rewrite.temperature": ">= 0",
+    "captions.rewrite.top_p": "in (0, 1]",
+    "images.images_per_caption": ">= 1", "images.guidance_scale": ">= 0", "images.steps": ">= 1",
+    "images.resolution": ">= 8", "images.output_size": ">= 8", "images.batch_size": ">= 1",
+    "images.shard_size": ">= 1", "images.max_retries": ">= 0",
+    "generator.vae_steps": ">= 0", "generator.vae_batch_size": ">= 1", "generator.vae_lr": "> 0",
+    "generator.vae_kl": ">= 0", "generator.steps": ">= 0", "generator.batch_size": ">= 1",
+    "generator.lr": "> 0", "generator.warmup_steps": ">= 0", "generator.ema": "in [0, 1)",
+    "generator.attr_p": "in [0, 1]", "generator.cond_drop": "in [0, 1]",
+    "generator.ckpt_every": ">= 1", "generator.sample_steps": ">= 1",
+    "generator.decoder_steps": ">= 0", "generator.decoder_batch_size": ">= 1",
+    "generator.decoder_lr": "> 0", "generator.decoder_gan_weight": ">= 0",
+    "generator.train_limit": ">= 1", "generator.loader_workers": ">= -1",
+    "scale.captions": "each >= 1", "scale.images_per_caption": "each >= 1", "scale.steps": ">= 1",
+    "selection.filter_ratio": "in [0, 1)", "selection.chunks": ">= 1",
+    "selection.temperature": "> 0", "selection.score_size": ">= 1",
+    "selection.score_images": ">= 2", "selection.super_batch": ">= 1",
+}
+_RULE = re.compile(r"(?:(each|pair) )?(?:(>=|>) *(-?[\d.]+)"
+                   r"|in ([\[(]) *(-?[\d.]+), *(-?[\d.]+) *([\])]))")
+
+
+def _holds(rule: str, x: float) -> bool:
+    m = _RULE.fullmatch(rule.strip())
+    if m is None:
+        raise ValueError(f"bad config rule {rule!r}")
+    _, op, bound, left, lo, hi, right = m.groups()
+    if op is not None:
+        return x >= float(bound) if op == ">=" else x > float(bound)
+    lo_ok = x >= float(lo) if left == "[" else x > float(lo)
+    hi_ok = x <= float(hi) if right == "]" else x < float(hi)
+    return lo_ok and hi_ok
+
+
+def check_value(key: str, value: Any, rule: str) -> None:
+    """Raise a ConfigError naming ``key``, ``value`` and the valid range unless ``value`` obeys
+    ``rule`` (see :data:`RULES`); None passes (an unset optional value)."""
+    if value is None:
+        return
+    kind = rule.split(" ", 1)[0]
+    if kind in ("each", "pair"):
+        body = rule.split(" ", 1)[1]
+        items = list(value.values()) if isinstance(value, dict) else list(value)
+        ok = all(_holds(body, float(v)) for v in items)
+        if kind == "pair":
+            ok = ok and items[0] <= items[1]
+        if not ok:
+            what = ("two values, low <= high, each " if kind == "pair" else "every value ") + body
+            raise ConfigError(f"{key}={_show(value)} is out of range: {what}")
+        return
+    if not _holds(rule, float(value)):
+        raise ConfigError(f"{key}={_show(value)} is out of range: must be {rule}")
+
+
+def _show(value: Any) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+def check_config(cfg: Config) -> None:
+    """Every numeric option against its rule (:data:`RULES` and the active method's
+    ``rules``), plus the rules that relate two options. Called by :func:`load_config`."""
+    for key, rule in RULES.items():
+        node: Any = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        check_value(key, node, rule)
+    if cfg.captions.max_words < cfg.captions.min_words:
+        raise ConfigError(f"captions.max_words={cfg.captions.max_words} is below "
+                          f"captions.min_words={cfg.captions.min_words}")
+    if cfg.captions.banks and sum(cfg.captions.banks.values()) <= 0:
+        raise ConfigError("captions.banks: the sampling weights must not all be 0")
+    if cfg.method.name in METHOD_OPTIONS:
+        opts = cfg.method.options
+        for cls in reversed(type(opts).__mro__):
+            for key, rule in vars(cls).get("rules", {}).items():
+                check_value(f"{opts.section}.{key}", getattr(opts, key), rule)
 
 
 #: Source prefix of stored configs: their flat method section is read as an older synrep wrote it.
@@ -645,7 +767,6 @@ def config_from_dict(data: dict[str, Any], source: str) -> Config:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(json.loads(cfg.to_json()), sort_keys=False))
-    tmp.replace(path)
+    text = yaml.safe_dump(json.loads(cfg.to_json()), sort_keys=False)
+    with atomic_output(path, "w") as f:  # a name unique to this process; ENOSPC: one DataError
+        f.write(text)

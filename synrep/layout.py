@@ -3,6 +3,7 @@
 A run directory (``run.dir``) holds everything a ``synrep run`` writes, one folder per stage::
 
     RUN/config.yaml                      the resolved config
+    RUN/.lock                            the running command's lock (synrep.lock)
     RUN/captions/  RUN/rewrites/         caption shards (JSONL) and their LaCLIP rewrites
     RUN/images/                          caption-group image shards (WebDataset tar)
     RUN/select/shards/                   the select stage's kept caption groups
@@ -47,6 +48,12 @@ class RunLayout:
     @property
     def report(self) -> Path:
         return self.root / "report.html"
+
+    @property
+    def lock(self) -> Path:
+        """The run's lock file (:mod:`synrep.lock`): the holder's pid and host while a command
+        runs in the directory."""
+        return self.root / ".lock"
 
     # -- data stages ---------------------------------------------------------------------------
     @property

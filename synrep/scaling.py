@@ -22,7 +22,8 @@ from synrep.config import Config, config_from_dict, save_config
 from synrep.errors import ConfigError
 from synrep.eval.scaling import draw_fit, fit_power_law, plot_fit
 from synrep.eval.stage import DONE_KEYS
-from synrep.layout import layout
+from synrep.layout import RunLayout, layout
+from synrep.lock import run_lock
 from synrep.pipeline import run_stages
 from synrep.utils import ensure_writable_dir, write_json_atomic
 
@@ -65,11 +66,16 @@ def run_scaling(cfg: Config) -> dict[str, Any]:
     if s.steps is not None and s.steps < 1:
         raise ConfigError(f"scale.steps must be >= 1 or null, got {s.steps}")
     paths = layout(cfg)
-    ensure_writable_dir(paths.scale, "run.dir")
-    save_config(cfg, paths.config)
+    ensure_writable_dir(cfg.run_dir, "run.dir")
+    with run_lock(cfg.run_dir):  # the sweep's own stages (captions, images) take it again: free
+        return _sweep(cfg, paths)
 
+
+def _sweep(cfg: Config, paths: RunLayout) -> dict[str, Any]:
+    s = cfg.scale
+    sizes = list(itertools.product(s.captions, s.images_per_caption))
     shards = cfg.data.shards
-    if not shards:  # generate the run's own captions and images once, at the largest size
+    if not shards:  # checked before anything is written: a refused command changes nothing
         if cfg.captions.num < max(s.captions):
             raise ConfigError(f"scale.captions goes up to {max(s.captions)} but captions.num is "
                               f"{cfg.captions.num}; raise captions.num")
@@ -77,6 +83,9 @@ def run_scaling(cfg: Config) -> dict[str, Any]:
             raise ConfigError(
                 f"scale.images_per_caption goes up to {max(s.images_per_caption)} but "
                 f"images.images_per_caption is {cfg.images.images_per_caption}; raise it")
+    ensure_writable_dir(paths.scale, "run.dir")
+    save_config(cfg, paths.config)
+    if not shards:  # generate the run's own captions and images once, at the largest size
         run_stages(cfg, ["captions", "images"])
         shards = str(layout(cfg).images.resolve())
 

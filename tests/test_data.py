@@ -273,6 +273,7 @@ def test_shard_round_trip(tmp_path: Path, rgb: bool) -> None:
         "images": 12,
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
+        "max_pixels": 30,  # 6 x 5 images
     }
     assert json.loads(marker_path(tmp_path / "00000.tar").read_text()) == stats
     assert_groups_equal(list(read_shard(tmp_path / "00000.tar", verify=True)), groups)

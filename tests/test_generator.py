@@ -187,7 +187,8 @@ def test_decoder_finetune_refuses_a_folder_that_is_not_a_mini_pipeline(tmp_path,
     assert not (tmp_path / "r" / "generator" / "pipeline").exists()
     code = main(["train-generator", "configs/generator_fashion.yaml", f"run.dir={tmp_path / 'r'}",
                  "generator.decoder_steps=-1"])
-    assert code == 2 and "generator.decoder_steps must be >= 0" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "generator.decoder_steps=-1 is out of range: must be >= 0" in err
     code = main(["train-generator", "configs/generator_fashion.yaml", f"run.dir={tmp_path / 'r'}",
                  "generator.device=tpu"])
     assert code == 2 and "generator.device must be 'auto', 'cpu'" in capsys.readouterr().err

@@ -155,12 +155,13 @@ def test_resume_replays_the_same_selection(pool, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("selection.filter_ratio=1.0", "filter_ratio must be in [0, 1)"),
-    ("selection.filter_ratio=-0.1", "filter_ratio must be in [0, 1)"),
+    ("selection.filter_ratio=1.0", "selection.filter_ratio=1.0 is out of range: must be in [0, 1)"),
+    ("selection.filter_ratio=-0.1", "selection.filter_ratio=-0.1 is out of range"),
     ("selection.chunks=5", "selection.chunks=5 must be in [1, 4]"),
     ("selection.filter_ratio=0.3", "no whole super-batch"),
     ("selection.reference=", "needs a frozen reference model"),
-    ("selection.score_images=1", "selection.score_images=1 must be in [2, 2]"),
+    ("selection.score_images=1", "selection.score_images=1 is out of range: must be >= 2"),
+    ("selection.score_images=3", "selection.score_images=3 must be in [2, 2]"),
 ])
 def test_bad_settings_are_clear_errors(pool, tmp_path, capsys, override, message):
     assert main(_online(pool, tmp_path / "bad", override)) == 2
@@ -191,10 +192,10 @@ def test_reference_with_another_embedding_size_is_rejected(pool, tmp_path, capsy
 
 @pytest.mark.parametrize("extra, message", [
     (["selection.chunks=5"], "selection.chunks=5 must be in [1, 4]"),
-    (["selection.chunks=0"], "selection.chunks=0 must be in [1, 4]"),
-    (["selection.temperature=0"], "selection.temperature must be > 0"),
-    (["selection.filter_ratio=1.0"], "filter ratio f must be in [0, 1)"),
-    (["selection.super_batch=0"], "selection.super_batch must be >= 1"),
+    (["selection.chunks=0"], "selection.chunks=0 is out of range: must be >= 1"),
+    (["selection.temperature=0"], "selection.temperature=0.0 is out of range: must be > 0"),
+    (["selection.filter_ratio=1.0"], "selection.filter_ratio=1.0 is out of range"),
+    (["selection.super_batch=0"], "selection.super_batch=0 is out of range: must be >= 1"),
 ])
 def test_offline_select_rejects_bad_settings(pool, tmp_path, capsys, extra, message):
     # super_batch 8 at f = 0.5 keeps 4 groups per super-batch

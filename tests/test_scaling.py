@@ -63,4 +63,4 @@ def test_scale_rejects_bad_settings(tmp_path, capsys):
     assert main([*base, "scale.captions=[10,20]", "captions.num=15"]) == 2
     assert "scale.captions goes up to 20 but captions.num is 15" in capsys.readouterr().err
     assert main([*base, "scale.captions=[0,20]"]) == 2
-    assert "must be >= 1" in capsys.readouterr().err
+    assert "scale.captions=[0, 20] is out of range: every value >= 1" in capsys.readouterr().err

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import time
 from collections import Counter
@@ -37,9 +36,11 @@ from synrep.data.shards import MARKER_SUFFIX, SIZES_FILE
 from synrep.errors import ConfigError, DataError, SynrepError
 from synrep.layout import layout
 from synrep.utils import (
+    atomic_output,
     check_same_settings,
     derive_seed,
     ensure_writable_dir,
+    remove_stale_temps,
     write_json_atomic,
 )
 
@@ -72,12 +73,8 @@ def _sha256(data: bytes) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_output(path, "wb") as f:  # a temporary name unique to this process
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 _JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False)
@@ -346,7 +343,7 @@ def run_captions(cfg: Config) -> dict[str, Any]:
                 sizes[path.name] = len(rows)
                 bar.update(len(rows))
                 continue
-            path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+            remove_stale_temps(path)  # a killed writer's leftovers, never a live process's
             be = backend()
             accept = accept or _Acceptance(c.min_accept_rate, "captions", be)
             t0 = time.perf_counter()
@@ -382,6 +379,32 @@ def _stage_complete(out: Path, fingerprint: dict[str, Any]) -> bool:
         return False  # the stage itself reports which keys changed
     sizes = json.loads((out / SIZES_FILE).read_text())
     return all(marker_path(out / name).exists() for name in sizes)
+
+
+def _check_existing(out: Path, fingerprint: dict[str, Any]) -> None:
+    """Refuse, before anything is written, to add to ``out`` shards made with another config."""
+    for marker in sorted(out.glob("*" + MARKER_SUFFIX)) if out.is_dir() else []:
+        try:
+            info = json.loads(marker.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # a marker cut short: the stage redoes its shard
+        shard = marker.with_name(marker.name[:-len(MARKER_SUFFIX)] + ".jsonl")
+        if isinstance(info, dict):
+            check_same_settings(info.get("config", {}), fingerprint,
+                                f"{str(shard)!r} was made")
+
+
+def check_captions(cfg: Config) -> None:
+    """The captions stage's checks that need no write: its settings, and that the shards already
+    in RUN/captions were made with them."""
+    _check_config(cfg)
+    _check_existing(layout(cfg).captions, _fingerprint(cfg, "captions"))
+
+
+def check_rewrites(cfg: Config) -> None:
+    """The rewrites stage's checks that need no write (see :func:`check_captions`)."""
+    _check_config(cfg)
+    _check_existing(layout(cfg).rewrites, _fingerprint(cfg, "rewrites"))
 
 
 def captions_complete(cfg: Config) -> bool:
@@ -435,7 +458,7 @@ def run_rewrites(cfg: Config) -> dict[str, Any]:
                 sizes[path.name] = info["rows"]
                 bar.update(info["rows"])
                 continue
-            path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+            remove_stale_temps(path)  # a killed writer's leftovers, never a live process's
             rows = read_caption_shard(src)
             be = backend()
             accept = accept or _Acceptance(c.min_accept_rate, "rewrites", be)

@@ -7,8 +7,16 @@ objectives (StableRep, SynCLR) need; :func:`iter_flat` and :func:`flatten_wds` g
 consumers one ``(image, caption)`` per image.
 
 A shard is complete once its ``<name>_stats.json`` marker exists: the tar is written under a
-temporary name, fsynced and renamed, and only then the marker is written. A killed run leaves a
-``.tar.tmp`` or a tar without marker, which :func:`complete_shards` ignores and a rerun redoes.
+temporary name unique to the writing process (``NNNNNN.tar.<pid>.<random>.tmp``,
+:func:`synrep.utils.temp_path`), fsynced and renamed, and only then the marker is written. A killed
+run leaves such a temporary file or a tar without marker, which :func:`complete_shards` ignores and
+a rerun redoes (removing only temporary files whose writer is dead). A full disk is one
+:class:`DataError` naming the file, with the temporary file removed.
+
+Reading never trusts a file's declared sizes: an image whose header declares more pixels than the
+largest image the writer recorded in the shard's marker (``max_pixels``; without a marker,
+:data:`MAX_IMAGE_PIXELS`) is refused before it is decoded (a decompression bomb or a corrupted
+header), as is every JSON marker or sample metadata that is not an object.
 The writer is byte-deterministic (fixed tar headers, fixed PNG settings), so every executor that
 writes the same groups produces the same bytes and the same sha256.
 """
@@ -21,6 +29,7 @@ import json
 import os
 import re
 import tarfile
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +40,7 @@ import torch
 from PIL import Image
 
 from synrep.errors import DataError
+from synrep.utils import atomic_output, is_no_space, json_dumps, no_space_error, temp_path
 
 SIZES_FILE = "sizes.json"
 MARKER_SUFFIX = "_stats.json"
@@ -40,6 +50,11 @@ IMAGE_FORMATS = ("png", "jpg", "webp")
 _IMAGE_EXT = re.compile(r"^(\d+)\.(?:png|jpg|webp)$")
 JPEG_QUALITY = 95
 _BLOCK = tarfile.BLOCKSIZE
+#: The most pixels (H * W) a shard image may declare: 8192 x 8192, far above any generator's
+#: output and below PIL's own decompression-bomb limit, so the refusal names the member.
+MAX_IMAGE_PIXELS = 8192 * 8192
+#: Marker fields that must be non-negative integers.
+_MARKER_INTS = ("samples", "images", "bytes")
 
 
 @dataclass
@@ -154,13 +169,9 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: ranks may race
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, sort_keys=True, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    text = json_dumps(obj, path, sort_keys=True, indent=1) + "\n"  # NaN/inf refused
+    with atomic_output(path, "w") as f:  # one temporary name per process and call: ranks race
+        f.write(text)
 
 
 def write_shard(path: str | Path, groups: Iterable[CaptionGroup],
@@ -184,7 +195,7 @@ def write_shard(path: str | Path, groups: Iterable[CaptionGroup],
                          f"{IMAGE_FORMATS}")
     directory = path.parent
     marker = marker_path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         # An old marker must not vouch for the tar being rewritten if this write is killed.
@@ -195,7 +206,7 @@ def write_shard(path: str | Path, groups: Iterable[CaptionGroup],
             f"shard directory {directory} is not writable ({e}); choose a writable output folder"
         ) from None
 
-    samples = images = 0
+    samples = images = max_pixels = 0
     seen: set[str] = set()
     try:
         with os.fdopen(fd, "wb") as f:
@@ -209,19 +220,23 @@ def write_shard(path: str | Path, groups: Iterable[CaptionGroup],
                     seen.add(g.key)
                     if not g.images:
                         raise ValueError(f"sample {g.key!r} has no images; a group needs k >= 1")
-                    meta = json.dumps(g.meta, sort_keys=True, ensure_ascii=False)
+                    meta = json_dumps(g.meta, f"{path} sample {g.key!r} metadata",
+                                      sort_keys=True, ensure_ascii=False)
                     _add(tar, f"{g.key}.txt", g.caption.encode("utf-8"))
                     _add(tar, f"{g.key}.json", meta.encode("utf-8"))
                     for i, img in enumerate(g.images):
                         _add(tar, f"{g.key}.{i}.{image_format}",
                              _encode_image(img, g.key, i, image_format))
+                        max_pixels = max(max_pixels, int(img.shape[0]) * int(img.shape[1]))
                     samples += 1
                     images += len(g.images)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if is_no_space(e):
+            raise no_space_error(path) from None
         raise
     _fsync_dir(directory)
     stats = {
@@ -230,6 +245,7 @@ def write_shard(path: str | Path, groups: Iterable[CaptionGroup],
         "images": images,
         "bytes": out.size,
         "sha256": out.sha256.hexdigest(),
+        "max_pixels": max_pixels,  # the largest image: readers decode nothing larger
         **(extra or {}),
     }
     _atomic_write_json(marker, stats)
@@ -251,20 +267,58 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_marker(path: Path) -> dict[str, Any] | None:
+def read_marker(path: str | Path) -> dict[str, Any] | None:
+    """The completion marker of the shard ``path`` (None when it has none), checked: a JSON
+    object whose ``samples``, ``images`` and ``bytes`` are integers >= 0.
+
+    Raises:
+        DataError: the marker is unreadable or malformed.
+    """
+    path = Path(path)
     marker = marker_path(path)
     if not marker.exists():
         return None
+    fix = f"delete it and {path} and rerun the stage that wrote them"
     try:
-        return json.loads(marker.read_text(encoding="utf-8"))
+        data = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise DataError(
-            f"shard marker {marker} is unreadable ({e}); delete it and {path} and rerun the stage "
-            "that wrote them"
-        ) from None
+        raise DataError(f"shard marker {marker} is unreadable ({e}); {fix}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"shard marker {marker} is a JSON {type(data).__name__}, not an object; "
+                        f"{fix}")
+    for key in _MARKER_INTS:
+        v = data.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise DataError(f"shard marker {marker} has {key} = {v!r}, expected an integer >= 0; "
+                            f"{fix}")
+    return data
 
 
-def _decode_group(path: Path, key: str, members: dict[str, bytes]) -> CaptionGroup:
+_read_marker = read_marker
+
+
+def _decode_image(path: Path, member: str, data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode one image, refusing one whose header declares more than ``max_pixels`` before its
+    pixels are decompressed (a decompression bomb, or a corrupted header)."""
+    kind = {"png": "PNG", "jpg": "JPEG", "webp": "WebP"}[member.rsplit(".", 1)[1]]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise _corrupt(path, f"{member} declares {w}x{h} pixels, more than the "
+                                         f"{max_pixels:,} synrep decodes")
+                img.load()
+                return np.asarray(img if img.mode in ("L", "RGB") else img.convert("RGB"))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _corrupt(path, f"{member} declares too many pixels to decode ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise _corrupt(path, f"{member} is not a decodable {kind}: {e}") from None
+
+
+def _decode_group(path: Path, key: str, members: dict[str, bytes],
+                  max_pixels: int = MAX_IMAGE_PIXELS) -> CaptionGroup:
     if "txt" not in members or "json" not in members:
         missing = " and ".join(f"{key}.{e}" for e in ("txt", "json") if e not in members)
         raise _corrupt(path, f"sample {key!r} has no {missing}")
@@ -276,15 +330,10 @@ def _decode_group(path: Path, key: str, members: dict[str, bytes]) -> CaptionGro
         meta = json.loads(members["json"].decode("utf-8"))
     except ValueError as e:
         raise _corrupt(path, f"sample {key!r} has an undecodable .txt or .json: {e}") from None
-    images = []
-    for i in range(len(indexed)):
-        try:
-            with Image.open(io.BytesIO(members[indexed[i]])) as img:
-                img.load()
-                images.append(np.asarray(img if img.mode in ("L", "RGB") else img.convert("RGB")))
-        except (OSError, SyntaxError, ValueError) as e:
-            kind = {"png": "PNG", "jpg": "JPEG", "webp": "WebP"}[indexed[i].rsplit(".", 1)[1]]
-            raise _corrupt(path, f"{key}.{indexed[i]} is not a decodable {kind}: {e}") from None
+    if not isinstance(meta, dict):
+        raise _corrupt(path, f"{key}.json is a JSON {type(meta).__name__}, not an object")
+    images = [_decode_image(path, f"{key}.{indexed[i]}", members[indexed[i]], max_pixels)
+              for i in range(len(indexed))]
     return CaptionGroup(key, caption, meta, images)
 
 
@@ -301,7 +350,7 @@ def read_shard(path: str | Path, verify: bool = False) -> Iterator[CaptionGroup]
     path = Path(path)
     if not path.is_file():
         raise DataError(f"shard {path} does not exist; rerun the stage that writes it")
-    marker = _read_marker(path)
+    marker = read_marker(path)
     if marker is not None:
         size = path.stat().st_size
         if size != marker.get("bytes"):
@@ -309,6 +358,11 @@ def read_shard(path: str | Path, verify: bool = False) -> Iterator[CaptionGroup]
         if verify and _sha256_file(path) != marker.get("sha256"):
             raise _corrupt(path, "its sha256 does not match its marker")
 
+    # The writer records its largest image in the marker: no image of this shard may declare more
+    # pixels (a decompression bomb, or a corrupted header); without a marker, a fixed bound.
+    max_pixels = MAX_IMAGE_PIXELS
+    if marker is not None and isinstance(marker.get("max_pixels"), int):
+        max_pixels = min(max_pixels, max(1, marker["max_pixels"]))
     samples = images = 0
     seen: set[str] = set()
     key: str | None = None
@@ -319,7 +373,7 @@ def read_shard(path: str | Path, verify: bool = False) -> Iterator[CaptionGroup]
         if key in seen:
             raise _corrupt(path, f"sample {key!r} appears in two places")
         seen.add(key)  # type: ignore[arg-type]
-        group = _decode_group(path, key, members)  # type: ignore[arg-type]
+        group = _decode_group(path, key, members, max_pixels)  # type: ignore[arg-type]
         samples += 1
         images += len(group.images)
         return group
@@ -379,11 +433,13 @@ def write_sizes(directory: str | Path) -> dict[str, int]:
     directory = Path(directory)
     sizes: dict[str, int] = {}
     for shard in complete_shards(directory):
-        marker = _read_marker(shard)
+        marker = read_marker(shard)
         assert marker is not None  # complete_shards only lists shards with a marker
-        sizes[shard.name] = int(marker["samples"])
+        sizes[shard.name] = marker["samples"]
     try:
         _atomic_write_json(directory / SIZES_FILE, sizes)
+    except DataError:
+        raise
     except OSError as e:
         raise DataError(f"cannot write {directory / SIZES_FILE} ({e}); check the folder") from None
     return sizes
@@ -474,4 +530,7 @@ def load_groups(directory: str | Path, max_groups: int | None = None) -> GroupAr
         metas.append(g.meta)
         if max_groups is not None and len(keys) >= max_groups:
             break
+    if not keys:
+        raise DataError(f"the shards of {directory} hold no caption groups (every one is empty); "
+                        "delete them with their markers and rerun the images stage")
     return GroupArray(torch.from_numpy(np.stack(stacks)), captions, keys, metas)

@@ -17,6 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from synrep.errors import DataError
+from synrep.utils import atomic_output
 
 __all__ = ["extract_features", "load_features", "save_features"]
 
@@ -77,8 +78,12 @@ def extract_features(
 def save_features(path: str | os.PathLike[str], features: Tensor, labels: Tensor) -> None:
     """Write ``features [N, D]`` (as float32) and ``labels [N]`` (as int64) to an ``.npz`` file.
 
-    The file is written under a temporary name and renamed, so a crash never leaves a truncated
-    cache where a complete one is expected.
+    The file is written under a temporary name (unique to this process) and renamed, so a crash
+    never leaves a truncated cache where a complete one is expected; a full disk is one
+    :class:`DataError`.
+
+    Raises:
+        DataError: ``path`` is a directory, or the disk is full.
     """
     if features.ndim != 2 or labels.ndim != 1 or len(features) != len(labels):
         raise ValueError(
@@ -86,18 +91,14 @@ def save_features(path: str | os.PathLike[str], features: Tensor, labels: Tensor
             f"{tuple(labels.shape)}"
         )
     path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:  # a file object stops numpy from appending ".npz" to the name
-            np.savez(
-                f,
-                features=features.detach().cpu().float().numpy(),
-                labels=labels.detach().cpu().long().numpy(),
-            )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    if os.path.isdir(path):
+        raise DataError(f"feature file {path!r} is a directory; name a .npz file to write")
+    with atomic_output(path, "wb") as f:  # a file object stops numpy appending ".npz" to the name
+        np.savez(
+            f,
+            features=features.detach().cpu().float().numpy(),
+            labels=labels.detach().cpu().long().numpy(),
+        )
 
 
 def load_features(path: str | os.PathLike[str]) -> tuple[Tensor, Tensor]:

@@ -25,6 +25,7 @@ from PIL import Image
 from torch import Tensor
 
 from synrep.models import Encoder
+from synrep.utils import atomic_output
 
 __all__ = ["patch_features", "pca_maps", "pca_rgb", "save_pca_figure"]
 
@@ -279,7 +280,6 @@ def save_pca_figure(
     canvas = canvas.repeat(scale, axis=0).repeat(scale, axis=1)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(canvas).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_output(path) as f:
+        Image.fromarray(canvas).save(f, format="PNG")
     return path

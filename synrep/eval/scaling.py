@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from synrep.utils import atomic_output
+
 __all__ = ["draw_fit", "fit_power_law", "plot_fit"]
 
 
@@ -136,7 +138,6 @@ def plot_fit(points: list[dict[str, Any]], fit: dict[str, Any], path: str | Path
     draw_fit(ax, points, fit)
     ax.set_title(title or "data scaling", fontsize=10)
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
+    with atomic_output(path) as f:
+        fig.savefig(f, format="png")
     return path

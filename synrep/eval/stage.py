@@ -174,12 +174,17 @@ def _pca_figure(cfg: Config, encoder: Encoder, device: torch.device) -> str | No
     return path.name
 
 
+def check_eval(cfg: Config) -> None:
+    """The eval stage's checks that need no write."""
+    unknown = [p for p in cfg.eval.protocols if p not in PROTOCOLS]
+    if unknown:
+        raise ConfigError(f"eval.protocols: unknown {unknown}; choose from {list(PROTOCOLS)}")
+
+
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     """Run ``cfg.eval``'s protocols on the encoder in ``checkpoint``; write results.json."""
     ecfg = cfg.eval
-    unknown = [p for p in ecfg.protocols if p not in PROTOCOLS]
-    if unknown:
-        raise ConfigError(f"eval.protocols: unknown {unknown}; choose from {list(PROTOCOLS)}")
+    check_eval(cfg)
     ensure_writable_dir(layout(cfg).eval, "run.dir")
     device = torch.device(cfg.run.device)
     encoder, _ = load_encoder(checkpoint, device, ecfg.weights)

@@ -48,7 +48,7 @@ from synrep.data.fashion_mnist import load_fashion_mnist
 from synrep.errors import CheckpointError, ConfigError
 from synrep.images.render import resolve_pipeline
 from synrep.layout import layout
-from synrep.utils import ensure_writable_dir, write_json_atomic
+from synrep.utils import ensure_writable_dir, remove_stale_temps, temp_path, write_json_atomic
 
 IMAGE_SIZE = 32  # Fashion-MNIST's 28 px padded to a multiple of 8, as diffusers pipelines need
 MAX_TOKENS = 32
@@ -153,27 +153,93 @@ def _lr(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+_STATE_FORMAT = "synrep-mini-state-v2"
+
+
+def _optimizer_states(opt) -> dict[str, dict[str, Any]]:
+    """One optimizer, or several in :class:`_Optimizers`, as {name: state dict}."""
+    return opt.state_dicts() if isinstance(opt, _Optimizers) else {"opt": opt.state_dict()}
+
+
+def _flatten_optimizers(opt) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state as safetensors tensors (``optim/<name>/<param id>/<key>``) and JSON (param
+    groups and non-tensor values), as synrep.checkpoint stores a trainer's optimizer."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {}
+    for oname, state in _optimizer_states(opt).items():
+        scalars: dict[str, dict[str, Any]] = {}
+        for pid, st in state["state"].items():
+            for key, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"optim/{oname}/{pid}/{key}"] = v.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(str(pid), {})[key] = v
+        meta[oname] = {"param_groups": state["param_groups"], "scalars": scalars}
+    return tensors, meta
+
+
+def _unflatten_optimizers(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+                          ) -> dict[str, dict[str, Any]]:
+    states: dict[str, dict[str, Any]] = {}
+    for oname, m in meta.items():
+        state: dict[int, dict[str, Any]] = {}
+        for pid, st in m["scalars"].items():
+            state.setdefault(int(pid), {}).update(st)
+        states[oname] = {"state": state, "param_groups": m["param_groups"]}
+    for key, v in tensors.items():
+        _, oname, pid, name = key.split("/", 3)
+        states[oname]["state"].setdefault(int(pid), {})[name] = v
+    return states
+
+
 def _save_state(path: Path, modules: dict[str, torch.nn.Module], opt, step: int,
                 extra: dict[str, Any]) -> None:
+    """Weights and optimizer state in one safetensors file, written to a temporary name and
+    renamed: a kill leaves the previous consistent state or the new one, never a mix."""
     tensors = {f"{name}.{k}": v.detach().cpu().contiguous() for name, m in modules.items()
                for k, v in m.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step), "extra": json.dumps(extra)})
-    tmp.replace(path)
+    meta: dict[str, str] = {"format": _STATE_FORMAT, "step": str(step),
+                            "extra": json.dumps(extra)}
     if opt is not None:
-        torch.save(opt.state_dict(), path.with_suffix(".opt.tmp"))
-        path.with_suffix(".opt.tmp").replace(path.with_suffix(".opt"))
+        opt_tensors, opt_meta = _flatten_optimizers(opt)
+        tensors.update(opt_tensors)
+        meta["optimizer"] = json.dumps(opt_meta)
+    remove_stale_temps(path)  # a killed writer's leftovers
+    tmp = temp_path(path)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    path.with_suffix(".opt").unlink(missing_ok=True)  # an older synrep's pickled optimizer state
 
 
 def _load_state(path: Path, modules: dict[str, torch.nn.Module], opt) -> tuple[int, dict]:
+    """Load what :func:`_save_state` wrote; with ``opt``, the optimizer state saved with the
+    weights (a state without one is refused rather than resumed with a fresh optimizer)."""
     with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
+        meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     for name, m in modules.items():
         sd = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
         m.load_state_dict(sd)
-    if opt is not None and path.with_suffix(".opt").exists():
-        opt.load_state_dict(torch.load(path.with_suffix(".opt"), weights_only=True))
+    if opt is not None:
+        if meta.get("format") != _STATE_FORMAT or "optimizer" not in meta:
+            raise CheckpointError(
+                f"{str(path)!r} holds no optimizer state in this synrep's format "
+                f"({_STATE_FORMAT!r}; an older synrep kept it in a pickle that is no longer "
+                "read): delete the file to train that part again, or use a new run.dir")
+        states = _unflatten_optimizers(
+            {k: v for k, v in tensors.items() if k.startswith("optim/")},
+            json.loads(meta["optimizer"]))
+        if set(states) != set(_optimizer_states(opt)):
+            raise CheckpointError(f"{str(path)!r} holds the optimizer state of "
+                                  f"{sorted(states)}, not of {sorted(_optimizer_states(opt))}")
+        if isinstance(opt, _Optimizers):
+            opt.load_state_dicts(states)
+        else:
+            opt.load_state_dict(states["opt"])
     return int(meta["step"]), json.loads(meta["extra"])
 
 
@@ -241,12 +307,12 @@ class _Optimizers:
     def __init__(self, **opts: torch.optim.Optimizer) -> None:
         self.opts = opts
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dicts(self) -> dict[str, dict[str, Any]]:
         return {k: o.state_dict() for k, o in self.opts.items()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dicts(self, states: dict[str, dict[str, Any]]) -> None:
         for k, o in self.opts.items():
-            o.load_state_dict(state[k])
+            o.load_state_dict(states[k])
 
 
 def finetune_decoder(vae, images: torch.Tensor, cfg, state: Path) -> None:

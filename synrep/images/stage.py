@@ -24,12 +24,17 @@ import torch
 
 from synrep.captions.stage import caption_shards, read_caption_shard
 from synrep.config import Config
-from synrep.data.shards import complete_shards, marker_path, write_sizes
+from synrep.data.shards import complete_shards, marker_path, read_marker, write_sizes
 from synrep.errors import ConfigError
 from synrep.images.executors import EXECUTORS, own_jobs
 from synrep.images.jobs import Job
 from synrep.layout import layout
-from synrep.utils import check_same_settings, ensure_writable_dir, write_json_atomic
+from synrep.utils import (
+    check_same_settings,
+    ensure_writable_dir,
+    remove_stale_temps,
+    write_json_atomic,
+)
 
 CONFIG_FILE = "config.json"
 STATS_FILE = "stats.json"
@@ -69,6 +74,17 @@ def plan_jobs(cfg: Config) -> list[Job]:
     return jobs
 
 
+def check_images(cfg: Config) -> None:
+    """The images stage's checks that need no write: its settings, and that the shards already in
+    RUN/images were made with them."""
+    _check_config(cfg)
+    out = layout(cfg).images
+    path = out / CONFIG_FILE
+    if path.exists():
+        check_same_settings(json.loads(path.read_text()), _fingerprint(cfg),
+                            f"{str(out)!r} holds images made", prefix="images.")
+
+
 def check_same_config(cfg: Config, out: Path) -> None:
     """Refuse to add shards to an images folder made with another config."""
     path = out / CONFIG_FILE
@@ -101,8 +117,8 @@ def run_images(cfg: Config) -> dict[str, Any] | None:
     jobs = plan_jobs(cfg)
     done = {p.name for p in complete_shards(out)}
     pending = [j for j in jobs if j.name not in done]
-    for j in own_jobs(cfg, pending):  # a killed writer's leftovers (never another rank's)
-        (out / (j.name + ".tmp")).unlink(missing_ok=True)
+    for j in own_jobs(cfg, pending):  # a killed writer's leftovers: only a dead pid's temp file
+        remove_stale_temps(out / j.name)
     threads = torch.get_num_threads()
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
@@ -121,7 +137,7 @@ def run_images(cfg: Config) -> dict[str, Any] | None:
 def finish(cfg: Config, jobs: list[Job], seconds: float, rendered: set[str]) -> dict[str, Any]:
     out = layout(cfg).images
     sizes = write_sizes(out)
-    markers = {j.name: json.loads(marker_path(out / j.name).read_text()) for j in jobs}
+    markers = {j.name: read_marker(out / j.name) or {} for j in jobs}
     n_images = sum(m["images"] for m in markers.values())
     new_images = sum(markers[name]["images"] for name in rendered)
     stats = {"shards": [j.name for j in jobs], "samples": sum(sizes.values()),

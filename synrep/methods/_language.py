@@ -40,6 +40,10 @@ class TextTowerOptions(MethodOptions):
     clip_max_logit_scale: float = 100.0  # the learned logit scale is clamped here (CLIP: 100)
     rewrites: bool = False  # LaCLIP: each step a caption or one of its RUN/rewrites, uniformly
 
+    rules = {"proj_dim": ">= 1", "text_width": ">= 1", "text_layers": ">= 1", "text_heads": ">= 1",
+             "text_context": ">= 1", "clip_init_temperature": "> 0",
+             "clip_max_logit_scale": "> 0"}
+
 
 class LanguageMethod(Method):
     """A :class:`Method` with a text tower; zero-shot evaluation uses :meth:`encode_image` and

@@ -53,12 +53,17 @@ class ContrastiveOptions(MethodOptions):
     proj_hidden_dim: int = 1024
     proj_dim: int = 128
 
+    rules = {"temperature": "> 0", "proj_layers": ">= 1", "proj_hidden_dim": ">= 1",
+             "proj_dim": ">= 1"}
+
 
 @dataclass
 class GroupOptions(ContrastiveOptions):
     """Options of methods that learn from caption groups (several images of one caption)."""
 
     images_per_caption: int = 2  # m images of each caption per batch
+
+    rules = {"images_per_caption": ">= 1"}
 
 
 class Method(nn.Module):

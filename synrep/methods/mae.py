@@ -122,12 +122,16 @@ class MAEDecoderOptions(MethodOptions):
     decoder_heads: int = 4  # attention heads of each decoder block
     norm_pix: bool = True  # targets: each patch normalised by its own mean and variance
 
+    rules = {"decoder_dim": ">= 4", "decoder_depth": ">= 0", "decoder_heads": ">= 1"}
+
 
 @dataclass
 class MAEOptions(MAEDecoderOptions):
     """``method.mae``: reconstruct the pixels of randomly masked patches (He et al. 2022)."""
 
     mask_ratio: float = 0.75  # share of patches hidden from the encoder, in (0, 1)
+
+    rules = {"mask_ratio": "in (0, 1)"}
 
 
 @METHODS.register("mae")

@@ -176,6 +176,9 @@ class MixedAEOptions(MAEDecoderOptions):
     proj_hidden_dim: int = 1024  # the contrastive MLP head
     proj_dim: int = 128
 
+    rules = {"ratio": "in (0, 0.5]", "contrastive_weight": ">= 0", "temperature": "> 0",
+             "proj_hidden_dim": ">= 1", "proj_dim": ">= 1"}
+
 
 @METHODS.register("mixedae")
 class MixedAE(MAE):

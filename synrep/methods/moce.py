@@ -127,6 +127,9 @@ class MoCEOptions(MAEOptions):
     # every expert from its block's dense MLP (sparse upcycling); gates start fresh
     init: str = ""
 
+    rules = {"clusters": ">= 1", "kmeans_iters": ">= 1", "experts": ">= 2", "blocks": ">= 1",
+             "top_k": ">= 1", "importance_weight": ">= 0", "load_weight": ">= 0"}
+
 
 @METHODS.register("moce")
 class MoCE(MAE):

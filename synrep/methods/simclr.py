@@ -27,6 +27,8 @@ class SimCLROptions(ContrastiveOptions):
     local_size: int = 14
     local_scale: tuple[float, float] = (0.1, 0.4)
 
+    rules = {"local_crops": ">= 0", "local_size": ">= 1", "local_scale": "pair in (0, 1]"}
+
 
 @METHODS.register("simclr")
 class SimCLR(Method):

@@ -34,6 +34,8 @@ class StableRepPPOptions(GroupOptions, TextTowerOptions):
 
     text_weight: float = 1.0  # image_image + text_weight * image_text (the paper's code: 1, 1)
 
+    rules = {"text_weight": ">= 0"}  # 0 is refused with the method to use instead
+
 
 @METHODS.register("stablerep_pp")
 class StableRepPP(LanguageMethod):

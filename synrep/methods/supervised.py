@@ -23,6 +23,8 @@ class SupervisedOptions(MethodOptions):
     num_classes: int = 10
     label_smoothing: float = 0.0
 
+    rules = {"num_classes": ">= 1", "label_smoothing": "in [0, 1)"}
+
 
 @METHODS.register("supervised")
 class Supervised(Method):

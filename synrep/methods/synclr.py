@@ -73,6 +73,15 @@ class SynCLROptions(GroupOptions):
     low_res_share: float = 0.0  # in [0, 1); 0 trains every group at aug.size
     low_res_size: int = 14
 
+    rules = {"local_crops": ">= 0", "local_size": ">= 1", "local_scale": "pair in (0, 1]",
+             "global_crops": ">= 1", "ema_momentum": "in [0, 1]", "ema_momentum_end": "in [0, 1]",
+             "contrastive_weight": ">= 0", "ibot_weight": ">= 0", "ibot_prototypes": ">= 1",
+             "ibot_hidden_dim": ">= 1", "ibot_bottleneck_dim": ">= 1",
+             "ibot_mask_prob": "in [0, 1]", "ibot_mask_ratio": "pair in [0, 1)",
+             "ibot_student_temp": "> 0", "ibot_teacher_temp": "> 0",
+             "ibot_teacher_temp_start": "> 0", "ibot_teacher_temp_warmup": ">= 0",
+             "sinkhorn_iters": ">= 1", "low_res_share": "in [0, 1)", "low_res_size": ">= 1"}
+
 
 def _check(cfg: Config, encoder: Encoder) -> None:
     m = cfg.method.options

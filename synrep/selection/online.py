@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
@@ -38,7 +37,7 @@ from synrep.layout import layout
 from synrep.methods import Method
 from synrep.selection import jest
 from synrep.selection.jest import MultiposGroups
-from synrep.utils import ensure_writable_dir, write_json_atomic
+from synrep.utils import atomic_output, ensure_writable_dir, json_dumps, write_json_atomic
 
 # Coefficients (learner, reference) of each score, as in the sampler.
 _COEF = {"learnability": (1.0, -1.0), "hard_learner": (1.0, 0.0), "easy_reference": (0.0, -1.0)}
@@ -186,11 +185,11 @@ def reference_embeddings(cfg: Config, images: Tensor, size: int, device: torch.d
         _check_reference_dim(cfg, probe.shape[-1], learner_dim)
         if dist.is_main():
             emb, flops = embed_pool(model, images, size, device, desc="reference embeddings")
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"embeddings": emb.contiguous()}, str(tmp),
-                      metadata={"synrep": json.dumps({"key": meta, "flops": flops})})
-            tmp.replace(path)
+            data = save({"embeddings": emb.contiguous()},
+                        metadata={"synrep": json_dumps({"key": meta, "flops": flops}, path)})
+            with atomic_output(path) as f:
+                f.write(data)
         del model
     dist.barrier()
     with safe_open(str(path), framework="pt") as f:

@@ -6,7 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from synrep.captions.stage import captions_complete, rewrites_complete, run_captions, run_rewrites
+from synrep.captions.stage import (
+    captions_complete,
+    check_captions,
+    check_rewrites,
+    rewrites_complete,
+    run_captions,
+    run_rewrites,
+)
 from synrep.checkpoint import Checkpoint
 from synrep.config import Config
 from synrep.errors import ConfigError
@@ -17,13 +24,22 @@ from synrep.eval.stage import (
     protocol_done,
     results_key,
 )
-from synrep.images.stage import images_complete, run_images
+from synrep.images.stage import check_images, images_complete, run_images
 from synrep.layout import layout
 from synrep.methods import METHODS
 from synrep.report import write_report
 from synrep.selection.online import select_done, select_offline
 from synrep.stages.base import Stage, register_stage
 from synrep.train.loop import check_same_run, train
+
+
+def _check_train(cfg: Config) -> None:
+    """Refuse, before anything is written, a config other than the one the run's checkpoints
+    were trained with (resuming or reusing them)."""
+    paths = layout(cfg)
+    for ck in (paths.last_checkpoint, paths.final_checkpoint):
+        if ck.is_file():
+            check_same_run(Checkpoint(ck), cfg)
 
 
 def _train_done(cfg: Config) -> bool:
@@ -80,21 +96,23 @@ def _report(cfg: Config) -> None:
 
 
 register_stage(Stage(
-    "captions", run_captions, captions_complete, order=10,  # dedup is global: one process
+    "captions", run_captions, captions_complete, order=10, check=check_captions,
+    # dedup is global: one process
     help="captions from concept banks (LLM or grammar) -> RUN/captions"))
 register_stage(Stage(
     "rewrites", run_rewrites, rewrites_complete, order=20, needs=("captions",),
+    check=check_rewrites,
     help="LaCLIP rewrites of every caption -> RUN/rewrites"))
 register_stage(Stage(
     # under the ranks executor every process renders its share; otherwise the main one does
-    "images", run_images, images_complete, order=30, needs=("captions",),
+    "images", run_images, images_complete, order=30, needs=("captions",), check=check_images,
     ranks=lambda cfg: "all" if cfg.images.executor == "ranks" else "main",
     help="k images per caption (text-to-image) -> RUN/images"))
 register_stage(Stage(
     "select", select_offline, select_done, order=40, needs=("images",),
     help="offline JEST selection of caption groups -> RUN/select"))
 register_stage(Stage(
-    "train", train, _train_done, order=60, ranks=lambda cfg: "all",
+    "train", train, _train_done, order=60, ranks=lambda cfg: "all", check=_check_train,
     needs=("images", "select", "cluster"),
     help="pretraining -> RUN/train/checkpoints"))
 register_stage(Stage(

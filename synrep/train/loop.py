@@ -68,9 +68,10 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class _Accounting:
     """What a run spends: examples read, FLOPs of training and of scoring, and seconds of each.
 
-    FLOPs per step are counted once, on the first step this process runs (torch's
-    ``FlopCounterMode``: forward and backward matmuls and convolutions); step shapes are fixed,
-    so totals are per-step counts times steps, which stay right across resumes. The reference
+    FLOPs per step are counted once, on the run's first step (torch's ``FlopCounterMode``:
+    forward and backward matmuls and convolutions), and kept in the ``last`` checkpoint, so a
+    resumed run reuses the count instead of running a step under the counter; step shapes are
+    fixed, so totals are per-step counts times steps, which stay right across resumes. The reference
     model's one pass over the pool (cached) is reported on its own.
     """
 
@@ -130,6 +131,24 @@ def _open_ids_file(cfg: Config, start: int):
     return open(path, "a")
 
 
+def _cut_metrics(path: Path, start: int) -> None:
+    """RUN/train/metrics.jsonl, cut back to the rows of steps ``<= start`` (the checkpoint a run
+    resumes from; 0 for a fresh start), so a resumed run logs each step once, as an uninterrupted
+    one does. A line cut short by a kill ends what is kept: everything after it is redone. The
+    file is truncated in place (one call: a kill leaves it cut or not, never half-written)."""
+    if not path.exists():
+        return
+    keep = 0
+    for line in path.read_bytes().splitlines(keepends=True):
+        try:
+            if not line.endswith(b"\n") or json.loads(line)["step"] > start:
+                break
+        except (ValueError, KeyError, TypeError):
+            break
+        keep += len(line)
+    os.truncate(path, keep)
+
+
 def train(cfg: Config) -> Path:
     """Train ``cfg``'s method; return the final checkpoint path. Resumes from ``last``."""
     if cfg.run.threads > 0:
@@ -160,6 +179,7 @@ def train(cfg: Config) -> Path:
     optimizer = build_optimizer(cfg, method)
 
     start = 0
+    counted_flops = None
     last = paths.last_checkpoint
     if last.exists():
         ck = Checkpoint(last)
@@ -167,6 +187,7 @@ def train(cfg: Config) -> Path:
         ck.load_model(method)
         optimizer.load_state_dict(ck.optimizer_state())
         start = ck.step
+        counted_flops = ck.extra.get("train_flops_per_step")
     if start >= cfg.train.steps and paths.final_checkpoint.exists():
         return paths.final_checkpoint
 
@@ -195,6 +216,7 @@ def train(cfg: Config) -> Path:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(paths.tensorboard), purge_step=start)
+        _cut_metrics(metrics_path, start)
     kill_at = int(os.environ.get("SYNREP_DEBUG_KILL_AT_STEP", "-1"))  # for the resume test
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", disable=not is_main,
                dynamic_ncols=True)
@@ -202,63 +224,73 @@ def train(cfg: Config) -> Path:
     t0, seen = time.perf_counter(), 0
     step = start
     acct = _Accounting(cfg, source, selector)
+    if counted_flops is not None:
+        # counted before the kill: counting again would run this step under the FLOP counter,
+        # whose dispatch changes bf16 rounding, so the resumed trajectory would leave the
+        # uninterrupted one's
+        acct.train_flops = float(counted_flops)
     ids_file = _open_ids_file(cfg, start) if is_main and selector and cfg.selection.log_ids \
         else None
-    for step in range(start, cfg.train.steps):
-        lr, _ = set_schedule(optimizer, cfg, step)
-        method.set_step(step)
-        seed = step_seed(cfg.run.seed, step, dist.rank())
-        torch.manual_seed(seed)  # dropout / drop-path
-        g = torch.Generator(device=device).manual_seed(seed)
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v  # texts: list
-                 for k, v in source.batch(step).items()}
-        sel_stats: dict[str, float] = {}
-        if selector is not None:
-            t_sel = time.perf_counter()
-            chosen = selector.select(method, batch, step)
-            batch, sel_stats = chosen.batch, chosen.stats
-            acct.score_seconds += time.perf_counter() - t_sel
-            if ids_file is not None:
-                ids_file.write(json.dumps({"step": step, "ids": chosen.ids.tolist()}) + "\n")
-        t_train = time.perf_counter()
-        counter = acct.train_counter()
-        try:
-            result = train_step(model, method, optimizer, batch, g, autocast=autocast,
-                                scaler=scaler, grad_clip=cfg.optim.grad_clip, counter=counter)
-        except TrainingDiverged as e:
-            bar.close()
-            where = (f"the last good checkpoint is {str(last)!r}" if last.exists()
-                     else "no checkpoint was written yet")
-            raise TrainingDiverged(
-                f"{e} at step {step}; {where}. Lower optim.lr, lengthen optim.warmup_steps, or "
-                "use train.precision=fp32") from None
-        out, grad_norm = result.out, result.grad_norm
-        acct.counted(counter)
-        acct.train_seconds += time.perf_counter() - t_train
-        seen += batch["images"].shape[:-3].numel() * dist.world_size()  # images, not groups
-        done = step + 1
+    try:
+        for step in range(start, cfg.train.steps):
+            lr, _ = set_schedule(optimizer, cfg, step)
+            method.set_step(step)
+            seed = step_seed(cfg.run.seed, step, dist.rank())
+            torch.manual_seed(seed)  # dropout / drop-path
+            g = torch.Generator(device=device).manual_seed(seed)
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v  # texts: list
+                     for k, v in source.batch(step).items()}
+            sel_stats: dict[str, float] = {}
+            if selector is not None:
+                t_sel = time.perf_counter()
+                chosen = selector.select(method, batch, step)
+                batch, sel_stats = chosen.batch, chosen.stats
+                acct.score_seconds += time.perf_counter() - t_sel
+                if ids_file is not None:
+                    ids_file.write(json.dumps({"step": step, "ids": chosen.ids.tolist()}) + "\n")
+            t_train = time.perf_counter()
+            counter = acct.train_counter()
+            try:
+                result = train_step(model, method, optimizer, batch, g, autocast=autocast,
+                                    scaler=scaler, grad_clip=cfg.optim.grad_clip, counter=counter)
+            except TrainingDiverged as e:
+                bar.close()
+                where = (f"the last good checkpoint is {str(last)!r}" if last.exists()
+                         else "no checkpoint was written yet")
+                raise TrainingDiverged(
+                    f"{e} at step {step}; {where}. Lower optim.lr, lengthen optim.warmup_steps, or "
+                    "use train.precision=fp32") from None
+            out, grad_norm = result.out, result.grad_norm
+            acct.counted(counter)
+            acct.train_seconds += time.perf_counter() - t_train
+            seen += batch["images"].shape[:-3].numel() * dist.world_size()  # images, not groups
+            done = step + 1
 
-        if is_main and (done % cfg.train.log_every == 0 or done == cfg.train.steps):
-            rate = seen / (time.perf_counter() - t0)
-            row = {"step": done, "lr": lr, "grad_norm": float(grad_norm), "samples_per_s": rate}
-            row.update({k: float(v.detach()) for k, v in out.items()})
-            row.update(sel_stats)
-            row.update(acct.at(done))
-            for k, v in row.items():
-                if k != "step":
-                    writer.add_scalar(f"train/{k}", v, done)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
-        bar.update(1)
-        if is_main and (done % cfg.train.ckpt_every == 0 or done == cfg.train.steps):
-            save_checkpoint(last, method, cfg.to_dict(), done, optimizer)
-            if ids_file is not None:
-                ids_file.flush()
-        if is_main and cfg.train.keep_every > 0 and done % cfg.train.keep_every == 0:
-            save_checkpoint(paths.step_checkpoint(done), method, cfg.to_dict(), done)
-        if done == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            if is_main and (done % cfg.train.log_every == 0 or done == cfg.train.steps):
+                rate = seen / (time.perf_counter() - t0)
+                row = {"step": done, "lr": lr, "grad_norm": float(grad_norm), "samples_per_s": rate}
+                row.update({k: float(v.detach()) for k, v in out.items()})
+                row.update(sel_stats)
+                row.update(acct.at(done))
+                for k, v in row.items():
+                    if k != "step":
+                        writer.add_scalar(f"train/{k}", v, done)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
+            bar.update(1)
+            if is_main and (done % cfg.train.ckpt_every == 0 or done == cfg.train.steps):
+                save_checkpoint(last, method, cfg.to_dict(), done, optimizer,
+                                extra={"train_flops_per_step": acct.train_flops})
+                if ids_file is not None:
+                    ids_file.flush()
+            if is_main and cfg.train.keep_every > 0 and done % cfg.train.keep_every == 0:
+                save_checkpoint(paths.step_checkpoint(done), method, cfg.to_dict(), done)
+            if done == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+    except BaseException:  # Ctrl-C, SIGTERM, a diverged loss: end the bar before the message
+        bar.close()
+        raise
     bar.close()
     if ids_file is not None:
         ids_file.close()
