@@ -108,6 +108,7 @@ def atomic_output(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     onto ``path``. On any error the temporary file is removed; a full disk becomes one
     :class:`DataError` naming ``path``."""
     path = Path(path)
+    remove_stale_temps(path)  # what a killed writer of this file left behind
     tmp = temp_path(path)
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:

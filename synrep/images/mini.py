@@ -576,7 +576,7 @@ def train_generator(cfg: Config) -> Path:
                                    scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = temp_path(out)  # a folder named for this process, renamed when complete
     pipe.save_pretrained(tmp)
     trained = {"train_steps": g.steps, "batch_size": g.batch_size, "vae_steps": g.vae_steps}
     if init is not None:  # the kept parts were trained as the initial pipeline says
