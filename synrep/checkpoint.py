@@ -9,7 +9,6 @@ renamed, so a crash never leaves a checkpoint that looks complete but is not.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from synrep.errors import CheckpointError
-from synrep.utils import is_no_space, json_dumps, no_space_error, temp_path
+from synrep.utils import atomic_path, json_dumps
 
 FORMAT = "synrep-checkpoint-v1"
 
@@ -61,15 +60,9 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module | dict[str, torch.T
         tensors.update(opt_tensors)
         meta["optimizer"] = opt_meta
     metadata = {"synrep": json_dumps(meta, path)}  # NaN/inf refused before anything is written
-    tmp = temp_path(path)  # unique to this process: ranks or runs never share a temporary file
-    try:
+    # a temporary name unique to this process: ranks or runs never share a temporary file
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if is_no_space(e):
-            raise no_space_error(path) from None
-        raise
     return path
 
 

@@ -103,24 +103,32 @@ def no_space_error(path: str | Path) -> DataError:
 
 
 @contextmanager
-def atomic_output(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a :func:`temp_path` of ``path`` for writing; on a clean exit fsync it and rename it
-    onto ``path``. On any error the temporary file is removed; a full disk becomes one
-    :class:`DataError` naming ``path``."""
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A :func:`temp_path` of ``path`` to write (for writers that take a file name); renamed
+    onto ``path`` on a clean exit. On any error the temporary file is removed; a full disk
+    becomes one :class:`DataError` naming ``path``."""
     path = Path(path)
     remove_stale_temps(path)  # what a killed writer of this file left behind
     tmp = temp_path(path)
     try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if is_no_space(e):
             raise no_space_error(path) from None
         raise
+
+
+@contextmanager
+def atomic_output(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary file for writing ``path`` (:func:`atomic_path`), fsynced before it is
+    renamed onto ``path``."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _first_non_finite(data: Any, where: str = "") -> str | None:
