@@ -37,11 +37,23 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["dataset", "shards"] = "dataset"
+    # dataset: a registered dataset; shards: synrep's caption-group shards; webdataset: plain
+    # image(-text) shards, one image a key (img2dataset, open_clip)
+    source: Literal["dataset", "shards", "webdataset"] = "dataset"
     dataset: str = "fashion-mnist"  # a registered dataset, used when source = "dataset"
     root: str | None = None  # dataset folder; None uses the dataset's default location
     split: str = "train"
-    shards: str = ""  # caption-group shards for source = "shards"; "" = this run's images stage
+    # source = shards: a folder of caption-group shards ("" = this run's images stage);
+    # source = webdataset: a folder, a .tar, a brace pattern (dir/{000..099}.tar) or a list
+    shards: str | list[str] = ""
+    # memory: decode the whole set into RAM; stream: read each batch's samples from the shards
+    # through their index (memory independent of the set's size); auto: memory up to 512 MiB
+    # of decoded images, stream above
+    loader: Literal["auto", "memory", "stream"] = "auto"
+    workers: int = 0  # DataLoader worker processes decoding streamed batches (0 = this process)
+    # how streamed images of another size become image_size: the centred square, or a random
+    # resized crop (aug.scale, aug.ratio) drawn per (seed, step, sample)
+    crop: Literal["center", "random"] = "center"
     max_captions: int | None = None  # train on the first n caption groups only (data scaling)
     max_images_per_caption: int | None = None  # and on the first k images of each
     classes: list[int] | None = None  # keep only images (or caption groups) of these labels
@@ -282,6 +294,10 @@ class TrainConfig:
     keep_every: int = 0  # also keep the weights every n steps (checkpoints/step_000100...); 0 = no
     log_every: int = 10
     compile: bool = False
+    # split each step's batch into this many micro-batches whose gradients are summed before
+    # one optimizer step; contrastive negatives are those of the micro-batch (docs/scale.md)
+    accum_steps: int = 1
+    grad_checkpointing: bool = False  # recompute each ViT block's activations in backward
 
 
 @dataclass
@@ -291,6 +307,7 @@ class EvalConfig:
     train_split: str = "train"
     test_split: str = "test"
     image_size: int | None = None
+    workers: int = 0  # DataLoader processes decoding sets read from disk (imagefolder, webdataset)
     # frozen-feature protocols: linear, sgd, knn, fewshot, zeroshot (text-tower checkpoints only);
     # finetune trains the whole encoder (minutes per epoch on a CPU), so it is opt-in
     protocols: list[str] = field(
@@ -660,7 +677,8 @@ RULES: dict[str, str] = {
     "optim.warmup_steps": ">= 0", "optim.min_lr_ratio": "in [0, 1]",
     "optim.weight_decay_end": ">= 0", "optim.grad_clip": ">= 0",
     "train.steps": ">= 1", "train.batch_size": ">= 1", "train.ckpt_every": ">= 1",
-    "train.keep_every": ">= 0", "train.log_every": ">= 1",
+    "train.keep_every": ">= 0", "train.log_every": ">= 1", "train.accum_steps": ">= 1",
+    "data.workers": ">= 0", "eval.workers": ">= 0",
     "eval.image_size": ">= 1", "eval.n_last_blocks": ">= 1", "eval.linear_cs": "each > 0",
     "eval.linear_max_iter": ">= 1", "eval.sgd_lrs": "each > 0", "eval.sgd_epochs": ">= 1",
     "eval.knn_k": ">= 1", "eval.knn_temperature": "> 0", "eval.fewshot_shots": "each >= 1",

@@ -7,15 +7,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from synrep import dist
 from synrep.captions.stage import read_rewrites
 from synrep.checkpoint import Checkpoint
 from synrep.config import Config, config_from_dict
-from synrep.data.datasets import load_dataset
+from synrep.data.datasets import load_dataset, resize_center_crop
+from synrep.data.index import resolve_shards
 from synrep.data.shards import GroupArray, load_groups
-from synrep.data.sources import ArraySource, group_texts
+from synrep.data.sources import (
+    ArraySource,
+    FolderStore,
+    LazyImages,
+    Planner,
+    ShardStore,
+    Source,
+    group_texts,
+)
 from synrep.errors import CheckpointError, ConfigError
 from synrep.layout import layout
 from synrep.methods import METHODS, Method
@@ -66,61 +76,154 @@ def _class_mask(labels: torch.Tensor, classes: list[int], where: str) -> torch.T
     return keep
 
 
+#: ``data.loader=auto`` holds a training set in RAM up to this many bytes of decoded images.
+MEMORY_LOADER_BYTES = 512 * 2**20
+
+
 def build_source(cfg: Config, batch_kind: str, batch_size: int | None = None,
-                 texts: bool = False, each_image: bool = False) -> ArraySource:
+                 texts: bool = False, each_image: bool = False) -> Source:
     """The training batches described by ``cfg.data`` (``batch_size`` overrides
     ``train.batch_size``, for the super-batches of online selection; ``texts`` adds each caption
     group's caption, or a LaCLIP rewrite of it, to every batch for text-tower methods;
     ``each_image`` makes every image of a caption group its own sample, for methods that learn
-    from single images)."""
+    from single images). ``data.loader`` chooses RAM or streaming; both give the same batches."""
     d = cfg.data
-    opts = cfg.method.options
-    captions = None
+    bs = batch_size or cfg.train.batch_size
     if d.source == "dataset":
-        ds = load_dataset(d.dataset, d.split, root=d.root, image_size=d.image_size)
         if batch_kind == "groups" or texts:
             raise ConfigError(f"method {cfg.method.name!r} trains on caption groups"
                               f"{' and their captions' if texts else ''}: set data.source=shards")
+        if d.dataset == "imagefolder" and d.loader == "stream":
+            return _stream_folder(cfg, bs)
+        ds = load_dataset(d.dataset, d.split, root=d.root, image_size=d.image_size)
         images, labels = ds.images, ds.labels
+        if isinstance(images, LazyImages):  # data.loader=memory: decode it all once
+            images = images.load()
         if d.classes is not None:
             keep = _class_mask(labels, d.classes, f"{d.dataset}/{d.split}")
             images, labels = images[keep], labels[keep]
+        return ArraySource(images, labels, bs, cfg.run.seed, dist.rank(), dist.world_size())
+    if d.source == "webdataset":
+        if batch_kind == "groups":
+            raise ConfigError(
+                f"method {cfg.method.name!r} trains on caption groups, and plain WebDataset "
+                "shards hold one image a key: use data.source=shards (synrep's caption groups)")
+        return _stream_shards(cfg, bs, "plain", texts, each_image=False)
+    if _loader(cfg) == "stream":
+        return _stream_shards(cfg, bs, "groups", texts, each_image and batch_kind != "groups",
+                              m=cfg.method.options.images_per_caption
+                              if batch_kind == "groups" else 1)
+    return _memory_groups(cfg, batch_kind, bs, texts, each_image)
+
+
+def _loader(cfg: Config) -> str:
+    """``data.loader`` resolved for caption-group shards: ``auto`` holds up to
+    :data:`MEMORY_LOADER_BYTES` of decoded images in RAM."""
+    d = cfg.data
+    if d.loader != "auto":
+        return d.loader
+    store = ShardStore(resolve_shards(shards_dir(cfg), complete_only=True), "groups",
+                       image_size=d.image_size, max_images=d.max_images_per_caption)
+    n = len(store) if d.max_captions is None else min(len(store), d.max_captions)
+    one = store.fetch(torch.tensor([0]), None, None, 0)["images"]  # (1, k, C, H, W)
+    return "memory" if n * one[0].numel() <= MEMORY_LOADER_BYTES else "stream"
+
+
+def _memory_groups(cfg: Config, batch_kind: str, bs: int, texts: bool,
+                   each_image: bool) -> Source:
+    d = cfg.data
+    opts = cfg.method.options
+    captions = None
+    shards, groups = pool_groups(cfg)
+    images = groups.images  # (G, k, C, H, W)
+    if d.image_size is not None and images.shape[-1] != d.image_size:
+        g, k = images.shape[:2]
+        images = resize_center_crop(images.flatten(0, 1), d.image_size).unflatten(0, (g, k))
+    if d.max_images_per_caption is not None:
+        if images.shape[1] < d.max_images_per_caption:
+            raise ConfigError(
+                f"data.max_images_per_caption={d.max_images_per_caption} but {shards!r} has "
+                f"{images.shape[1]} images per caption")
+        images = images[:, : d.max_images_per_caption]
+    labels = None
+    if all("label" in meta for meta in groups.metas):
+        labels = torch.tensor([int(meta["label"]) for meta in groups.metas])
+    if texts:  # language supervision: each group's caption, with its LaCLIP rewrites
+        use = getattr(opts, "rewrites", False)  # LaCLIP (text-tower methods' option)
+        rewrites = read_rewrites(layout(cfg).rewrites) if use else None
+        captions = group_texts(groups.captions, groups.keys, groups.metas, rewrites,
+                               repr(shards))
+    if d.classes is not None:
+        if labels is None:
+            raise ConfigError(
+                f"data.classes={d.classes} needs a label in every caption group's metadata, "
+                f"but {shards!r} has groups without one; remove data.classes")
+        keep = _class_mask(labels, d.classes, shards)
+        images, labels = images[keep], labels[keep]
+        if captions is not None:
+            captions = [c for c, k in zip(captions, keep.tolist()) if k]
+    m = opts.images_per_caption if batch_kind == "groups" else 1
+    if each_image and batch_kind != "groups":  # (G, k, ...) -> G * k single images
+        k = images.shape[1]
+        images = images.flatten(0, 1)
+        labels = labels.repeat_interleave(k) if labels is not None else None
+        captions = [c for c in captions for _ in range(k)] if captions is not None else None
         m = None
-    else:
-        shards, groups = pool_groups(cfg)
-        images = groups.images  # (G, k, C, H, W)
-        if d.max_images_per_caption is not None:
-            if images.shape[1] < d.max_images_per_caption:
-                raise ConfigError(
-                    f"data.max_images_per_caption={d.max_images_per_caption} but {shards!r} has "
-                    f"{images.shape[1]} images per caption")
-            images = images[:, : d.max_images_per_caption]
-        labels = None
-        if all("label" in meta for meta in groups.metas):
-            labels = torch.tensor([int(meta["label"]) for meta in groups.metas])
-        if texts:  # language supervision: each group's caption, with its LaCLIP rewrites
-            use = getattr(opts, "rewrites", False)  # LaCLIP (text-tower methods' option)
-            rewrites = read_rewrites(layout(cfg).rewrites) if use else None
-            captions = group_texts(groups.captions, groups.keys, groups.metas, rewrites,
-                                   repr(shards))
-        if d.classes is not None:
-            if labels is None:
-                raise ConfigError(
-                    f"data.classes={d.classes} needs a label in every caption group's metadata, "
-                    f"but {shards!r} has groups without one; remove data.classes")
-            keep = _class_mask(labels, d.classes, shards)
-            images, labels = images[keep], labels[keep]
-            if captions is not None:
-                captions = [c for c, k in zip(captions, keep.tolist()) if k]
-        m = opts.images_per_caption if batch_kind == "groups" else 1
-        if each_image and batch_kind != "groups":  # (G, k, ...) -> G * k single images
-            k = images.shape[1]
-            images = images.flatten(0, 1)
-            labels = labels.repeat_interleave(k) if labels is not None else None
-            captions = [c for c in captions for _ in range(k)] if captions is not None else None
-            m = None
-    return ArraySource(images, labels, batch_size or cfg.train.batch_size, cfg.run.seed,
-                       dist.rank(), dist.world_size(), images_per_group=m, texts=captions)
+    return ArraySource(images, labels, bs, cfg.run.seed, dist.rank(), dist.world_size(),
+                       images_per_group=m, texts=captions)
+
+
+def _stream_shards(cfg: Config, bs: int, kind: str, texts: bool, each_image: bool,
+                   m: int | None = None) -> Source:
+    """A streaming source over caption-group (``kind`` groups) or plain shards."""
+    d = cfg.data
+    where = shards_dir(cfg) if kind == "groups" else d.shards
+    store = ShardStore(resolve_shards(where, complete_only=kind == "groups"), kind,
+                       image_size=d.image_size,
+                       channels=cfg.model.in_chans if kind == "plain" else None,
+                       crop=d.crop, scale=tuple(cfg.aug.scale), ratio=tuple(cfg.aug.ratio),
+                       seed=cfg.run.seed, max_images=d.max_images_per_caption)
+    n = len(store)
+    if kind == "groups" and d.max_captions is not None:
+        if n < d.max_captions:
+            raise ConfigError(f"data.max_captions={d.max_captions} but {where!r} holds only {n} "
+                              "caption groups; render more images or lower it")
+        n = d.max_captions
+    ids = np.arange(n)
+    if d.classes is not None:
+        if store.labels is None:
+            raise ConfigError(f"data.classes={d.classes} needs a label for every sample, but "
+                              f"{where!r} has samples without one; remove data.classes")
+        ids = ids[_class_mask(store.labels[:n], d.classes, str(where)).numpy()]
+    if len(ids) != len(store):
+        store.keep(ids)
+    counts = None
+    if texts:
+        use = getattr(cfg.method.options, "rewrites", False)
+        counts = store.with_texts(read_rewrites(layout(cfg).rewrites) if use else None)
+    if each_image:
+        store.each_image()
+        if counts is not None:
+            counts = counts.repeat_interleave(store.k)
+        m = None
+    k = store.k if kind == "groups" and not each_image else None
+    if k is None:
+        m = None
+    return Source(store, Planner(len(store), bs, cfg.run.seed, dist.rank(), dist.world_size(),
+                                 k=k, m=m, text_counts=counts))
+
+
+def _stream_folder(cfg: Config, bs: int) -> Source:
+    d = cfg.data
+    if d.root is None or d.image_size is None:
+        raise ConfigError("data.loader=stream with data.dataset=imagefolder needs data.root "
+                          "(a folder with <split>/<class>/) and data.image_size")
+    store = FolderStore(Path(d.root) / d.split, d.image_size, cfg.model.in_chans, crop=d.crop,
+                        scale=tuple(cfg.aug.scale), ratio=tuple(cfg.aug.ratio),
+                        seed=cfg.run.seed)
+    if d.classes is not None:
+        store.keep(np.nonzero(_class_mask(store.labels, d.classes, str(d.root)).numpy())[0])
+    return Source(store, Planner(len(store), bs, cfg.run.seed, dist.rank(), dist.world_size()))
 
 
 def build_method(cfg: Config) -> Method:

@@ -179,8 +179,9 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="holds no images"):
         load_dataset("imagefolder", "train", root=str(tmp_path), image_size=8)
     Path(tmp_path / "train" / "empty_class" / "bad.png").write_bytes(b"garbage")
-    with pytest.raises(DataError, match="bad.png"):
-        load_dataset("imagefolder", "train", root=str(tmp_path), image_size=8)
+    lazy = load_dataset("imagefolder", "train", root=str(tmp_path), image_size=8)
+    with pytest.raises(DataError, match="bad.png"):  # decoded when read
+        lazy.images.load()
 
 
 def test_unknown_dataset() -> None:

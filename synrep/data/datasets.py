@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 from synrep.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from synrep.data.fashion_mnist import load_fashion_mnist
+from synrep.data.index import resolve_shards
+from synrep.data.sources import FolderStore, LazyImages, ShardStore
 from synrep.errors import ConfigError, DataError
 from synrep.registry import Registry
 
@@ -38,7 +40,9 @@ class ImageArray:
     """A labelled image set in memory.
 
     Attributes:
-        images: uint8 (N, C, H, W), C = 1 (grayscale) or 3 (RGB).
+        images: uint8 (N, C, H, W), C = 1 (grayscale) or 3 (RGB): a tensor, or for sets read
+            from disk (ImageFolder, WebDataset shards) a :class:`~synrep.data.sources.LazyImages`
+            decoded when read.
         labels: int64 (N,), indices into ``classes``.
         classes: class names.
         name: the dataset name it was loaded as.
@@ -55,7 +59,7 @@ class ImageArray:
                 f"ImageArray images must be uint8 (N, C, H, W), got {self.images.dtype} "
                 f"{tuple(self.images.shape)}"
             )
-        if self.labels.dtype != torch.int64 or self.labels.shape != (len(self.images),):
+        if self.labels.dtype != torch.int64 or tuple(self.labels.shape) != (len(self.images),):
             raise ValueError(
                 f"ImageArray labels must be int64 ({len(self.images)},), got {self.labels.dtype} "
                 f"{tuple(self.labels.shape)}"
@@ -63,6 +67,12 @@ class ImageArray:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def in_memory(self) -> ImageArray:
+        """This set with its images decoded into one tensor (itself when they already are)."""
+        if isinstance(self.images, torch.Tensor):
+            return self
+        return ImageArray(self.images.load(), self.labels, list(self.classes), self.name)
 
     def subset(self, idx: torch.Tensor | Sequence[int] | slice) -> ImageArray:
         """The images at ``idx`` (indices, a bool mask or a slice), same classes and name."""
@@ -180,28 +190,46 @@ def _load_imagefolder(split: str, root: str | None, image_size: int | None) -> I
             f"image folder {folder} does not exist (subfolders of {root}: {found or 'none'}); "
             f"expected {root}/<split>/<class>/*.png"
         )
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    files: list[tuple[Path, int]] = []
-    for label, cls in enumerate(classes):
-        for p in sorted((folder / cls).iterdir()):
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append((p, label))
-    if not files:
+    try:
+        store = FolderStore(folder, image_size, channels=3, extensions=IMAGE_EXTENSIONS,
+                            resample=Image.Resampling.BICUBIC)
+    except DataError:
         raise DataError(
             f"image folder {folder} holds no images; expected {folder}/<class>/*.png (or "
             f"{', '.join(IMAGE_EXTENSIONS[1:])})"
-        )
-    images = torch.empty((len(files), 3, image_size, image_size), dtype=torch.uint8)
-    bar = tqdm(files, desc=f"loading {folder}", disable=len(files) <= _PROGRESS_MIN_FILES)
-    for i, (path, _) in enumerate(bar):
-        try:
-            with Image.open(path) as img:
-                rgb = _resize_pil(img.convert("RGB"), image_size)
-        except OSError as e:
-            raise DataError(f"image {path} cannot be decoded ({e}); delete or replace it") from None
-        images[i] = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
-    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
-    return ImageArray(images, labels, classes, "imagefolder")
+        ) from None
+    # Decoded when read (feature extraction streams it in batches): a 1.2M-image tree costs
+    # its file list, not 180 GB of pixels.
+    return ImageArray(LazyImages(store, chw=(3, image_size, image_size)), store.labels,
+                      store.classes, "imagefolder")
+
+
+@DATASETS.register("webdataset")
+def _load_webdataset(split: str, root: str | None, image_size: int | None) -> ImageArray:
+    """Plain labelled WebDataset shards (``cls`` member or ``json`` ``label``):
+    ``root/<split>/*.tar``, or ``root`` with ``{split}`` in it
+    (``/data/in1k/{split}/shard-{000000..000146}.tar``). Class names come from
+    ``root/classes.txt`` (one a line, in label order) when it exists. Decoded when read."""
+    if root is None or image_size is None:
+        raise ConfigError("dataset 'webdataset' needs `root` (shards in <root>/<split>/, or a "
+                          "pattern with {split}) and `image_size`")
+    spec = root.replace("{split}", split) if "{split}" in root else str(Path(root) / split)
+    store = ShardStore(resolve_shards(spec, key=f"webdataset {split} split"), "plain",
+                       image_size=image_size, channels=3, resample=Image.Resampling.BICUBIC)
+    if store.labels is None:
+        raise DataError(f"the shards of {spec} have samples without a label (a cls member or "
+                        "a json 'label'); evaluation needs one for every image")
+    names_file = Path(root.split("{split}")[0]) / "classes.txt"
+    n = int(store.labels.max()) + 1
+    classes = [str(c) for c in range(n)]
+    if names_file.is_file():
+        names = [x.strip() for x in names_file.read_text().splitlines() if x.strip()]
+        if len(names) < n:
+            raise DataError(f"{names_file} names {len(names)} classes but the shards have "
+                            f"label {n - 1}; list one name a line for every label")
+        classes = names
+    return ImageArray(LazyImages(store, chw=(3, image_size, image_size)), store.labels,
+                      classes, "webdataset")
 
 
 def _load_torchvision(

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from synrep.data.index import ShardIndex, index_path, meta_ints, save_index
 from synrep.errors import DataError
 from synrep.utils import atomic_output, is_no_space, json_dumps, no_space_error, temp_path
 
@@ -200,6 +201,7 @@ def write_shard(path: str | Path, groups: Iterable[CaptionGroup],
         directory.mkdir(parents=True, exist_ok=True)
         # An old marker must not vouch for the tar being rewritten if this write is killed.
         marker.unlink(missing_ok=True)
+        index_path(path).unlink(missing_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     except OSError as e:
         raise DataError(
@@ -208,6 +210,7 @@ def write_shard(path: str | Path, groups: Iterable[CaptionGroup],
 
     samples = images = max_pixels = 0
     seen: set[str] = set()
+    spans: list[tuple[int, int, int, int, int]] = []  # offset, size, label, caption id, images
     try:
         with os.fdopen(fd, "wb") as f:
             out = _HashingWriter(f)
@@ -222,6 +225,7 @@ def write_shard(path: str | Path, groups: Iterable[CaptionGroup],
                         raise ValueError(f"sample {g.key!r} has no images; a group needs k >= 1")
                     meta = json_dumps(g.meta, f"{path} sample {g.key!r} metadata",
                                       sort_keys=True, ensure_ascii=False)
+                    start = tar.offset
                     _add(tar, f"{g.key}.txt", g.caption.encode("utf-8"))
                     _add(tar, f"{g.key}.json", meta.encode("utf-8"))
                     for i, img in enumerate(g.images):
@@ -230,6 +234,8 @@ def write_shard(path: str | Path, groups: Iterable[CaptionGroup],
                         max_pixels = max(max_pixels, int(img.shape[0]) * int(img.shape[1]))
                     samples += 1
                     images += len(g.images)
+                    label, cid = meta_ints(meta.encode("utf-8"))
+                    spans.append((start, tar.offset - start, label, cid, len(g.images)))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -239,6 +245,12 @@ def write_shard(path: str | Path, groups: Iterable[CaptionGroup],
             raise no_space_error(path) from None
         raise
     _fsync_dir(directory)
+    cols = list(zip(*spans)) or [(), (), (), (), ()]
+    index = ShardIndex(np.asarray(cols[0], np.int64), np.asarray(cols[1], np.int32),
+                       np.asarray(cols[2], np.int64), np.asarray(cols[3], np.int64),
+                       np.asarray(cols[4], np.int16), out.size, out.sha256.hexdigest(),
+                       path.stat().st_mtime_ns)
+    save_index(index, index_path(path))  # before the marker: a marked shard has its index
     stats = {
         "shard": path.name,
         "samples": samples,
@@ -297,10 +309,13 @@ def read_marker(path: str | Path) -> dict[str, Any] | None:
 _read_marker = read_marker
 
 
-def _decode_image(path: Path, member: str, data: bytes, max_pixels: int) -> np.ndarray:
+def decode_image(path: Path, member: str, data: bytes, max_pixels: int = MAX_IMAGE_PIXELS,
+                 mode: str | None = None) -> np.ndarray:
     """Decode one image, refusing one whose header declares more than ``max_pixels`` before its
-    pixels are decompressed (a decompression bomb, or a corrupted header)."""
-    kind = {"png": "PNG", "jpg": "JPEG", "webp": "WebP"}[member.rsplit(".", 1)[1]]
+    pixels are decompressed (a decompression bomb, or a corrupted header). ``mode`` ("L" or
+    "RGB") converts; by default grayscale and RGB stay as stored and anything else becomes RGB."""
+    kind = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WebP"}.get(
+        member.rsplit(".", 1)[1].lower(), "image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -310,6 +325,8 @@ def _decode_image(path: Path, member: str, data: bytes, max_pixels: int) -> np.n
                     raise _corrupt(path, f"{member} declares {w}x{h} pixels, more than the "
                                          f"{max_pixels:,} synrep decodes")
                 img.load()
+                if mode is not None:
+                    return np.asarray(img if img.mode == mode else img.convert(mode))
                 return np.asarray(img if img.mode in ("L", "RGB") else img.convert("RGB"))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise _corrupt(path, f"{member} declares too many pixels to decode ({e})") from None
@@ -332,7 +349,7 @@ def _decode_group(path: Path, key: str, members: dict[str, bytes],
         raise _corrupt(path, f"sample {key!r} has an undecodable .txt or .json: {e}") from None
     if not isinstance(meta, dict):
         raise _corrupt(path, f"{key}.json is a JSON {type(meta).__name__}, not an object")
-    images = [_decode_image(path, f"{key}.{indexed[i]}", members[indexed[i]], max_pixels)
+    images = [decode_image(path, f"{key}.{indexed[i]}", members[indexed[i]], max_pixels)
               for i in range(len(indexed))]
     return CaptionGroup(key, caption, meta, images)
 

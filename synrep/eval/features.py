@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from synrep.data.sources import LazyImages
 from synrep.errors import DataError
 from synrep.utils import atomic_output
 
@@ -28,6 +29,7 @@ def extract_features(
     batch_size: int = 512,
     device: str | torch.device = "cpu",
     desc: str = "features",
+    workers: int = 0,
 ) -> Tensor:
     """Run ``fn`` over ``images`` in batches and collect its outputs.
 
@@ -35,7 +37,9 @@ def extract_features(
         fn: maps a float batch ``[B, C, H, W]`` in ``[0, 1]`` on ``device`` to features ``[B, D]``
             (e.g. an encoder in eval mode with its normalisation inside). Called under
             :func:`torch.inference_mode`.
-        images: uint8 images ``[N, C, H, W]``, on any device.
+        images: uint8 images ``[N, C, H, W]``, on any device, or a
+            :class:`~synrep.data.sources.LazyImages` decoded batch by batch (in ``workers``
+            DataLoader processes), so a set larger than RAM is never held.
         batch_size: images per call of ``fn``.
         device: where each batch is converted to float and ``fn`` runs.
         desc: label of the progress bar.
@@ -44,6 +48,8 @@ def extract_features(
         float32 features ``[N, D]`` on the CPU (a normal tensor, not an inference tensor, so callers
         may modify it in place).
     """
+    if isinstance(images, LazyImages):
+        return _extract_lazy(fn, images, batch_size, device, desc, workers)
     if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
         got = (
             f"{images.dtype} {tuple(images.shape)}" if isinstance(images, Tensor) else type(images)
@@ -72,6 +78,26 @@ def extract_features(
             raise ValueError(f"fn returned {feats.shape[1]} features, earlier {out.shape[1]}")
         out[start : start + len(feats)] = feats
     assert out is not None
+    return out
+
+
+def _extract_lazy(fn: Callable[[Tensor], Tensor], images: LazyImages, batch_size: int,
+                  device: str | torch.device, desc: str, workers: int) -> Tensor:
+    if len(images) == 0:
+        raise ValueError("images is empty: there is nothing to extract features from")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out: Tensor | None = None
+    start = 0
+    total = -(-len(images) // batch_size)
+    for chunk in tqdm(images.batches(batch_size, workers), total=total, desc=desc, unit="batch"):
+        with torch.inference_mode():
+            feats = fn(chunk.to(device, non_blocking=True).float().div_(255.0)).float().cpu()
+        if out is None:
+            out = torch.empty(len(images), feats.shape[1], dtype=torch.float32)
+        out[start : start + len(feats)] = feats
+        start += len(feats)
+    assert out is not None and start == len(images)
     return out
 
 

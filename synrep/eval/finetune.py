@@ -227,6 +227,8 @@ def finetune(
         ``{"top1": test top-1 %, "train_loss": [mean loss of each epoch], "epochs": epochs,
         "steps": optimizer steps}``, plus ``"val_top1"`` (%) when ``val_fraction > 0``.
     """
+    # fine-tuning revisits every image each epoch: a set read from disk is decoded once
+    train, test = (x.in_memory() if isinstance(x, ImageArray) else x for x in (train, test))
     _check_args(
         encoder,
         train,

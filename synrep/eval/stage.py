@@ -24,6 +24,7 @@ from synrep.checkpoint import Checkpoint
 from synrep.concepts.fashion import CLASS_NAMES
 from synrep.config import Config, EvalConfig, config_from_dict
 from synrep.data.datasets import load_dataset
+from synrep.data.sources import LazyImages
 from synrep.errors import ConfigError
 from synrep.eval.features import extract_features, load_features, save_features
 from synrep.eval.fewshot import fewshot_probe
@@ -78,7 +79,8 @@ def embed_split(
         return encoder.probe_features(x, ecfg.pool, ecfg.n_last_blocks)
 
     feats = extract_features(
-        fn, ds.images, batch_size=ecfg.batch_size, device=device, desc=f"features {ds.name}/{split}"
+        fn, ds.images, batch_size=ecfg.batch_size, device=device,
+        desc=f"features {ds.name}/{split}", workers=ecfg.workers,
     )
     return feats, ds.labels
 
@@ -169,6 +171,8 @@ def _pca_figure(cfg: Config, encoder: Encoder, device: torch.device) -> str | No
     by_class = [torch.nonzero(ds.labels == c).flatten() for c in torch.unique(ds.labels)]
     picks = [int(idx[i]) for i in range(n) for idx in by_class if i < len(idx)][:n]
     images = ds.images[picks]
+    if isinstance(images, LazyImages):
+        images = images.load()
     path = layout(cfg).pca
     save_pca_figure(images, pca_maps(encoder, images, device=device), path)
     return path.name

@@ -149,6 +149,18 @@ def _cut_metrics(path: Path, start: int) -> None:
     os.truncate(path, keep)
 
 
+def check_accumulation(cfg: Config, per_rank: int) -> None:
+    """``train.accum_steps`` must split each rank's batch (of the selected samples, with online
+    selection) into equal micro-batches."""
+    n = cfg.train.accum_steps
+    if cfg.selection.online:
+        per_rank = cfg.train.batch_size // dist.world_size()
+    if per_rank % n:
+        raise ConfigError(f"train.accum_steps={n} must divide each rank's batch of {per_rank} "
+                          f"samples (train.batch_size={cfg.train.batch_size} over "
+                          f"{dist.world_size()} ranks)")
+
+
 def train(cfg: Config) -> Path:
     """Train ``cfg``'s method; return the final checkpoint path. Resumes from ``last``."""
     if cfg.run.threads > 0:
@@ -176,6 +188,9 @@ def train(cfg: Config) -> Path:
         source = build_source(cfg, method.batch_kind, texts=method.has_text_tower,
                               each_image=method.each_image)
     method.bind_data(source)
+    check_accumulation(cfg, source.batch_size // dist.world_size())
+    if cfg.train.grad_checkpointing:
+        method.encoder.set_grad_checkpointing(True)
     optimizer = build_optimizer(cfg, method)
 
     start = 0
@@ -231,15 +246,17 @@ def train(cfg: Config) -> Path:
         acct.train_flops = float(counted_flops)
     ids_file = _open_ids_file(cfg, start) if is_main and selector and cfg.selection.log_ids \
         else None
+    batches = source.batches(start, cfg.train.steps, workers=cfg.data.workers,
+                             pin_memory=device.type == "cuda")
     try:
-        for step in range(start, cfg.train.steps):
+        for step, host_batch in zip(range(start, cfg.train.steps), batches):
             lr, _ = set_schedule(optimizer, cfg, step)
             method.set_step(step)
             seed = step_seed(cfg.run.seed, step, dist.rank())
             torch.manual_seed(seed)  # dropout / drop-path
             g = torch.Generator(device=device).manual_seed(seed)
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v  # texts: list
-                     for k, v in source.batch(step).items()}
+                     for k, v in host_batch.items()}
             sel_stats: dict[str, float] = {}
             if selector is not None:
                 t_sel = time.perf_counter()
@@ -252,7 +269,8 @@ def train(cfg: Config) -> Path:
             counter = acct.train_counter()
             try:
                 result = train_step(model, method, optimizer, batch, g, autocast=autocast,
-                                    scaler=scaler, grad_clip=cfg.optim.grad_clip, counter=counter)
+                                    scaler=scaler, grad_clip=cfg.optim.grad_clip, counter=counter,
+                                    accum_steps=cfg.train.accum_steps)
             except TrainingDiverged as e:
                 bar.close()
                 where = (f"the last good checkpoint is {str(last)!r}" if last.exists()

@@ -62,29 +62,63 @@ def set_schedule(optimizer: torch.optim.Optimizer, cfg: Config, step: int) -> tu
     return lr, wd
 
 
+def micro_batches(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """Split a batch into ``n`` equal micro-batches along the sample axis: every tensor and list
+    whose length is the batch size is cut, anything else (the step number) is shared."""
+    if n == 1:
+        return [batch]
+    size = len(batch["images"])
+    if size % n:
+        raise ValueError(f"a batch of {size} samples does not split into {n} micro-batches")
+    per = size // n
+    out: list[dict[str, Any]] = [{} for _ in range(n)]
+    for key, value in batch.items():
+        cut = (torch.is_tensor(value) and value.ndim > 0 and len(value) == size) or (
+            isinstance(value, list) and len(value) == size)
+        for i in range(n):
+            out[i][key] = value[i * per : (i + 1) * per] if cut else value
+    return out
+
+
 def train_step(model: torch.nn.Module, method: Method, optimizer: torch.optim.Optimizer,
                batch: dict[str, Any], g: torch.Generator, *,
                autocast: AbstractContextManager | None = None,
                scaler: torch.amp.GradScaler | None = None, grad_clip: float = 0.0,
-               counter: AbstractContextManager | None = None) -> StepResult:
+               counter: AbstractContextManager | None = None,
+               accum_steps: int = 1) -> StepResult:
     """Forward ``batch`` through ``model`` (the method, or its DDP / compiled wrapper) under
     ``autocast``, check the loss on every rank, backpropagate, clip the gradient norm at
     ``grad_clip`` (0: measured, not clipped), step the optimizer and update the method's frozen
     parts (``method.after_step()``, an EMA teacher).
+
+    ``accum_steps`` > 1 splits the batch into that many micro-batches (:func:`micro_batches`)
+    taken one after another, each loss scaled by ``1 / accum_steps``, gradients summed (DDP
+    synchronises on the last one only), then one optimizer step: the gradient of the mean of
+    the micro-batch losses. A contrastive loss sees the negatives of its micro-batch only.
 
     ``scaler``: fp16 loss scaling (None: none). ``counter``: a context around forward and
     backward, such as torch's ``FlopCounterMode``. Raises :class:`TrainingDiverged` when the
     loss is not finite on any rank, before any weight changes.
     """
     scaler = scaler or torch.amp.GradScaler(enabled=False)
+    parts = micro_batches(batch, accum_steps)
+    optimizer.zero_grad(set_to_none=True)
+    outs: list[dict[str, torch.Tensor]] = []
     with counter or nullcontext():  # one context over forward and backward: a whole step
-        with autocast or nullcontext():
-            out = model(batch, g)
-        loss = out["loss"]
-        if not math.isfinite(float(dist.all_reduce_mean(loss.detach().float()))):
-            raise TrainingDiverged(f"training loss became {float(loss.detach())}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            no_sync = getattr(model, "no_sync", None)
+            with (no_sync() if no_sync is not None and not last else nullcontext()):
+                with autocast or nullcontext():
+                    out = model(part, g)
+                loss = out["loss"]
+                if not math.isfinite(float(dist.all_reduce_mean(loss.detach().float()))):
+                    optimizer.zero_grad(set_to_none=True)
+                    raise TrainingDiverged(f"training loss became {float(loss.detach())}")
+                scaler.scale(loss / len(parts) if len(parts) > 1 else loss).backward()
+            outs.append({k: v.detach() for k, v in out.items()})
+    if len(outs) > 1:
+        out = {k: torch.stack([o[k].float() for o in outs]).mean() for k in outs[0]}
     scaler.unscale_(optimizer)  # a no-op unless fp16 loss scaling is on
     # The norm is logged either way; an infinite limit measures it without clipping.
     limit = grad_clip if grad_clip > 0 else math.inf
