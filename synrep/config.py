@@ -39,7 +39,8 @@ class RunConfig:
 class DataConfig:
     # dataset: a registered dataset; shards: synrep's caption-group shards; webdataset: plain
     # image(-text) shards, one image a key (img2dataset, open_clip)
-    source: Literal["dataset", "shards", "webdataset"] = "dataset"
+    # mixture: weighted sources (data.mixture), each step's batch split by weight
+    source: Literal["dataset", "shards", "webdataset", "mixture"] = "dataset"
     dataset: str = "fashion-mnist"  # a registered dataset, used when source = "dataset"
     root: str | None = None  # dataset folder; None uses the dataset's default location
     split: str = "train"
@@ -54,6 +55,9 @@ class DataConfig:
     # how streamed images of another size become image_size: the centred square, or a random
     # resized crop (aug.scale, aug.ratio) drawn per (seed, step, sample)
     crop: Literal["center", "random"] = "center"
+    # source = mixture: {shards spec or "dataset:<name>": weight}, e.g.
+    # {runs/q/images: 0.75, "dataset:fashion-mnist": 0.25} (real + synthetic)
+    mixture: dict[str, float] = field(default_factory=dict)
     max_captions: int | None = None  # train on the first n caption groups only (data scaling)
     max_images_per_caption: int | None = None  # and on the first k images of each
     classes: list[int] | None = None  # keep only images (or caption groups) of these labels
@@ -678,7 +682,7 @@ RULES: dict[str, str] = {
     "optim.weight_decay_end": ">= 0", "optim.grad_clip": ">= 0",
     "train.steps": ">= 1", "train.batch_size": ">= 1", "train.ckpt_every": ">= 1",
     "train.keep_every": ">= 0", "train.log_every": ">= 1", "train.accum_steps": ">= 1",
-    "data.workers": ">= 0", "eval.workers": ">= 0",
+    "data.workers": ">= 0", "eval.workers": ">= 0", "data.mixture": "each > 0",
     "eval.image_size": ">= 1", "eval.n_last_blocks": ">= 1", "eval.linear_cs": "each > 0",
     "eval.linear_max_iter": ">= 1", "eval.sgd_lrs": "each > 0", "eval.sgd_epochs": ">= 1",
     "eval.knn_k": ">= 1", "eval.knn_temperature": "> 0", "eval.fewshot_shots": "each >= 1",

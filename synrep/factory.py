@@ -16,20 +16,23 @@ from synrep.checkpoint import Checkpoint
 from synrep.config import Config, config_from_dict
 from synrep.data.datasets import load_dataset, resize_center_crop
 from synrep.data.index import resolve_shards
-from synrep.data.shards import GroupArray, load_groups
+from synrep.data.shards import GroupArray, load_groups, marker_path
 from synrep.data.sources import (
     ArraySource,
     FolderStore,
     LazyImages,
+    MixtureSource,
     Planner,
     ShardStore,
     Source,
     group_texts,
+    mixture_counts,
 )
 from synrep.errors import CheckpointError, ConfigError
 from synrep.layout import layout
 from synrep.methods import METHODS, Method
 from synrep.models import Encoder, build_encoder
+from synrep.utils import derive_seed
 
 
 def shards_dir(cfg: Config, after_select: bool = True) -> str:
@@ -103,6 +106,8 @@ def build_source(cfg: Config, batch_kind: str, batch_size: int | None = None,
             keep = _class_mask(labels, d.classes, f"{d.dataset}/{d.split}")
             images, labels = images[keep], labels[keep]
         return ArraySource(images, labels, bs, cfg.run.seed, dist.rank(), dist.world_size())
+    if d.source == "mixture":
+        return _mixture(cfg, batch_kind, bs, texts)
     if d.source == "webdataset":
         if batch_kind == "groups":
             raise ConfigError(
@@ -211,6 +216,53 @@ def _stream_shards(cfg: Config, bs: int, kind: str, texts: bool, each_image: boo
         m = None
     return Source(store, Planner(len(store), bs, cfg.run.seed, dist.rank(), dist.world_size(),
                                  k=k, m=m, text_counts=counts))
+
+
+def _mixture(cfg: Config, batch_kind: str, bs: int, texts: bool) -> MixtureSource:
+    """``data.mixture``: one source per entry (caption-group or plain shards, or a registered
+    dataset as ``dataset:<name>``), each with its share of every batch and its own seed."""
+    d = cfg.data
+    if not d.mixture:
+        raise ConfigError("data.source=mixture needs data.mixture: {<shards or "
+                          "dataset:<name>>: weight, ...}")
+    if texts and getattr(cfg.method.options, "rewrites", False):
+        raise ConfigError("LaCLIP rewrites are not drawn on a data.mixture; set "
+                          "method.rewrites=false")
+    names = list(d.mixture)
+    counts = mixture_counts(list(d.mixture.values()), bs, dist.world_size())
+    opts = cfg.method.options
+    sources: list[Source] = []
+    for i, (name, count) in enumerate(zip(names, counts)):
+        seed = derive_seed(cfg.run.seed, "mixture", i) % (1 << 40)
+        where = f"data.mixture entry {name!r}"
+        if name.startswith("dataset:"):
+            if batch_kind == "groups" or texts:
+                raise ConfigError(f"{where}: method {cfg.method.name!r} trains on caption groups "
+                                  "or captions, which a labelled dataset does not have")
+            ds = load_dataset(name[len("dataset:"):], d.split, root=d.root,
+                              image_size=d.image_size).in_memory()
+            sources.append(ArraySource(ds.images, ds.labels, count, seed, dist.rank(),
+                                       dist.world_size()))
+            continue
+        paths = resolve_shards(name, key=where)
+        kind = "groups" if all(marker_path(p).is_file() for p in paths) else "plain"
+        if batch_kind == "groups" and kind != "groups":
+            raise ConfigError(f"{where}: method {cfg.method.name!r} trains on caption groups, "
+                              "but these shards hold one image a key")
+        store = ShardStore(paths, kind, image_size=d.image_size, channels=cfg.model.in_chans,
+                           crop=d.crop, scale=tuple(cfg.aug.scale), ratio=tuple(cfg.aug.ratio),
+                           seed=seed, max_images=d.max_images_per_caption
+                           if kind == "groups" else None)
+        if texts:
+            store.with_texts(None)
+        k = m = None
+        if kind == "groups" and batch_kind == "groups":
+            k, m = store.k, opts.images_per_caption
+        elif kind == "groups":
+            store.each_image()
+        sources.append(Source(store, Planner(len(store), count, seed, dist.rank(),
+                                             dist.world_size(), k=k, m=m)))
+    return MixtureSource(sources, names)
 
 
 def _stream_folder(cfg: Config, bs: int) -> Source:

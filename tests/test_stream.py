@@ -287,8 +287,9 @@ class _Toy(torch.nn.Module):
         pass
 
 
+@pytest.mark.parametrize("n", [2, 4])
 @pytest.mark.parametrize("contrastive", [False, True])
-def test_accumulated_gradient_is_the_mean_of_micro_batch_gradients(contrastive):
+def test_accumulated_gradient_is_the_mean_of_micro_batch_gradients(contrastive, n):
     """Per-sample losses: accumulation equals the large batch exactly. Contrastive losses: the
     gradient is the mean of the micro-batches' own gradients (negatives within a micro-batch),
     checked against a hand-made reference, and it differs from the large batch's."""
@@ -302,13 +303,13 @@ def test_accumulated_gradient_is_the_mean_of_micro_batch_gradients(contrastive):
         return m.lin.weight.grad.clone()
 
     ref = _Toy(contrastive)
-    for part in micro_batches(batch, 2):
-        (ref(part, None)["loss"] / 2).backward()
-    torch.testing.assert_close(grad_of(2), ref.lin.weight.grad, rtol=1e-6, atol=1e-7)
+    for part in micro_batches(batch, n):
+        (ref(part, None)["loss"] / n).backward()
+    torch.testing.assert_close(grad_of(n), ref.lin.weight.grad, rtol=1e-6, atol=1e-7)
     if contrastive:
-        assert not torch.allclose(grad_of(2), grad_of(1), atol=1e-4)
-    else:
-        torch.testing.assert_close(grad_of(2), grad_of(1), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(grad_of(n), grad_of(1), atol=1e-4)
+    else:  # n x B/n accumulated equals one step at B
+        torch.testing.assert_close(grad_of(n), grad_of(1), rtol=1e-5, atol=1e-6)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -330,34 +331,121 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
+def _train(tmp_path: Path, name: str, common: list[str], *extra: str,
+           kill: int | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if kill is not None:
+        env["SYNREP_DEBUG_KILL_AT_STEP"] = str(kill)
+    return subprocess.run([sys.executable, "-m", "synrep", "train", *common,
+                           f"run.dir={tmp_path / name}", *extra], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    from synrep.checkpoint import Checkpoint
+
+    wa = Checkpoint(a / "train/checkpoints/final.safetensors").model_state
+    wb = Checkpoint(b / "train/checkpoints/final.safetensors").model_state
+    assert wa.keys() == wb.keys()
+    for k, v in wa.items():
+        assert torch.equal(v, wb[k]), k
+
+
 def test_streamed_training_equals_memory_and_resumes_exactly_mid_epoch(tmp_path):
-    """`data.loader=stream` with 2 loader workers, killed after step 3 and resumed, ends with the
-    weights of an uninterrupted `data.loader=memory` run (fp32, one thread)."""
+    """Caption-group shards: `data.loader=stream` with 2 loader workers, SIGKILLed after step 3
+    (mid-epoch) and resumed with 4 workers, ends with the weights of an uninterrupted
+    `data.loader=memory` run (fp32, one thread)."""
     from synrep.checkpoint import Checkpoint
 
     _write(tmp_path / "shards", 2, 16, k=3, size=28)  # 32 groups: 4 steps an epoch at batch 8
     common = ["configs/quickstart.yaml", f"data.shards={tmp_path / 'shards'}", "train.steps=6",
               "train.batch_size=8", "method.synclr.images_per_caption=2", "train.precision=fp32",
               "run.threads=1", "method.synclr.proj_hidden_dim=64", "train.ckpt_every=1"]
-
-    def run(name: str, *extra: str, kill: int | None = None) -> subprocess.CompletedProcess:
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        if kill is not None:
-            env["SYNREP_DEBUG_KILL_AT_STEP"] = str(kill)
-        return subprocess.run([sys.executable, "-m", "synrep", "train", *common,
-                               f"run.dir={tmp_path / name}", *extra], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=600)
-
-    assert run("memory", "data.loader=memory").returncode == 0
-    killed = run("stream", "data.loader=stream", "data.workers=2", kill=3)
+    assert _train(tmp_path, "memory", common, "data.loader=memory").returncode == 0
+    killed = _train(tmp_path, "stream", common, "data.loader=stream", "data.workers=2", kill=3)
     assert killed.returncode != 0  # SIGKILL after step 3's checkpoint
     assert Checkpoint(tmp_path / "stream/train/checkpoints/last.safetensors").step == 3
-    resumed = run("stream", "data.loader=stream", "data.workers=2")
+    resumed = _train(tmp_path, "stream", common, "data.loader=stream", "data.workers=4")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = Checkpoint(tmp_path / "memory/train/checkpoints/final.safetensors").model_state
-    b = Checkpoint(tmp_path / "stream/train/checkpoints/final.safetensors").model_state
-    for k, v in a.items():
-        assert torch.equal(v, b[k]), k
+    _same_weights(tmp_path / "memory", tmp_path / "stream")
+
+
+def test_plain_shards_resume_exactly_with_another_number_of_workers(tmp_path):
+    """Plain WebDataset shards, random resized crops in the workers: killed mid-epoch with 2
+    workers and resumed with 4, the weights equal an uninterrupted run in this process."""
+    (tmp_path / "wds").mkdir()
+    for s in range(2):
+        _plain_shard(tmp_path / "wds" / f"{s}.tar", 24, size=(36, 32), seed=s)
+    common = ["configs/fashion_simclr.yaml", "data.source=webdataset",
+              f"data.shards={tmp_path / 'wds'}", "data.image_size=28", "data.crop=random",
+              "train.steps=6", "train.batch_size=8", "train.precision=fp32", "run.threads=1",
+              "train.ckpt_every=1", "method.simclr.proj_hidden_dim=64"]
+    assert _train(tmp_path, "whole", common).returncode == 0
+    killed = _train(tmp_path, "resumed", common, "data.workers=2", kill=4)
+    assert killed.returncode != 0
+    resumed = _train(tmp_path, "resumed", common, "data.workers=4")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _same_weights(tmp_path / "whole", tmp_path / "resumed")
+
+
+def _one_line_exit_2(proc: subprocess.CompletedProcess, *expected: str) -> str:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("synrep: error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def test_bad_streamed_data_is_one_line_and_exit_2(tmp_path):
+    wds_dir = tmp_path / "wds"
+    wds_dir.mkdir()
+    _plain_shard(wds_dir / "a.tar", 16, size=(28, 28))
+    common = ["configs/fashion_simclr.yaml", "data.source=webdataset", "train.steps=3",
+              "train.batch_size=8", "data.workers=2", "run.threads=1"]
+    # a listed shard that is missing
+    _one_line_exit_2(_train(tmp_path, "r1", common, f"data.shards=[{wds_dir / 'a.tar'},"
+                                                    f"{wds_dir / 'gone.tar'}]"), "gone.tar",
+                     "does not exist")
+    # plain shards with no image in a sample
+    import webdataset as wds
+
+    (tmp_path / "noimg").mkdir()
+    with wds.TarWriter(str(tmp_path / "noimg" / "x.tar")) as sink:
+        for i in range(10):
+            sink.write({"__key__": f"{i:04d}", "txt": "no picture"})
+    _one_line_exit_2(_train(tmp_path, "r2", common, f"data.shards={tmp_path / 'noimg'}"),
+                     "has no image member")
+    # an undecodable image met mid-epoch, in a loader worker
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with wds.TarWriter(str(bad / "x.tar")) as sink:
+        for i in range(16):
+            buf = io.BytesIO()
+            Image.fromarray(np.full((28, 28, 3), i, np.uint8)).save(buf, "PNG")
+            sink.write({"__key__": f"{i:04d}", "png": buf.getvalue() if i != 5 else b"not a png"})
+    _one_line_exit_2(_train(tmp_path, "r3", common, f"data.shards={bad}", "train.steps=8"),
+                     "0005.png", "not a decodable")
+    # a caption-group shard changed after it was indexed (same size, bytes flipped)
+    _write(tmp_path / "groups", 1, 16, size=28)
+    tar = tmp_path / "groups" / "000000.tar"
+    data = bytearray(tar.read_bytes())
+    data[3000] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    _one_line_exit_2(_train(tmp_path, "r4", ["configs/quickstart.yaml", f"data.shards={tar.parent}",
+                                             "data.loader=stream", "train.steps=2",
+                                             "train.batch_size=8"]),
+                     "sha256 does not match its marker")
+
+
+def test_a_corrupt_index_is_rebuilt(tmp_path):
+    write_shard(tmp_path / "000000.tar", _groups(6))
+    good = shard_index(tmp_path / "000000.tar")
+    index_path(tmp_path / "000000.tar").write_bytes(b"garbage")
+    again = shard_index(tmp_path / "000000.tar")
+    np.testing.assert_array_equal(good.offset, again.offset)
+    assert index_path(tmp_path / "000000.tar").read_bytes()[:2] == b"PK"  # rewritten
 
 
 def _labelled_split(folder: Path, n: int, seed: int) -> None:
@@ -398,3 +486,49 @@ def test_evaluation_streams_webdataset_splits_with_the_same_features(tmp_path):
     # a class subset stays lazy and streams the same way
     sub = ds.select_classes([1, 3])
     assert len(sub) == 6 and sub.images.load().shape == (6, 3, 28, 28)
+
+
+def test_mixture_counts_round_by_largest_remainder():
+    from synrep.data.sources import mixture_counts
+    from synrep.errors import ConfigError
+
+    assert mixture_counts([3, 1], 8) == [6, 2]
+    assert mixture_counts([1, 1, 1], 10) == [4, 3, 3]  # ties go to the earlier source
+    assert mixture_counts([0.5, 0.5], 10, world=2) == [6, 4]  # multiples of the ranks
+    assert mixture_counts([0.9, 0.1], 100) == [90, 10]
+    with pytest.raises(ConfigError, match="no sample"):
+        mixture_counts([100, 1], 8)
+
+
+def test_mixture_batches_hold_each_sources_share_and_origin(tmp_path):
+    from synrep.data.sources import MixtureSource
+
+    _write(tmp_path / "a", 1, 20)
+    _plain_shard(tmp_path / "b.tar", 12, size=(12, 12))
+    a = ShardStore(resolve_shards(tmp_path / "a"), "groups", channels=3)
+    a.each_image()
+    b = ShardStore([tmp_path / "b.tar"], "plain", channels=3)
+    src_a, src_b = Source(a, Planner(len(a), 6, 11)), Source(b, Planner(len(b), 2, 12))
+    mix = MixtureSource([src_a, src_b], ["a", "b"])
+    for step in (0, 5, 40):  # past several epochs of the smaller source
+        batch = mix.batch(step)
+        assert batch["origin"].tolist() == [0] * 6 + [1] * 2
+        assert torch.equal(batch["images"][:6], src_a.batch(step)["images"])
+        assert torch.equal(batch["images"][6:], src_b.batch(step)["images"])
+        assert batch["images"].shape == (8, 3, 12, 12)
+
+
+def test_simclr_trains_on_a_mixture_of_real_and_plain_shards(tmp_path):
+    from synrep.checkpoint import Checkpoint
+    from synrep.data.fashion_mnist import DEFAULT_ROOT
+
+    if not Path(DEFAULT_ROOT).is_dir():
+        pytest.skip("Fashion-MNIST is not installed")
+    _plain_shard(tmp_path / "synthetic.tar", 40, size=(28, 28))
+    cmd = [sys.executable, "-m", "synrep", "train", "configs/fashion_simclr.yaml",
+           "data.source=mixture",
+           f"data.mixture={{'{tmp_path / 'synthetic.tar'}': 0.75, 'dataset:fashion-mnist': 0.25}}",
+           "train.steps=2", "train.batch_size=16", f"run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Checkpoint(tmp_path / "run/train/checkpoints/final.safetensors").step == 2

@@ -11,9 +11,10 @@ Each shard's index is a ``<name>.idx.npz`` beside it (plain arrays, read with
 ``allow_pickle=False``): written by :func:`synrep.data.shards.write_shard`, or built on the first
 read and cached; when the shard's folder is read-only, the cache goes to
 ``$SYNREP_INDEX_CACHE`` (default ``~/.cache/synrep/shard-index``). An index records the shard's
-size and sha256: it is used only while the shard's size matches and, for shards with a completion
-marker, while the marker's sha256 is the one indexed; otherwise it is rebuilt. Shards without a
-marker (written by other tools) are also matched on their modification time.
+size, modification time and sha256: it is used only while the shard's size and time match and,
+for shards with a completion marker, while the marker's sha256 is the one indexed; otherwise it is
+rebuilt, which re-hashes the shard (a shard whose sha256 no longer matches its marker is an
+error). An unreadable or corrupt index is rebuilt the same way.
 
 Memory: about 34 bytes a sample (five arrays), whatever the size of the images.
 """
@@ -199,11 +200,9 @@ def load_index(path: Path) -> ShardIndex | None:
 
 def _fresh(index: ShardIndex, shard: Path, marker_sha: str | None) -> bool:
     st = shard.stat()
-    if index.shard_bytes != st.st_size:
-        return False
-    if marker_sha is not None:
-        return index.sha256 == marker_sha
-    return index.mtime_ns == st.st_mtime_ns
+    if index.shard_bytes != st.st_size or index.mtime_ns != st.st_mtime_ns:
+        return False  # rebuilt (and, with a marker, re-hashed against it)
+    return marker_sha is None or index.sha256 == marker_sha
 
 
 def shard_index(shard: str | Path, marker_sha: str | None = None) -> ShardIndex:

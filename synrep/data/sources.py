@@ -35,7 +35,7 @@ from PIL import Image
 
 from synrep.data.index import read_sample, shard_index
 from synrep.data.shards import MAX_IMAGE_PIXELS, decode_image, read_marker
-from synrep.errors import ConfigError, DataError
+from synrep.errors import ConfigError, DataError, SynrepError
 from synrep.utils import derive_seed
 
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -142,6 +142,11 @@ class Source:
     def texts(self) -> list[list[str]] | None:
         return getattr(self.store, "texts", None)
 
+    @property
+    def in_memory(self) -> bool:
+        """Whether batches are slices of tensors in RAM (no worth in worker processes)."""
+        return isinstance(self.store, ArrayStore)
+
     def __len__(self) -> int:
         return self.planner.n
 
@@ -157,7 +162,7 @@ class Source:
                 pin_memory: bool = False) -> Iterator[dict[str, Any]]:
         """The batches of steps ``start .. stop - 1`` in order; with ``workers`` > 0 they are
         fetched ``2 * workers`` steps ahead in worker processes (the same batches)."""
-        if workers <= 0 or isinstance(self.store, ArrayStore):
+        if workers <= 0 or self.in_memory:
             for step in range(start, stop):
                 yield self.batch(step)
             return
@@ -166,9 +171,82 @@ class Source:
             collate_fn=_identity, pin_memory=pin_memory, prefetch_factor=2,
             persistent_workers=False)
         for step, (got, batch) in zip(range(start, stop), loader):
+            if isinstance(batch, SynrepError):
+                raise batch  # a worker's bad shard or image: the same one line as in-process
             if got != step:  # the DataLoader keeps order; a guard, not a path
                 raise RuntimeError(f"loader returned step {got} for step {step}")
             yield batch
+
+
+class MixtureSource(Source):
+    """A weighted mixture of sources, as real and synthetic data are mixed: every step's global
+    batch holds exactly ``counts[i]`` samples of source i (its weight's share of the batch,
+    rounded by largest remainder), each drawn by that source's own planner (its own seed and
+    epochs), concatenated in source order. Batches carry ``origin`` (B,), the source of each
+    sample, and ``index``, its position within that source. Labels are kept when every source
+    has them; texts when every source carries them."""
+
+    def __init__(self, sources: list[Source], names: list[str]) -> None:
+        self.sources, self.names = sources, names
+        self.counts = [s.batch_size for s in sources]
+        self.batch_size = sum(self.counts)
+        self.seed, self.rank, self.world = sources[0].seed, sources[0].rank, sources[0].world
+        self.steps_per_epoch = min(s.steps_per_epoch for s in sources)
+        self.m = sources[0].m
+        self.labels = None
+        self.planner = sources[0].planner  # for the epoch arithmetic of logs only
+
+    @property
+    def in_memory(self) -> bool:
+        return all(s.in_memory for s in self.sources)
+
+    @property
+    def images(self) -> torch.Tensor:
+        raise ConfigError("this step needs the whole training set in memory (online selection, "
+                          "MoCE clustering); it cannot run on data.mixture")
+
+    @property
+    def texts(self) -> None:
+        return None
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sources)
+
+    def batch(self, step: int) -> dict[str, Any]:
+        parts = [s.batch(step) for s in self.sources]
+        out: dict[str, Any] = {
+            "images": torch.cat([p["images"] for p in parts]),
+            "index": torch.cat([p["index"] for p in parts]),
+            "origin": torch.cat([torch.full((len(p["index"]),), i, dtype=torch.long)
+                                 for i, p in enumerate(parts)]),
+        }
+        if all("labels" in p for p in parts):
+            out["labels"] = torch.cat([p["labels"] for p in parts])
+        if all("pick" in p for p in parts):
+            out["pick"] = torch.cat([p["pick"] for p in parts])
+        if all("texts" in p for p in parts):
+            out["texts"] = [t for p in parts for t in p["texts"]]
+        return out
+
+
+def mixture_counts(weights: Sequence[float], batch_size: int, world: int = 1) -> list[int]:
+    """Samples of each source in a global batch: ``weights`` normalised, times ``batch_size``,
+    rounded by largest remainder (ties to the earlier source), each a multiple of ``world``."""
+    if not weights or any(w <= 0 for w in weights):
+        raise ConfigError(f"data.mixture weights must all be > 0, got {list(weights)}")
+    if batch_size % world:
+        raise ConfigError(f"train.batch_size={batch_size} must be divisible by the {world} ranks")
+    units = batch_size // world  # rounded in units of one sample per rank
+    total = float(sum(weights))
+    exact = [w / total * units for w in weights]
+    counts = [int(math.floor(x)) for x in exact]
+    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: units - sum(counts)]:
+        counts[i] += 1
+    if min(counts) < 1:
+        raise ConfigError(f"data.mixture weights {list(weights)} give a source no sample of a "
+                          f"batch of {batch_size}; raise its weight or the batch")
+    return [c * world for c in counts]
 
 
 def _identity(x: Any) -> Any:
@@ -181,8 +259,11 @@ class _Steps(torch.utils.data.Dataset):
     def __init__(self, source: Source) -> None:
         self.source = source
 
-    def __getitem__(self, step: int) -> tuple[int, dict[str, Any]]:
-        return int(step), self.source.batch(int(step))
+    def __getitem__(self, step: int) -> tuple[int, dict[str, Any] | SynrepError]:
+        try:
+            return int(step), self.source.batch(int(step))
+        except SynrepError as e:  # returned, not raised: the DataLoader would wrap it in a trace
+            return int(step), e
 
 
 class ArrayStore:
@@ -674,7 +755,10 @@ class LazyImages:
         loader = torch.utils.data.DataLoader(
             _Chunks(self, batch_size), batch_size=None, sampler=starts, num_workers=workers,
             collate_fn=_identity, prefetch_factor=2)
-        yield from loader
+        for chunk in loader:
+            if isinstance(chunk, SynrepError):
+                raise chunk
+            yield chunk
 
     def load(self, batch_size: int = 512) -> torch.Tensor:
         """Every image of this view decoded into one tensor."""
@@ -690,5 +774,8 @@ class _Chunks(torch.utils.data.Dataset):
     def __init__(self, images: LazyImages, size: int) -> None:
         self.images, self.size = images, size
 
-    def __getitem__(self, start: int) -> torch.Tensor:
-        return self.images.fetch(int(start), int(start) + self.size)
+    def __getitem__(self, start: int) -> torch.Tensor | SynrepError:
+        try:
+            return self.images.fetch(int(start), int(start) + self.size)
+        except SynrepError as e:
+            return e

@@ -35,6 +35,9 @@ from synrep.utils import ensure_writable_dir, write_json_atomic
 # Config sections that define the weights' shapes and the trajectory: a checkpoint is resumed
 # only into a run whose sections match.
 _RESUME_SECTIONS = ("model", "method", "data", "aug", "optim", "train", "selection")
+# Keys that change how batches are fetched, never which: a run may resume with other values
+# (the streamed and the in-memory loader give the same batches, whatever the workers).
+_RESUME_FREE = {"data.workers", "data.loader"}
 
 
 def check_same_run(ck: Checkpoint, cfg: Config) -> None:
@@ -45,6 +48,9 @@ def check_same_run(ck: Checkpoint, cfg: Config) -> None:
     current = json.loads(cfg.to_json())
     for section in _RESUME_SECTIONS:
         then, now = _flat(stored[section]), _flat(current[section])
+        for key in [k for k in _RESUME_FREE if k.startswith(f"{section}.")]:
+            then.pop(key.split(".", 1)[1], None)
+            now.pop(key.split(".", 1)[1], None)
         if then != now:
             changed = sorted(k for k in set(now) | set(then) if then.get(k) != now.get(k))
             raise CheckpointError(
