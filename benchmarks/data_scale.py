@@ -12,6 +12,9 @@
    ``RandomResizedCrop(224)``, ``PILToTensor``), side by side in one process on one thread,
    alternating, median of ``--repeats``. Targets: >= 400 images/s per core, and >= 0.9 x the plain
    pipeline. The rate through a ``DataLoader`` with 2 workers is printed too (not a target).
+3. **No regression.** The quickstart's training (in-memory data, as the demo runs it) with this
+   code and with ``--baseline`` (a git worktree of an older revision), alternating ABBA, on the same
+   20,000 images: median images/s ratio >= 0.97, and bit-identical final weights.
 
     python benchmarks/data_scale.py [--work DIR] [--replicate 50] [--repeats 5] [--quick]
 
@@ -45,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RSS_TOLERANCE = 0.15
 RATE_TARGET = 400.0
 RATIO_TARGET = 0.9
+REGRESSION_TARGET = 0.97
 
 
 def cpu_class() -> str:
@@ -102,6 +106,44 @@ def peak_rss_mb(shards: Path, run_dir: Path, steps: int) -> tuple[float, float]:
     if int(rc) != 0:
         raise SystemExit(f"training on {shards} failed:\n{out.stderr}")
     return float(rss), float(seconds)
+
+
+def baseline_tree(work: Path, rev: str) -> Path:
+    """A checkout of ``rev`` (a git worktree of this repository) to run the old code from."""
+    tree = work / f"baseline_{rev}"
+    if not (tree / "synrep").is_dir():
+        subprocess.run(["git", "worktree", "add", "--detach", "--force", str(tree), rev],
+                       cwd=ROOT, check=True, capture_output=True)
+    return tree
+
+
+def quickstart_run(tree: Path, shards: Path, run_dir: Path, steps: int) -> tuple[float, str]:
+    """(images/s, weight hash) of a quickstart training of ``steps`` on ``shards`` with the code
+    in ``tree`` (in-memory data: the quickstart's path)."""
+    import hashlib
+
+    from synrep.checkpoint import Checkpoint
+    from synrep.layout import RunLayout
+
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    where = subprocess.run([sys.executable, "-c", "import synrep; print(synrep.__file__)"],
+                           cwd=tree, env=env, capture_output=True, text=True, check=True)
+    if not Path(where.stdout.strip()).is_relative_to(tree.resolve()):
+        raise SystemExit(f"the code in {tree} is not the synrep that runs there ({where.stdout})")
+    cmd = [sys.executable, "-m", "synrep", "train", "configs/quickstart.yaml",
+           f"data.shards={shards}", f"train.steps={steps}", f"run.dir={run_dir}",
+           "train.ckpt_every=1000"]
+    proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"quickstart training in {tree} failed:\n{proc.stderr[-3000:]}")
+    lay = RunLayout(run_dir)
+    rate = json.loads(lay.train_summary.read_text())["samples_per_s"]
+    h = hashlib.sha256()
+    state = Checkpoint(lay.final_checkpoint).model_state
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return float(rate), h.hexdigest()[:16]
 
 
 def write_jpeg_shards(folder: Path, n: int, per_shard: int = 500) -> None:
@@ -170,12 +212,24 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--jpeg-images", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--baseline", default="fcf982d",
+                    help="git revision to compare the quickstart's speed and weights with, side "
+                         "by side (default: the last commit before the streaming data path; "
+                         "'' skips it)")
+    ap.add_argument("--quickstart-steps", type=int, default=150)
+    ap.add_argument("--parts", default="memory,regression,loader",
+                    help="which measurements to run (comma-separated); results of the others "
+                         "are kept from the last results file")
     ap.add_argument("--quick", action="store_true", help="fewer repeats and images (a smoke test)")
     args = ap.parse_args()
     if args.quick:
         args.repeats, args.jpeg_images, args.steps = 1, 500, 10
     torch.set_num_threads(1)
-    results: dict = {"cpu": cpu_class(), "torch": torch.__version__}
+    out = ROOT / "benchmarks/results/data_scale.json"
+    parts = set(args.parts.split(","))
+    results: dict = json.loads(out.read_text()) if out.exists() and parts != {
+        "memory", "regression", "loader"} else {}
+    results.update({"cpu": cpu_class(), "torch": torch.__version__})
     ok = True
 
     small, big = args.work / "groups_20k", args.work / f"groups_x{args.replicate}"
@@ -185,19 +239,58 @@ def main() -> int:
     n_small = 20_000
     n_big = n_small * args.replicate
     rss = {}
-    for name, folder, n in (("20k", small, n_small), ("replicated", big, n_big)):
+    runs = (("20k", small, n_small), ("replicated", big, n_big)) if "memory" in parts else ()
+    for name, folder, n in runs:
         mb, sec = peak_rss_mb(folder, args.work / f"run_{name}_{time.time_ns()}", args.steps)
         rss[name] = {"images": n, "peak_rss_mib": round(mb, 1), "seconds": round(sec, 1)}
         print(f"  {args.steps}-step training on {n:>9,} images: peak RSS {mb:7.1f} MiB "
               f"({sec:.0f} s)", flush=True)
-    growth = rss["replicated"]["peak_rss_mib"] / rss["20k"]["peak_rss_mib"] - 1
-    mem_ok = abs(growth) <= RSS_TOLERANCE
-    ok &= mem_ok
-    results["memory"] = {**rss, "growth": round(growth, 4), "target": f"<= {RSS_TOLERANCE:.0%}",
-                         "ok": mem_ok}
-    print(f"memory: {n_big:,} vs {n_small:,} images: {growth:+.1%} peak RSS "
-          f"(target within {RSS_TOLERANCE:.0%}) {'OK' if mem_ok else 'MISSED'}")
+    if "memory" in parts:
+        growth = rss["replicated"]["peak_rss_mib"] / rss["20k"]["peak_rss_mib"] - 1
+        mem_ok = abs(growth) <= RSS_TOLERANCE
+        ok &= mem_ok
+        results["memory"] = {**rss, "growth": round(growth, 4),
+                             "target": f"<= {RSS_TOLERANCE:.0%}", "ok": mem_ok}
+        print(f"memory: {n_big:,} vs {n_small:,} images: {growth:+.1%} peak RSS "
+              f"(target within {RSS_TOLERANCE:.0%}) {'OK' if mem_ok else 'MISSED'}")
 
+    if args.baseline and "regression" in parts:
+        old_tree = baseline_tree(args.work, args.baseline)
+        rates: dict[str, list[float]] = {"baseline": [], "now": []}
+        hashes: dict[str, set[str]] = {"baseline": set(), "now": set()}
+        for r in range(args.repeats if not args.quick else 1):
+            pair = [("baseline", old_tree), ("now", ROOT)]
+            for name, tree in pair if r % 2 == 0 else pair[::-1]:  # ABBA: no order bias
+                rate, digest = quickstart_run(tree, small, args.work / f"q_{name}_{r}_"
+                                              f"{time.time_ns()}", args.quickstart_steps)
+                rates[name].append(rate)
+                hashes[name].add(digest)
+                print(f"  quickstart {args.quickstart_steps} steps, {name:8s}: {rate:6.0f} "
+                      f"images/s, weights {digest}", flush=True)
+        ratio_q = statistics.median(a / b for a, b in zip(rates["now"], rates["baseline"]))
+        same = hashes["now"] == hashes["baseline"] and len(hashes["now"]) == 1
+        reg_ok = ratio_q >= REGRESSION_TARGET and same
+        ok &= reg_ok
+        results["no_regression"] = {
+            "baseline": args.baseline, "steps": args.quickstart_steps,
+            "baseline_images_per_s": [round(x, 1) for x in rates["baseline"]],
+            "now_images_per_s": [round(x, 1) for x in rates["now"]],
+            "median_ratio": round(ratio_q, 3), "weights_identical": same,
+            "weights": sorted(hashes["now"] | hashes["baseline"]),
+            "target": f">= {REGRESSION_TARGET} x, identical weights", "ok": reg_ok}
+        print(f"no regression: quickstart at {ratio_q:.3f} x the images/s of {args.baseline} "
+              f"(target >= {REGRESSION_TARGET}), weights "
+              f"{'identical' if same else 'DIFFERENT'} {'OK' if reg_ok else 'MISSED'}")
+
+    if "loader" in parts:
+        ok &= loader_speed(args, results)
+    results["cpu_note"] = results["cpu"]
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"on {results['cpu']}; wrote {out}")
+    return 0 if ok else 1
+
+
+def loader_speed(args, results: dict) -> bool:
     jpeg = args.work / "jpeg224"
     print(f"writing {args.jpeg_images} JPEG (q90) 224 px images ...", flush=True)
     write_jpeg_shards(jpeg, args.jpeg_images)
@@ -209,7 +302,6 @@ def main() -> int:
     ratio = statistics.median(a / b for a, b in zip(ours, theirs))
     workers = loader_rate(jpeg, args.jpeg_images, 2)
     rate_ok, ratio_ok = med_ours >= RATE_TARGET, ratio >= RATIO_TARGET
-    ok &= rate_ok and ratio_ok
     results["loader"] = {
         "images": args.jpeg_images, "repeats": args.repeats,
         "synrep_images_per_s_per_core": round(med_ours, 1),
@@ -222,11 +314,7 @@ def main() -> int:
           f"torchvision {med_theirs:.0f}; ratio {ratio:.2f} (target >= {RATIO_TARGET}) "
           f"{'OK' if ratio_ok else 'MISSED'}")
     print(f"through a DataLoader with 2 workers: {workers:.0f} images/s")
-    results["cpu_note"] = results["cpu"]
-    out = ROOT / "benchmarks/results/data_scale.json"
-    out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"on {results['cpu']}; wrote {out}")
-    return 0 if ok else 1
+    return rate_ok and ratio_ok
 
 
 if __name__ == "__main__":

@@ -353,7 +353,7 @@ def _same_weights(a: Path, b: Path) -> None:
 
 def test_streamed_training_equals_memory_and_resumes_exactly_mid_epoch(tmp_path):
     """Caption-group shards: `data.loader=stream` with 2 loader workers, SIGKILLed after step 3
-    (mid-epoch) and resumed with 4 workers, ends with the weights of an uninterrupted
+    (mid-epoch) and resumed with 2 and with 4 workers, ends with the weights of an uninterrupted
     `data.loader=memory` run (fp32, one thread)."""
     from synrep.checkpoint import Checkpoint
 
@@ -365,14 +365,26 @@ def test_streamed_training_equals_memory_and_resumes_exactly_mid_epoch(tmp_path)
     killed = _train(tmp_path, "stream", common, "data.loader=stream", "data.workers=2", kill=3)
     assert killed.returncode != 0  # SIGKILL after step 3's checkpoint
     assert Checkpoint(tmp_path / "stream/train/checkpoints/last.safetensors").step == 3
-    resumed = _train(tmp_path, "stream", common, "data.loader=stream", "data.workers=4")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    _same_weights(tmp_path / "memory", tmp_path / "stream")
+    _resume_with_2_and_4_workers(tmp_path, "stream", common, "data.loader=stream")
+    for workers in (2, 4):
+        _same_weights(tmp_path / "memory", tmp_path / f"stream_{workers}")
+
+
+def _resume_with_2_and_4_workers(tmp_path: Path, killed: str, common: list[str],
+                                 *extra: str) -> None:
+    import shutil
+
+    for workers in (2, 4):
+        shutil.copytree(tmp_path / killed, tmp_path / f"{killed}_{workers}", symlinks=True)
+        (tmp_path / f"{killed}_{workers}" / ".lock").unlink(missing_ok=True)
+        done = _train(tmp_path, f"{killed}_{workers}", common, *extra, f"data.workers={workers}")
+        assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_plain_shards_resume_exactly_with_another_number_of_workers(tmp_path):
     """Plain WebDataset shards, random resized crops in the workers: killed mid-epoch with 2
-    workers and resumed with 4, the weights equal an uninterrupted run in this process."""
+    workers and resumed with 2 and with 4, the weights equal an uninterrupted run without
+    workers."""
     (tmp_path / "wds").mkdir()
     for s in range(2):
         _plain_shard(tmp_path / "wds" / f"{s}.tar", 24, size=(36, 32), seed=s)
@@ -383,9 +395,9 @@ def test_plain_shards_resume_exactly_with_another_number_of_workers(tmp_path):
     assert _train(tmp_path, "whole", common).returncode == 0
     killed = _train(tmp_path, "resumed", common, "data.workers=2", kill=4)
     assert killed.returncode != 0
-    resumed = _train(tmp_path, "resumed", common, "data.workers=4")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    _same_weights(tmp_path / "whole", tmp_path / "resumed")
+    _resume_with_2_and_4_workers(tmp_path, "resumed", common)
+    for workers in (2, 4):
+        _same_weights(tmp_path / "whole", tmp_path / f"resumed_{workers}")
 
 
 def _one_line_exit_2(proc: subprocess.CompletedProcess, *expected: str) -> str:
@@ -532,3 +544,27 @@ def test_simclr_trains_on_a_mixture_of_real_and_plain_shards(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert Checkpoint(tmp_path / "run/train/checkpoints/final.safetensors").step == 2
+
+
+def test_image_folder_trees_train_streamed_like_in_memory(tmp_path):
+    """`data.dataset=imagefolder data.loader=stream`: the same batches as the in-memory load."""
+    from synrep.config import load_config
+    from synrep.factory import build_source
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b", "c"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 256, (30, 26, 3), dtype=np.uint8)).save(
+                tmp_path / "train" / c / f"{i}.png")
+    args = [f"data.root={tmp_path}", "data.dataset=imagefolder", "data.image_size=28",
+            "model.in_chans=3", "train.batch_size=4", "data.classes=[0,2]"]
+    streamed = build_source(load_config(ROOT / "configs/fashion_simclr.yaml",
+                                        [*args, "data.loader=stream"]), "images")
+    memory = build_source(load_config(ROOT / "configs/fashion_simclr.yaml",
+                                      [*args, "data.loader=memory"]), "images")
+    assert len(streamed) == len(memory) == 10 and not streamed.in_memory and memory.in_memory
+    for step in range(5):
+        a, b = streamed.batch(step), memory.batch(step)
+        assert torch.equal(a["labels"], b["labels"]) and set(a["labels"].tolist()) <= {0, 2}
+        assert a["images"].shape == (4, 3, 28, 28) and torch.equal(a["images"], b["images"])

@@ -647,7 +647,8 @@ class ShardStore:
 
 class FolderStore:
     """An ImageFolder tree (``<root>/<class>/*.png``; classes sorted, files sorted) decoded on
-    fetch to ``image_size`` (centre square, or a random resized crop with ``crop="random"``).
+    fetch to ``image_size`` (centre square, or a random resized crop with ``crop="random"``;
+    bicubic, the ImageFolder evaluation convention).
     Memory: the file list and labels."""
 
     def __init__(self, folder: str | Path, image_size: int, channels: int = 3,
@@ -655,7 +656,7 @@ class FolderStore:
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), seed: int = 0,
                  extensions: Sequence[str] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif",
                                               ".tif", ".tiff"),
-                 resample: int = Image.Resampling.BILINEAR) -> None:
+                 resample: int = Image.Resampling.BICUBIC) -> None:
         folder = Path(folder)
         if not folder.is_dir():
             raise DataError(f"image folder {folder} does not exist; expected "

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from synrep import dist
 from synrep.checkpoint import Checkpoint, save_checkpoint
 from synrep.config import Config
-from synrep.data.sources import ArraySource
+from synrep.data.sources import Source
 from synrep.device import autocast_for, choose_attention, resolve_device, resolve_precision
 from synrep.errors import CheckpointError, ConfigError
 from synrep.factory import build_method, build_optimizer, build_source, checkpoint_config
@@ -81,7 +81,7 @@ class _Accounting:
     model's one pass over the pool (cached) is reported on its own.
     """
 
-    def __init__(self, cfg: Config, source: ArraySource, selector) -> None:
+    def __init__(self, cfg: Config, source: Source, selector) -> None:
         self.selector = selector
         groups_read = source.batch_size
         per = source.m or 1

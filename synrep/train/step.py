@@ -102,7 +102,6 @@ def train_step(model: torch.nn.Module, method: Method, optimizer: torch.optim.Op
     """
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     parts = micro_batches(batch, accum_steps)
-    optimizer.zero_grad(set_to_none=True)
     outs: list[dict[str, torch.Tensor]] = []
     with counter or nullcontext():  # one context over forward and backward: a whole step
         for i, part in enumerate(parts):
@@ -115,6 +114,8 @@ def train_step(model: torch.nn.Module, method: Method, optimizer: torch.optim.Op
                 if not math.isfinite(float(dist.all_reduce_mean(loss.detach().float()))):
                     optimizer.zero_grad(set_to_none=True)
                     raise TrainingDiverged(f"training loss became {float(loss.detach())}")
+                if i == 0:  # after the forward: the freed gradients' memory serves backward
+                    optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss / len(parts) if len(parts) > 1 else loss).backward()
             outs.append({k: v.detach() for k, v in out.items()})
     if len(outs) > 1:
