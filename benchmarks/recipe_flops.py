@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -73,6 +74,7 @@ def main() -> int:
                                "loader_images_per_s_per_core": per_core, "recipes": rows},
                               indent=1) + "\n")
     print(f"wrote {out}")
+    shutil.rmtree(work, ignore_errors=True)  # full-size checkpoints: gigabytes
     return 0
 
 
