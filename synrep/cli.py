@@ -8,6 +8,7 @@
     synrep train CONFIG [key.sub=value ...]   pretrain (resumes from the last checkpoint)
     synrep search CONFIG [key.sub=value ...]  MoCE: expert search, export a dense ViT
     synrep eval  CONFIG [key.sub=value ...]   evaluate the run's (or --checkpoint's) encoder
+    synrep export CHECKPOINT --out DIR           the encoder as a timm model folder
     synrep embed --checkpoint PATH --dataset NAME --split SPLIT --out FILE.npz
     synrep scale CONFIG [key.sub=value ...]   train at several data sizes, fit a power law
     synrep report RUN [--out FILE] [--screenshot PNG]  write the run's HTML report
@@ -38,6 +39,7 @@ from synrep.config import load_config, save_config
 from synrep.errors import SynrepError
 from synrep.eval.features import save_features
 from synrep.eval.stage import check_eval, embed_split, evaluate_checkpoint
+from synrep.export import export_encoder
 from synrep.factory import load_encoder
 from synrep.images.evaluate import evaluate_generator
 from synrep.images.mini import train_generator
@@ -97,6 +99,15 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", default=None, help="HTML file to write (default: RUN/report.html)")
     rp.add_argument("--screenshot", default=None,
                     help="also render the report in headless Chromium and save a PNG screenshot")
+
+    ex = sub.add_parser("export", help="write a checkpoint's image encoder as a timm model folder",
+                        description="write a checkpoint's image encoder as a timm model folder "
+                        "(config.json, model.safetensors, README.md model card), loadable with "
+                        "timm.create_model('local-dir:DIR', pretrained=True) without synrep")
+    ex.add_argument("checkpoint", help="a synrep checkpoint (RUN/train/checkpoints/*.safetensors)")
+    ex.add_argument("--out", required=True, help="folder to write (new or empty)")
+    ex.add_argument("--weights", choices=["teacher", "student"], default="teacher",
+                    help="the EMA teacher's encoder when the checkpoint has one (default)")
 
     em = sub.add_parser("embed", help="write frozen features of a dataset split to .npz",
                         description="write frozen features (features, labels) to an .npz file")
@@ -175,6 +186,12 @@ def _main(argv: list[str] | None) -> int:
     try:
         if args.command == "embed":
             _cmd_embed(args)
+            return 0
+        if args.command == "export":
+            config = export_encoder(args.checkpoint, args.out, args.weights)
+            print(f"exported {config['architecture']} ({config['num_features']} features) to "
+                  f"{args.out}; load it with timm.create_model('local-dir:{args.out}', "
+                  "pretrained=True)")
             return 0
         if args.command == "report":
             _cmd_report(args)

@@ -318,7 +318,12 @@ class EvalConfig:
         default_factory=lambda: ["linear", "sgd", "knn", "fewshot", "zeroshot"])
     pool: Literal["cls", "avg", "cls+avg"] = "cls+avg"  # ViT probe features (CNNs: pooled)
     n_last_blocks: int = 1  # concatenate features of the last n blocks (DINOv2 linear eval)
-    weights: Literal["teacher", "student"] = "teacher"  # EMA teacher's encoder when there is one
+    # a synrep checkpoint: teacher (the EMA teacher's encoder when there is one) or student;
+    # eval.model=timm:<name>: the weights file (safetensors or a PyTorch state dict)
+    weights: str = "teacher"
+    # "" = this run's checkpoint; timm:<name> (with eval.weights=FILE) or local-dir:<folder>
+    # (a timm model folder, e.g. written by `synrep export`): any image model, same protocols
+    model: str = ""
     linear_cs: list[float] = field(default_factory=lambda: [10.0**e for e in range(-3, 4)])
     linear_max_iter: int = 200
     sgd_lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1])

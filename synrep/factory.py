@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 
 from synrep import dist
@@ -330,6 +331,35 @@ def check_input_channels(other: Config, cfg: Config, key: str) -> None:
             f"{cfg.model.in_chans}; use a model trained on images like these")
 
 
+def load_external_encoder(spec: str, weights: str = "",
+                          device: torch.device | str = "cpu") -> Encoder:
+    """An image model from outside synrep as an :class:`Encoder` (eval mode), normalising with
+    its own ``pretrained_cfg`` mean and std: ``local-dir:<folder>`` (a timm model folder:
+    config.json + model.safetensors, as ``synrep export`` writes) or ``timm:<name>`` with
+    ``weights`` a weights file (nothing is downloaded)."""
+    if spec.startswith("local-dir:"):
+        folder = Path(spec[len("local-dir:"):])
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"eval.model={spec!r}: {folder}/config.json does not exist; "
+                              "point it at a timm model folder (synrep export writes one)")
+        model = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0)
+    elif spec.startswith("timm:"):
+        name = spec[len("timm:"):]
+        if not timm.is_model(name):
+            raise ConfigError(f"eval.model={spec!r}: timm has no model {name!r}")
+        if weights in ("", "teacher", "student") or not Path(weights).is_file():
+            raise ConfigError(f"eval.model={spec!r} needs eval.weights=<a weights file "
+                              f"(.safetensors or .pth)>; {weights!r} is not a file")
+        model = timm.create_model(name, pretrained=True, num_classes=0,
+                                  pretrained_cfg_overlay={"file": str(weights)})
+    else:
+        raise ConfigError(f"eval.model={spec!r}: choose timm:<name> (with eval.weights=FILE), "
+                          "local-dir:<folder>, or '' for this run's checkpoint")
+    pcfg = model.pretrained_cfg
+    return Encoder(model, tuple(pcfg.get("mean", (0.5,))), tuple(pcfg.get("std", (0.5,)))) \
+        .to(device).eval()
+
+
 def load_method(path: str | Path, device: torch.device | str = "cpu") -> tuple[Method, Config]:
     """The whole trained method in a synrep checkpoint (eval mode) and its config."""
     ck = Checkpoint(path)
@@ -347,7 +377,8 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu",
     and iBOT evaluate), else the student's; ``"student"`` always takes the student's.
     """
     if weights not in ("teacher", "student"):
-        raise ConfigError(f"eval.weights={weights!r}: choose teacher or student")
+        raise ConfigError(f"eval.weights={weights!r}: choose teacher or student for a synrep "
+                          "checkpoint (a weights file goes with eval.model=timm:<name>)")
     ck = Checkpoint(path)
     cfg = config_from_dict(ck.config, f"checkpoint {str(path)!r}")
     why = METHODS.get(cfg.method.name).no_plain_encoder if cfg.method.name in METHODS else ""

@@ -24,7 +24,8 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
                 "synrep.cluster")),
     ("producers", ("synrep.captions", "synrep.images", "synrep.methods")),
     ("factory", ("synrep.factory",)),
-    ("jobs", ("synrep.selection", "synrep.eval", "synrep.train", "synrep.report")),
+    ("jobs", ("synrep.selection", "synrep.eval", "synrep.train", "synrep.report",
+              "synrep.export")),
     ("stages", ("synrep.stages",)),
     ("app", ("synrep.pipeline", "synrep.scaling", "synrep.cli", "synrep.__main__")),
 ]

@@ -33,7 +33,7 @@ from synrep.eval.knn import knn_classify
 from synrep.eval.linear import lbfgs_probe, pool_columns, sgd_probe_grid
 from synrep.eval.pca import pca_maps, save_pca_figure
 from synrep.eval.zeroshot import FASHION_TEMPLATES, class_embeddings, zero_shot_classify
-from synrep.factory import load_encoder, load_method
+from synrep.factory import load_encoder, load_external_encoder, load_method
 from synrep.layout import layout
 from synrep.methods import METHODS
 from synrep.models import Encoder
@@ -128,6 +128,19 @@ def _load_text_model(checkpoint: str | Path, device: torch.device) -> Any | None
     return method if method.has_text_tower else None
 
 
+def _weights_file(ecfg: EvalConfig, checkpoint: str | Path) -> Path:
+    """The file whose change makes cached features stale: the checkpoint, or the external
+    model's weights (``eval.weights`` for ``timm:``, ``model.safetensors`` of a folder)."""
+    if ecfg.model.startswith("local-dir:"):
+        folder = Path(ecfg.model[len("local-dir:"):])
+        found = [folder / n for n in ("model.safetensors", "pytorch_model.bin")
+                 if (folder / n).is_file()]
+        return found[0] if found else folder / "config.json"
+    if ecfg.model.startswith("timm:"):
+        return Path(ecfg.weights)
+    return Path(checkpoint)
+
+
 def _cached_features(cfg: Config, encoder: Encoder, checkpoint: str | Path,
                      device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Train and test features, from RUN/eval's cache when it was made the same way."""
@@ -136,10 +149,11 @@ def _cached_features(cfg: Config, encoder: Encoder, checkpoint: str | Path,
     for split in (ecfg.train_split, ecfg.test_split):
         cache = layout(cfg).features_cache(results_key(ecfg), split)
         stamp = cache.with_name(cache.name + ".source")
+        source = _weights_file(ecfg, checkpoint)
         key = json.dumps(
             {
-                "checkpoint": str(Path(checkpoint).resolve()),
-                "mtime": Path(checkpoint).stat().st_mtime_ns,
+                "checkpoint": str(Path(checkpoint).resolve()) if not ecfg.model else ecfg.model,
+                "mtime": source.stat().st_mtime_ns,
                 "pool": ecfg.pool,
                 "n_last_blocks": ecfg.n_last_blocks,
                 "weights": ecfg.weights,
@@ -191,7 +205,11 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     check_eval(cfg)
     ensure_writable_dir(layout(cfg).eval, "run.dir")
     device = torch.device(cfg.run.device)
-    encoder, _ = load_encoder(checkpoint, device, ecfg.weights)
+    if ecfg.model:  # any image model: timm:<name> with its weights file, or a timm folder
+        encoder = load_external_encoder(ecfg.model, ecfg.weights, device)
+        checkpoint = ecfg.model
+    else:
+        encoder, _ = load_encoder(checkpoint, device, ecfg.weights)
     seed, vf = cfg.run.seed, ecfg.val_fraction
     res: dict[str, Any] = {}
     timings: dict[str, float] = {}
@@ -236,7 +254,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
         return r
 
     def zeroshot() -> dict[str, Any]:
-        model = _load_text_model(checkpoint, device)
+        model = None if ecfg.model else _load_text_model(checkpoint, device)
         if model is None:
             skipped["zeroshot"] = "the checkpoint has no text tower"
             return {}

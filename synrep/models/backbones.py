@@ -7,8 +7,9 @@ weights start random: synrep pretrains them, nothing is downloaded.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import timm
 import torch
@@ -36,10 +37,28 @@ def _small_vit(patch: int, dim: int, depth: int, heads: int):
     return build
 
 
+#: How each registered backbone is built by plain timm: ``name -> spec(in_chans, img_size,
+#: global_pool) -> (timm architecture, model_args)``; what ``synrep export`` writes to
+#: config.json. Backbones that timm cannot build from arguments alone are absent.
+TIMM_SPECS: dict[str, Callable[[int, int, str], tuple[str, dict[str, Any]]]] = {}
+
+
+def _small_vit_spec(base: str, patch: int, dim: int, depth: int, heads: int):
+    def spec(in_chans: int, img_size: int, global_pool: str) -> tuple[str, dict[str, Any]]:
+        return base, {"img_size": img_size, "patch_size": patch, "in_chans": in_chans,
+                      "embed_dim": dim, "depth": depth, "num_heads": heads,
+                      "global_pool": global_pool, "dynamic_img_size": True}
+
+    return spec
+
+
 # 28 px ViTs: patch 7 gives 16 tokens (fast), patch 4 gives 49 (finer, ~3x the compute).
 BACKBONES.register("vit_tiny_p7_28")(_small_vit(7, 192, 6, 3))
 BACKBONES.register("vit_small_p7_28")(_small_vit(7, 384, 6, 6))
 BACKBONES.register("vit_tiny_p4_28")(_small_vit(4, 192, 6, 3))
+TIMM_SPECS["vit_tiny_p7_28"] = _small_vit_spec("vit_tiny_patch16_224", 7, 192, 6, 3)
+TIMM_SPECS["vit_small_p7_28"] = _small_vit_spec("vit_small_patch16_224", 7, 384, 6, 6)
+TIMM_SPECS["vit_tiny_p4_28"] = _small_vit_spec("vit_tiny_patch16_224", 4, 192, 6, 3)
 
 
 class ConvStem(nn.Sequential):
@@ -79,10 +98,35 @@ def _timm_vit(name: str):
     return build
 
 
+def _timm_vit_spec(name: str):
+    def spec(in_chans: int, img_size: int, global_pool: str) -> tuple[str, dict[str, Any]]:
+        return name, {"img_size": img_size, "in_chans": in_chans, "global_pool": global_pool,
+                      "dynamic_img_size": True}
+
+    return spec
+
+
 # The SynCLR paper's encoders (docs/methods.md section 1).
-BACKBONES.register("vit_base_patch16_224")(_timm_vit("vit_base_patch16_224"))
-BACKBONES.register("vit_large_patch14_224")(_timm_vit("vit_large_patch14_224"))
-BACKBONES.register("vit_small_patch16_224")(_timm_vit("vit_small_patch16_224"))
+for _name in ("vit_base_patch16_224", "vit_large_patch14_224", "vit_small_patch16_224"):
+    BACKBONES.register(_name)(_timm_vit(_name))
+    TIMM_SPECS[_name] = _timm_vit_spec(_name)
+
+
+def timm_spec(cfg) -> tuple[str, dict[str, Any]]:
+    """(timm architecture, model_args) that build the backbone of a
+    :class:`synrep.config.ModelConfig` with plain ``timm.create_model`` (``num_classes=0``).
+
+    Raises:
+        ConfigError: the backbone has no plain-timm equivalent (a convolutional stem, the
+            28 px ResNet's modified stem).
+    """
+    if cfg.backbone.startswith("timm:"):
+        return cfg.backbone[len("timm:"):], {"in_chans": cfg.in_chans}
+    if cfg.backbone not in TIMM_SPECS:
+        raise ConfigError(
+            f"backbone {cfg.backbone!r} has no plain-timm equivalent, so it cannot be exported "
+            f"for timm; exportable backbones: {', '.join(sorted(TIMM_SPECS))} and timm:<name>")
+    return TIMM_SPECS[cfg.backbone](cfg.in_chans, cfg.img_size, cfg.global_pool)
 
 
 @BACKBONES.register("resnet18_28")
@@ -116,7 +160,8 @@ class Encoder(nn.Module):
     features evaluation uses (DINOv2-style: CLS and/or mean patch tokens of the last blocks).
     """
 
-    def __init__(self, backbone: nn.Module, mean: float = 0.5, std: float = 0.5) -> None:
+    def __init__(self, backbone: nn.Module, mean: float | Sequence[float] = 0.5,
+                 std: float | Sequence[float] = 0.5) -> None:
         super().__init__()
         self.backbone = backbone
         self.is_vit = isinstance(backbone, VisionTransformer)
@@ -134,7 +179,14 @@ class Encoder(nn.Module):
         self.backbone.set_grad_checkpointing(enable)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        if isinstance(self.mean, (int, float)) and isinstance(self.std, (int, float)):
+            return (x - self.mean) / self.std
+        # per-channel statistics (timm's pretrained_cfg); grayscale input to an RGB model
+        mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        if x.shape[1] == 1 and mean.shape[1] == 3:
+            x = x.expand(-1, 3, -1, -1)
+        return (x - mean) / std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) in [0, 1] -> (B, D)
         feats = self.backbone.forward_features(self.normalize(x))

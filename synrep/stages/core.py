@@ -50,9 +50,12 @@ def _train_done(cfg: Config) -> bool:
     return True
 
 
-def eval_checkpoint(cfg: Config) -> Path:
+def eval_checkpoint(cfg: Config) -> Path | str:
     """The checkpoint the eval stage reads: the method's (the final one, or for a method with a
-    stage after training, such as MoCE's expert search, what that stage wrote)."""
+    stage after training, such as MoCE's expert search, what that stage wrote), or the external
+    model ``eval.model`` names."""
+    if cfg.eval.model:
+        return cfg.eval.model
     return METHODS.get(cfg.method.name).eval_checkpoint(cfg)
 
 
@@ -73,7 +76,7 @@ def print_summary(cfg: Config, results: dict) -> None:
 
 def _eval(cfg: Config) -> None:
     ck = eval_checkpoint(cfg)
-    if not ck.exists():
+    if isinstance(ck, Path) and not ck.exists():
         after = METHODS.get(cfg.method.name).eval_after
         raise ConfigError(f"no checkpoint to evaluate at {str(ck)!r}: run the {after} "
                           "stage first")

@@ -1,0 +1,143 @@
+"""`synrep export`: the encoder leaves synrep as a timm model folder; any model is evaluated the
+same way (`eval.model=local-dir:` / `timm:`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from synrep.config import load_config
+from synrep.data.fashion_mnist import load_fashion_mnist
+from synrep.errors import ConfigError
+from synrep.export import export_encoder
+from synrep.factory import load_encoder, load_external_encoder
+from tests.conftest import TINY, needs_fashion
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "configs/fashion_simclr.yaml"
+EVAL = ["eval.protocols=[linear,knn]", "eval.pca_images=0"]
+
+# Runs in a process that never imports synrep: plain timm on real Fashion-MNIST images.
+TIMM_ONLY = """
+import sys, numpy as np, torch, timm
+model = timm.create_model("local-dir:" + sys.argv[1], pretrained=True).eval()
+cfg = model.pretrained_cfg
+x = torch.from_numpy(np.load(sys.argv[2])).float().div(255)
+mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1); std = torch.tensor(cfg["std"]).view(1, -1, 1, 1)
+with torch.inference_mode():
+    np.save(sys.argv[3], model((x - mean) / std).numpy())
+assert "synrep" not in sys.modules
+print(model.num_features, tuple(cfg["input_size"]))
+"""
+
+
+def _synrep(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "synrep", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("run")
+    proc = _synrep("run", CONFIG, *TINY, *EVAL, f"run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+@needs_fashion
+def test_exported_encoder_loads_in_plain_timm_with_the_same_features(trained, tmp_path):
+    ck = trained / "train/checkpoints/final.safetensors"
+    out = tmp_path / "exported"
+    proc = _synrep("export", str(ck), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json",
+                                                       "model.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "vit_tiny_patch16_224" and config["num_classes"] == 0
+    assert config["pretrained_cfg"]["input_size"] == [1, 28, 28]
+    card = (out / "README.md").read_text()
+    assert "simclr" in card and "linear_probe" in card and "local-dir:" in card
+
+    images, _ = load_fashion_mnist("test", None)
+    x = images[:64, None]  # real images, uint8 (64, 1, 28, 28)
+    np.save(tmp_path / "x.npy", x)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    timm_run = subprocess.run([sys.executable, "-c", TIMM_ONLY, str(out), str(tmp_path / "x.npy"),
+                               str(tmp_path / "f.npy")], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert timm_run.returncode == 0, timm_run.stderr[-2000:]
+    theirs = torch.from_numpy(np.load(tmp_path / "f.npy"))
+    encoder, _ = load_encoder(ck)
+    with torch.inference_mode():
+        ours = encoder(torch.from_numpy(x).float() / 255)
+    assert theirs.shape == ours.shape == (64, 192)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+@needs_fashion
+def test_an_exported_encoder_evaluated_as_an_external_model_scores_the_same(trained, tmp_path):
+    ck = trained / "train/checkpoints/final.safetensors"
+    export_encoder(ck, tmp_path / "exported")
+    proc = _synrep("eval", CONFIG, *TINY, *EVAL, f"run.dir={tmp_path / 'ext'}",
+                   f"eval.model=local-dir:{tmp_path / 'exported'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = json.loads((tmp_path / "ext/eval/results.json").read_text())["fashion-mnist"]
+    ours = json.loads((trained / "eval/results.json").read_text())["fashion-mnist"]
+    for key in ("linear_probe_top1", "knn_top1", "feature_dim"):
+        assert theirs[key] == ours[key], key
+    assert theirs["checkpoint"] == f"local-dir:{tmp_path / 'exported'}"
+
+
+def test_a_timm_model_with_a_weights_file_is_an_encoder(tmp_path):
+    """`eval.model=timm:<name> eval.weights=FILE`: timm's own model, its weights from the file
+    (nothing downloaded), normalised with its pretrained_cfg; grayscale input is repeated."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", pretrained=False).eval()  # 1000-class head included
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "w.safetensors")
+    enc = load_external_encoder("timm:resnet18", str(tmp_path / "w.safetensors"))
+    x = torch.rand(2, 1, 32, 32)
+    mean = torch.tensor(net.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(net.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        ref = net.forward_head(net.forward_features((x.expand(-1, 3, -1, -1) - mean) / std),
+                               pre_logits=True)
+        got = enc(x)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    assert enc.embed_dim == 512
+
+
+def test_export_refuses_a_used_folder_and_a_backbone_timm_cannot_build(tmp_path):
+    from synrep.checkpoint import save_checkpoint
+    from synrep.factory import build_method
+
+    cfg = load_config(ROOT / CONFIG, ["model.backbone=vit_tiny_c7_28"])
+    ck = tmp_path / "c.safetensors"
+    save_checkpoint(ck, build_method(cfg), cfg.to_dict(), 1)
+    with pytest.raises(ConfigError, match="no plain-timm equivalent"):
+        export_encoder(ck, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used/x").write_text("x")
+    with pytest.raises(ConfigError, match="not empty"):
+        export_encoder(ck, tmp_path / "used")
+
+
+def test_external_model_specs_fail_clearly(tmp_path):
+    with pytest.raises(ConfigError, match="needs eval.weights"):
+        load_external_encoder("timm:vit_tiny_patch16_224", "teacher")
+    with pytest.raises(ConfigError, match="timm has no model"):
+        load_external_encoder("timm:not_a_model", str(tmp_path))
+    with pytest.raises(ConfigError, match="config.json does not exist"):
+        load_external_encoder(f"local-dir:{tmp_path}")
+    with pytest.raises(ConfigError, match="choose timm:"):
+        load_external_encoder("hub:foo")
