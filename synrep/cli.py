@@ -49,6 +49,7 @@ from synrep.pipeline import print_summary, run_stages
 from synrep.report import write_report
 from synrep.scaling import run_scaling
 from synrep.utils import ensure_writable_dir
+from synrep.validate import validate
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -197,6 +198,7 @@ def _main(argv: list[str] | None) -> int:
             _cmd_report(args)
             return 0
         cfg = load_config(args.config, args.overrides)
+        validate(cfg)  # every name and cross-field rule: one line at start-up, not hours later
         if args.command == "config":
             print(yaml.safe_dump(json.loads(cfg.to_json()), sort_keys=False), end="")
         elif args.command == "run":

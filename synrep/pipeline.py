@@ -20,6 +20,7 @@ from synrep.lock import run_lock
 from synrep.stages import STAGES, stage_names
 from synrep.stages.core import print_summary
 from synrep.utils import ensure_writable_dir
+from synrep.validate import validate
 
 __all__ = ["print_summary", "run_stages"]
 
@@ -28,6 +29,7 @@ def run_stages(cfg: Config, stages: list[str] | None = None, force: bool = False
     """Run ``stages`` (default ``run.stages``) in order, skipping complete ones unless
     ``force``. Every stage's ``check`` runs first, before any stage writes anything."""
     stages = stages if stages is not None else cfg.run.stages
+    validate(cfg)  # every registry name and cross-field rule, before any stage
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"run.stages: unknown stage(s) {unknown}; choose from {stage_names()}")

@@ -108,7 +108,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("unknown section", ["train", CONFIG, "foo.bar=1"], "unknown config key 'foo'"),
     ("words for a number", ["train", CONFIG, "train.steps=ten"], "expected an integer"),
     ("empty key segment", ["train", CONFIG, "train..steps=1"], "empty key segment"),
-    ("unknown stage", ["run", CONFIG, "run.stages=[nope]"], "unknown stage(s) ['nope']"),
+    ("unknown stage", ["run", CONFIG, "run.stages=[nope]"], "run.stages='nope' is unknown"),
     ("missing config file", ["train", "{tmp}/missing.yaml"], "does not exist"),
     ("config not a mapping", ["train", "{tmp}/list.yaml"], "must hold a mapping"),
     ("python tag in YAML", ["train", "{tmp}/tag.yaml"], "is not valid YAML"),

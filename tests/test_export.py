@@ -141,3 +141,50 @@ def test_external_model_specs_fail_clearly(tmp_path):
         load_external_encoder(f"local-dir:{tmp_path}")
     with pytest.raises(ConfigError, match="choose timm:"):
         load_external_encoder("hub:foo")
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.backbone=vit_tinyy", "model.backbone='vit_tinyy' is unknown; choose one of: "),
+    ("eval.protocols=[linear,knnn]", "eval.protocols='knnn' is unknown; choose one of: linear"),
+    ("run.stages=[captions,trainn]", "run.stages='trainn' is unknown; choose one of: captions"),
+    ("captions.backend=grammer", "captions.backend='grammer' is unknown; choose one of: grammar"),
+    ("eval.dataset=fashion", "eval.dataset='fashion' is unknown; choose one of: fashion-mnist"),
+    ("data.source=dataset", "trains on caption groups: set data.source=shards"),
+    ("eval.model=hub:x", "eval.model='hub:x': choose timm:<name>"),
+    ("eval.weights=/no/such/file", "eval.weights='/no/such/file': choose teacher or student"),
+])
+def test_a_misspelt_name_fails_at_start_before_any_stage(override, expected, tmp_path):
+    """`synrep run` on the quickstart (captions and images first) stops at start-up, in one
+    line naming the key, the value and the choices, and writes nothing."""
+    proc = _synrep("run", "configs/quickstart.yaml", f"run.dir={tmp_path / 'run'}", override)
+    assert proc.returncode == 2
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("synrep: error:")]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+@needs_fashion
+def test_raising_train_steps_extends_a_finished_run_and_lowering_is_refused(trained, tmp_path):
+    """A finished 6-step run given train.steps=8 trains steps 7-8 from its last checkpoint (the
+    schedule of the new total from there on) and is evaluated again; train.steps=4 is refused."""
+    import shutil
+
+    from synrep.checkpoint import Checkpoint
+    from synrep.schedule import warmup_cosine
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    steps = [a for a in TINY if not a.startswith("train.steps=")]
+    proc = _synrep("run", CONFIG, *steps, "train.steps=8", *EVAL, f"run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Checkpoint(run / "train/checkpoints/final.safetensors").step == 8
+    rows = [json.loads(x) for x in (run / "train/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]
+    cfg = load_config(ROOT / CONFIG, [*steps, "train.steps=8"])
+    peak = cfg.optim.lr * cfg.train.batch_size / 256
+    want = warmup_cosine(7, 8, peak, cfg.optim.warmup_steps, peak * cfg.optim.min_lr_ratio)
+    assert abs(rows[-1]["lr"] - want) < 1e-12  # logged at step 8: the lr of step index 7
+    results = json.loads((run / "eval/results.json").read_text())["fashion-mnist"]
+    assert results["checkpoint_step"] == 8
+    shorter = _synrep("run", CONFIG, *steps, "train.steps=4", *EVAL, f"run.dir={run}")
+    assert shorter.returncode == 2 and "not shortened" in shorter.stderr

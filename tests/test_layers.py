@@ -27,7 +27,8 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("jobs", ("synrep.selection", "synrep.eval", "synrep.train", "synrep.report",
               "synrep.export")),
     ("stages", ("synrep.stages",)),
-    ("app", ("synrep.pipeline", "synrep.scaling", "synrep.cli", "synrep.__main__")),
+    ("app", ("synrep.pipeline", "synrep.scaling", "synrep.cli", "synrep.__main__",
+             "synrep.validate")),
 ]
 
 #: Packages that a module of the first group never imports, beyond what the floors say.

@@ -291,6 +291,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     if skipped:
         res["skipped"] = skipped
     res["checkpoint"] = str(checkpoint)
+    if not ecfg.model:  # which training step was evaluated: an extended run is evaluated again
+        res["checkpoint_step"] = Checkpoint(checkpoint).step
     res["protocol"] = {"pool": ecfg.pool, "n_last_blocks": ecfg.n_last_blocks,
                        "weights": ecfg.weights}
     res["timings"] = timings

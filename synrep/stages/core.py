@@ -46,8 +46,9 @@ def _train_done(cfg: Config) -> bool:
     final = layout(cfg).final_checkpoint
     if not final.exists():
         return False
-    check_same_run(Checkpoint(final), cfg)
-    return True
+    ck = Checkpoint(final)
+    check_same_run(ck, cfg)
+    return ck.step >= cfg.train.steps  # a raised train.steps extends the finished run
 
 
 def eval_checkpoint(cfg: Config) -> Path | str:
@@ -90,7 +91,11 @@ def _eval_done(cfg: Config) -> bool:
     entry = json.loads(path.read_text()).get(results_key(cfg.eval), {})
     if entry.get("settings") != eval_settings(cfg.eval):
         return False  # evaluated with other settings (or by an older synrep): evaluate again
-    return entry.get("checkpoint") == str(eval_checkpoint(cfg)) and all(
+    ck = eval_checkpoint(cfg)
+    if isinstance(ck, Path) and (not ck.exists()
+                                 or entry.get("checkpoint_step") != Checkpoint(ck).step):
+        return False  # the run was extended (or the checkpoint replaced) since
+    return entry.get("checkpoint") == str(ck) and all(
         protocol_done(entry, p) for p in cfg.eval.protocols if p in PROTOCOLS)
 
 

@@ -46,8 +46,17 @@ def check_same_run(ck: Checkpoint, cfg: Config) -> None:
     # and a flat method section is an older synrep's.
     stored = json.loads(checkpoint_config(ck).to_json())
     current = json.loads(cfg.to_json())
+    then_steps, now_steps = stored["train"]["steps"], current["train"]["steps"]
+    if now_steps < then_steps:
+        raise CheckpointError(
+            f"{str(ck.path)!r} belongs to a run of train.steps={then_steps}; it can be extended "
+            f"(a larger train.steps), not shortened to {now_steps}: use train.steps>={then_steps}"
+            ", or start a new run with run.dir=<new folder>")
     for section in _RESUME_SECTIONS:
         then, now = _flat(stored[section]), _flat(current[section])
+        if section == "train":  # raising train.steps extends the run (docs/scale.md)
+            then.pop("steps", None)
+            now.pop("steps", None)
         for key in [k for k in _RESUME_FREE if k.startswith(f"{section}.")]:
             then.pop(key.split(".", 1)[1], None)
             now.pop(key.split(".", 1)[1], None)
