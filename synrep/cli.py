@@ -35,7 +35,7 @@ import yaml
 
 from synrep import __version__
 from synrep.browser import render_in_browser
-from synrep.config import load_config, save_config
+from synrep.config import load_config, save_config, shipped_configs
 from synrep.errors import SynrepError
 from synrep.eval.features import save_features
 from synrep.eval.stage import check_eval, embed_split, evaluate_checkpoint
@@ -61,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def with_config(name: str, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
-        sp.add_argument("config", help="YAML config file (see configs/)")
+        sp.add_argument("config", nargs="?" if name == "config" else None,
+                        help="a YAML config file, or a shipped config's name (quickstart, ...: "
+                        "synrep config --list)")
         sp.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="override config values, e.g. train.steps=100 run.dir=/tmp/run")
         return sp
@@ -90,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", help="checkpoint to evaluate (default: the run's final one)")
     with_config("scale", "pretrain at several data sizes (scale.captions x "
                 "scale.images_per_caption) and fit a power law of test error against data size")
-    with_config("config", "print the resolved config")
+    cf = with_config("config", "print the resolved config")
+    cf.add_argument("--list", action="store_true", help="list the shipped configs and exit")
 
     rp = sub.add_parser("report", help="write one static HTML report of a run folder",
                         description="write one static HTML report of a run folder (captions and "
@@ -196,6 +199,13 @@ def _main(argv: list[str] | None) -> int:
             return 0
         if args.command == "report":
             _cmd_report(args)
+            return 0
+        if args.command == "config" and (args.list or args.config is None):
+            if not args.list:
+                raise SynrepError("synrep config needs a config (a file or a shipped name), or "
+                                  "--list")
+            for name, what in shipped_configs().items():
+                print(f"{name:24s} {what}")
             return 0
         cfg = load_config(args.config, args.overrides)
         validate(cfg)  # every name and cross-field rule: one line at start-up, not hours later

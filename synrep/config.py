@@ -637,13 +637,40 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+#: The configs shipped inside the package (``synrep run quickstart`` finds quickstart.yaml).
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> dict[str, str]:
+    """Name -> first comment line (what it is) of every config shipped with synrep."""
+    out = {}
+    for p in sorted(SHIPPED_CONFIGS.glob("*.yaml")):
+        first = next((ln.lstrip("# ").strip() for ln in p.read_text().splitlines()
+                      if ln.startswith("#") and ln.strip("# ").strip()), "")
+        out[p.stem] = first
+    return out
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` when it is a file, else the shipped config of that name (``quickstart`` or
+    ``quickstart.yaml``), from any directory."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = p.name[: -len(".yaml")] if p.name.endswith(".yaml") else p.name
+    shipped = SHIPPED_CONFIGS / f"{name}.yaml"
+    if (p.parent == Path(".") or p.parent.name == "configs") and shipped.is_file():
+        return shipped
+    raise ConfigError(f"config file {str(path)!r} does not exist; give a YAML file or a shipped "
+                      f"config: {', '.join(shipped_configs())} (synrep config --list)")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Build a :class:`Config` from defaults, an optional YAML file, and overrides."""
+    """Build a :class:`Config` from defaults, an optional YAML file (or a shipped config's
+    name), and overrides."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+        path = resolve_config_path(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

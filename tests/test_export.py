@@ -188,3 +188,18 @@ def test_raising_train_steps_extends_a_finished_run_and_lowering_is_refused(trai
     assert results["checkpoint_step"] == 8
     shorter = _synrep("run", CONFIG, *steps, "train.steps=4", *EVAL, f"run.dir={run}")
     assert shorter.returncode == 2 and "not shortened" in shorter.stderr
+
+
+def test_shipped_configs_by_name_from_any_folder(tmp_path):
+    from synrep.config import resolve_config_path, shipped_configs
+
+    names = shipped_configs()
+    assert "quickstart" in names and names["quickstart"].startswith("The embedded default")
+    proc = subprocess.run([sys.executable, "-m", "synrep", "config", "--list"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "synclr_vitl14" in proc.stdout
+    cfg = load_config("quickstart", ["train.steps=3"])  # by name, as `synrep run quickstart`
+    assert cfg.run.name == "quickstart" and cfg.train.steps == 3
+    assert resolve_config_path("quickstart.yaml").parent.name == "configs"
+    with pytest.raises(ConfigError, match="shipped config: .*quickstart"):
+        load_config("quickstartt")
