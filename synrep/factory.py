@@ -179,16 +179,22 @@ def _memory_groups(cfg: Config, batch_kind: str, bs: int, texts: bool,
                        images_per_group=m, texts=captions)
 
 
+def _shard_store(cfg: Config, paths: list[Path], kind: str, channels: int | None,
+                 seed: int) -> ShardStore:
+    """A :class:`ShardStore` with ``cfg.data``'s size, crop and image limit."""
+    d = cfg.data
+    return ShardStore(paths, kind, image_size=d.image_size, channels=channels, crop=d.crop,
+                      scale=tuple(cfg.aug.scale), ratio=tuple(cfg.aug.ratio), seed=seed,
+                      max_images=d.max_images_per_caption if kind == "groups" else None)
+
+
 def _stream_shards(cfg: Config, bs: int, kind: str, texts: bool, each_image: bool,
                    m: int | None = None) -> Source:
     """A streaming source over caption-group (``kind`` groups) or plain shards."""
     d = cfg.data
     where = shards_dir(cfg) if kind == "groups" else d.shards
-    store = ShardStore(resolve_shards(where, complete_only=kind == "groups"), kind,
-                       image_size=d.image_size,
-                       channels=cfg.model.in_chans if kind == "plain" else None,
-                       crop=d.crop, scale=tuple(cfg.aug.scale), ratio=tuple(cfg.aug.ratio),
-                       seed=cfg.run.seed, max_images=d.max_images_per_caption)
+    store = _shard_store(cfg, resolve_shards(where, complete_only=kind == "groups"), kind,
+                         cfg.model.in_chans if kind == "plain" else None, cfg.run.seed)
     n = len(store)
     if kind == "groups" and d.max_captions is not None:
         if n < d.max_captions:
@@ -250,10 +256,7 @@ def _mixture(cfg: Config, batch_kind: str, bs: int, texts: bool) -> MixtureSourc
         if batch_kind == "groups" and kind != "groups":
             raise ConfigError(f"{where}: method {cfg.method.name!r} trains on caption groups, "
                               "but these shards hold one image a key")
-        store = ShardStore(paths, kind, image_size=d.image_size, channels=cfg.model.in_chans,
-                           crop=d.crop, scale=tuple(cfg.aug.scale), ratio=tuple(cfg.aug.ratio),
-                           seed=seed, max_images=d.max_images_per_caption
-                           if kind == "groups" else None)
+        store = _shard_store(cfg, paths, kind, cfg.model.in_chans, seed)
         if texts:
             store.with_texts(None)
         k = m = None
@@ -331,30 +334,38 @@ def check_input_channels(other: Config, cfg: Config, key: str) -> None:
             f"{cfg.model.in_chans}; use a model trained on images like these")
 
 
+def check_external_model(spec: str, weights: str) -> None:
+    """``eval.model`` names a loadable external model: ``local-dir:<folder>``, or
+    ``timm:<a timm model>`` with ``weights`` an existing file (a :class:`ConfigError` if not)."""
+    if spec.startswith("local-dir:"):
+        return
+    if not spec.startswith("timm:"):
+        raise ConfigError(f"eval.model={spec!r}: choose timm:<name> (with eval.weights=FILE), "
+                          "local-dir:<folder>, or '' for this run's checkpoint")
+    name = spec[len("timm:"):]
+    if not timm.is_model(name):
+        raise ConfigError(f"eval.model={spec!r}: timm has no model {name!r}")
+    if weights in ("", "teacher", "student") or not Path(weights).is_file():
+        raise ConfigError(f"eval.model={spec!r} needs eval.weights=<a weights file "
+                          f"(.safetensors or .pth)>; {weights!r} is not a file")
+
+
 def load_external_encoder(spec: str, weights: str = "",
                           device: torch.device | str = "cpu") -> Encoder:
     """An image model from outside synrep as an :class:`Encoder` (eval mode), normalising with
     its own ``pretrained_cfg`` mean and std: ``local-dir:<folder>`` (a timm model folder:
     config.json + model.safetensors, as ``synrep export`` writes) or ``timm:<name>`` with
     ``weights`` a weights file (nothing is downloaded)."""
+    check_external_model(spec, weights)
     if spec.startswith("local-dir:"):
         folder = Path(spec[len("local-dir:"):])
         if not (folder / "config.json").is_file():
             raise ConfigError(f"eval.model={spec!r}: {folder}/config.json does not exist; "
                               "point it at a timm model folder (synrep export writes one)")
         model = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0)
-    elif spec.startswith("timm:"):
-        name = spec[len("timm:"):]
-        if not timm.is_model(name):
-            raise ConfigError(f"eval.model={spec!r}: timm has no model {name!r}")
-        if weights in ("", "teacher", "student") or not Path(weights).is_file():
-            raise ConfigError(f"eval.model={spec!r} needs eval.weights=<a weights file "
-                              f"(.safetensors or .pth)>; {weights!r} is not a file")
-        model = timm.create_model(name, pretrained=True, num_classes=0,
-                                  pretrained_cfg_overlay={"file": str(weights)})
     else:
-        raise ConfigError(f"eval.model={spec!r}: choose timm:<name> (with eval.weights=FILE), "
-                          "local-dir:<folder>, or '' for this run's checkpoint")
+        model = timm.create_model(spec[len("timm:"):], pretrained=True, num_classes=0,
+                                  pretrained_cfg_overlay={"file": str(weights)})
     pcfg = model.pretrained_cfg
     return Encoder(model, tuple(pcfg.get("mean", (0.5,))), tuple(pcfg.get("std", (0.5,)))) \
         .to(device).eval()

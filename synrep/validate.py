@@ -7,8 +7,6 @@ Each failure is one :class:`ConfigError` naming the key, the value and the valid
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import timm
 import torchvision.datasets
 
@@ -17,6 +15,7 @@ from synrep.config import Config
 from synrep.data.datasets import DATASETS, TORCHVISION_PREFIX
 from synrep.errors import ConfigError
 from synrep.eval.stage import PROTOCOLS
+from synrep.factory import check_external_model
 from synrep.methods import METHODS
 from synrep.models.backbones import BACKBONES
 from synrep.stages import STAGES, stage_names
@@ -99,15 +98,7 @@ def validate(cfg: Config) -> None:
 
     e = cfg.eval
     if e.model:
-        if not e.model.startswith(("timm:", "local-dir:")):
-            raise ConfigError(f"eval.model={e.model!r}: choose timm:<name> (with "
-                              "eval.weights=FILE), local-dir:<folder>, or '' for this run's "
-                              "checkpoint")
-        if e.model.startswith("timm:"):
-            check_backbone("eval.model", e.model)
-            if not Path(e.weights).is_file():
-                raise ConfigError(f"eval.model={e.model!r} needs eval.weights=<a weights file>; "
-                                  f"{e.weights!r} is not a file")
+        check_external_model(e.model, e.weights)
     elif e.weights not in ("teacher", "student"):
         raise ConfigError(f"eval.weights={e.weights!r}: choose teacher or student (a weights "
                           "file goes with eval.model=timm:<name>)")

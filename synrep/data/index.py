@@ -38,7 +38,19 @@ from synrep.utils import atomic_output
 INDEX_SUFFIX = ".idx.npz"
 INDEX_VERSION = 1
 _BLOCK = tarfile.BLOCKSIZE
-_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+#: Image member extensions of a sample, in the order a plain sample's image is looked for.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def split_member(name: str) -> tuple[str, str] | None:
+    """(sample key, extension) of a tar member name, as webdataset groups members: the key is
+    the path up to the first '.' of the basename (``a/000.0.png`` -> ``("a/000", "0.png")``);
+    None for a name without an extension."""
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot:
+        return None
+    return (f"{head}/{stem}" if head else stem), ext
 
 
 def index_path(shard: str | Path) -> Path:
@@ -120,13 +132,10 @@ def build_index(path: str | Path) -> ShardIndex:
                 for info in tar:
                     end = info.offset_data + -(-info.size // _BLOCK) * _BLOCK
                     tail = end
-                    if not info.isfile():
+                    split = split_member(info.name) if info.isfile() else None
+                    if split is None:
                         continue
-                    head, _, base = info.name.rpartition("/")
-                    stem, dot, ext = base.partition(".")
-                    if not dot:
-                        continue
-                    member_key = f"{head}/{stem}" if head else stem
+                    member_key, ext = split
                     if member_key != key:
                         if member_key in seen:
                             raise _corrupt(path, f"sample {member_key!r} appears in two places")
@@ -153,7 +162,7 @@ def build_index(path: str | Path) -> ShardIndex:
                             except ValueError:
                                 raise _corrupt(path, f"{info.name} is not an integer class "
                                                      "label") from None
-                    elif ext.rsplit(".", 1)[-1] in _IMAGE_EXTS:
+                    elif ext.rsplit(".", 1)[-1] in IMAGE_EXTS:
                         counts[-1] += 1
                 if key is not None:
                     sizes.append(start_end - offsets[-1])
@@ -242,13 +251,10 @@ def read_sample(fd: int, path: Path, offset: int, size: int) -> tuple[str, dict[
     try:
         with tarfile.open(fileobj=io.BytesIO(data + bytes(2 * _BLOCK)), mode="r:") as tar:
             for info in tar:
-                if not info.isfile():
+                split = split_member(info.name) if info.isfile() else None
+                if split is None:
                     continue
-                head, _, base = info.name.rpartition("/")
-                stem, dot, ext = base.partition(".")
-                if not dot:
-                    continue
-                member_key = f"{head}/{stem}" if head else stem
+                member_key, ext = split
                 if key and member_key != key:
                     raise _corrupt(path, f"the index entry at byte {offset} spans two samples; "
                                          "delete its .idx.npz to rebuild it")

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from synrep.data.index import ShardIndex, index_path, meta_ints, save_index
+from synrep.data.index import ShardIndex, index_path, meta_ints, save_index, split_member
 from synrep.errors import DataError
 from synrep.utils import atomic_output, is_no_space, json_dumps, no_space_error, temp_path
 
@@ -401,16 +401,13 @@ def read_shard(path: str | Path, verify: bool = False) -> Iterator[CaptionGroup]
                 end = 0
                 for info in tar:
                     end = info.offset_data + -(-info.size // _BLOCK) * _BLOCK
-                    if not info.isfile():
+                    split = split_member(info.name) if info.isfile() else None
+                    if split is None:
                         continue
-                    head, _, base = info.name.rpartition("/")
-                    stem, dot, ext = base.partition(".")
-                    if not dot:
-                        continue
+                    member_key, ext = split
                     data = tar.extractfile(info).read()  # type: ignore[union-attr]
                     if len(data) != info.size:
                         raise _corrupt(path, f"member {info.name} is cut short")
-                    member_key = f"{head}/{stem}" if head else stem
                     if key is not None and member_key != key:
                         yield finish()
                         members = {}

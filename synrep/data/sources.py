@@ -33,12 +33,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from synrep.data.index import read_sample, shard_index
+from synrep.data.index import IMAGE_EXTS, read_sample, shard_index
 from synrep.data.shards import MAX_IMAGE_PIXELS, decode_image, read_marker
 from synrep.errors import ConfigError, DataError, SynrepError
 from synrep.utils import derive_seed
 
-_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _MAX_OPEN_SHARDS = 128
 
 
@@ -518,7 +517,7 @@ class ShardStore:
         if kind == "plain" and counts.min() < 1:
             j = int(np.argmin(counts))
             raise DataError(f"sample {j} of shard {self.paths[self.shard[j]]} has no image "
-                            f"member ({'/'.join(_IMAGE_EXTS)})")
+                            f"member ({'/'.join(IMAGE_EXTS)})")
         self.k = int(counts.min())
         if kind == "groups":
             if self.k < 1:
@@ -533,6 +532,7 @@ class ShardStore:
         self.labels = torch.from_numpy(label) if (label >= 0).all() else None
         self.ids: np.ndarray | None = None  # positions kept (subset), None = all
         self.rewrites: dict[int, tuple[str, list[str]]] | None = None
+        self._want_texts = False  # with_texts(): batches carry each sample's text
         self._files = _Files(self.paths)
 
     def __len__(self) -> int:
@@ -583,7 +583,7 @@ class ShardStore:
                     return random_resized_box(w, h, self.scale, self.ratio, rng)
             if self.kind == "groups":
                 images = {m.split(".", 1)[0]: m for m in members
-                          if m.rsplit(".", 1)[-1] in _IMAGE_EXTS and m.split(".")[0].isdigit()}
+                          if m.rsplit(".", 1)[-1] in IMAGE_EXTS and m.split(".")[0].isdigit()}
                 if self.flat > 1:
                     which = [pos % self.flat]
                 else:
@@ -597,11 +597,11 @@ class ShardStore:
                                                  self.image_size, self.mode, box, max_px,
                                                  self.resample))
             else:
-                ext = next(e for e in _IMAGE_EXTS if e in members)
+                ext = next(e for e in IMAGE_EXTS if e in members)
                 arrays.append(decode_resized(members[ext], f"{key}.{ext}", path,
                                              self.image_size, self.mode or "RGB", box, max_px,
                                              self.resample))
-            if self.rewrites is not None or choice is not None or self._want_texts:
+            if self._want_texts:
                 texts.append(self._text(key, members, path, j, choice))
         images = _to_chw(arrays, f"shard {self.paths[0].parent}")
         if self.kind == "groups" and self.flat == 1:
@@ -613,8 +613,6 @@ class ShardStore:
         if texts:
             out["texts"] = texts
         return out
-
-    _want_texts = False
 
     def with_texts(self, rewrites: dict[int, tuple[str, list[str]]] | None) -> torch.Tensor | None:
         """Carry each sample's text (``txt``) in its batches; with LaCLIP ``rewrites``, one of
