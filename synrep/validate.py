@@ -7,10 +7,13 @@ Each failure is one :class:`ConfigError` naming the key, the value and the valid
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import timm
 import torchvision.datasets
 
 from synrep.captions.base import BACKENDS
+from synrep.concepts.banks import BANKS
 from synrep.config import Config
 from synrep.data.datasets import DATASETS, TORCHVISION_PREFIX
 from synrep.errors import ConfigError
@@ -18,6 +21,7 @@ from synrep.eval.stage import PROTOCOLS
 from synrep.factory import check_external_model
 from synrep.methods import METHODS
 from synrep.models.backbones import BACKBONES
+from synrep.models.text import TEXT_MODELS
 from synrep.stages import STAGES, stage_names
 
 
@@ -62,9 +66,18 @@ def validate(cfg: Config) -> None:
     check_backbone("model.backbone", cfg.model.backbone)
     if cfg.captions.backend not in BACKENDS:
         raise _choose("captions.backend", cfg.captions.backend, BACKENDS.names())
+    for spec in cfg.captions.banks:
+        if spec not in BANKS and "/" not in spec and not spec.endswith((".yaml", ".yml", ".txt")):
+            raise _choose("captions.banks", spec, BANKS.names(), ", or a .yaml/.txt file")
+    text_model = getattr(cfg.method.options, "text_model", None)
+    if text_model is not None and text_model not in TEXT_MODELS \
+            and not Path(text_model).expanduser().is_dir():
+        raise ConfigError(f"method.{cfg.method.name}.text_model={text_model!r} is neither a "
+                          f"built-in text model ({', '.join(TEXT_MODELS.names())}) nor a folder; "
+                          "give a folder written by save_pretrained")
     bad = [p for p in cfg.eval.protocols if p not in PROTOCOLS]
     if bad:
-        raise _choose("eval.protocols", bad[0], list(PROTOCOLS))
+        raise _choose("eval.protocols", bad[0], sorted(PROTOCOLS))
     check_dataset("eval.dataset", cfg.eval.dataset)
 
     d = cfg.data

@@ -145,7 +145,7 @@ def test_external_model_specs_fail_clearly(tmp_path):
 
 @pytest.mark.parametrize("override, expected", [
     ("model.backbone=vit_tinyy", "model.backbone='vit_tinyy' is unknown; choose one of: "),
-    ("eval.protocols=[linear,knnn]", "eval.protocols='knnn' is unknown; choose one of: linear"),
+    ("eval.protocols=[linear,knnn]", "eval.protocols='knnn' is unknown; choose one of: fewshot"),
     ("run.stages=[captions,trainn]", "run.stages='trainn' is unknown; choose one of: captions"),
     ("captions.backend=grammer", "captions.backend='grammer' is unknown; choose one of: grammar"),
     ("eval.dataset=fashion", "eval.dataset='fashion' is unknown; choose one of: fashion-mnist"),
