@@ -494,6 +494,19 @@ class SelectionConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where training and evaluation figures go besides RUN/train/metrics.jsonl and
+    RUN/eval/results.json."""
+
+    # tensorboard: RUN/train/tb; wandb: a W&B run (WANDB_MODE=offline keeps it on disk);
+    # mlflow: an MLflow run; none: the JSON files only. wandb and mlflow are optional
+    # installs (pip install 'synrep[wandb]' or 'synrep[mlflow]'), imported only when chosen.
+    tracker: Literal["tensorboard", "wandb", "mlflow", "none"] = "tensorboard"
+    project: str = "synrep"  # the W&B project or MLflow experiment
+    uri: str = ""  # the MLflow tracking URI; "" = a file store in RUN/mlruns
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -508,6 +521,7 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: self.method.to_dict() if f.name == "method"

@@ -127,6 +127,16 @@ class RunLayout:
         return self.train / "tb"
 
     @property
+    def tracker_ids(self) -> Path:
+        """The W&B / MLflow run ids of this run, so training and evaluation log to one run."""
+        return self.root / "tracker.json"
+
+    @property
+    def mlruns(self) -> Path:
+        """MLflow's file store when log.uri is empty."""
+        return self.root / "mlruns"
+
+    @property
     def selected_ids(self) -> Path:
         """Online selection's chosen sample ids, one JSON line per step."""
         return self.train / "selected.jsonl"

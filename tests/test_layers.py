@@ -20,7 +20,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("synrep", "synrep.errors", "synrep.registry", "synrep.utils", "synrep.layout",
               "synrep.shipped", "synrep.dist", "synrep.checkpoint", "synrep.config",
               "synrep.device", "synrep.schedule", "synrep.testing", "synrep.browser",
-              "synrep.names")),
+              "synrep.names", "synrep.tracking")),
     ("blocks", ("synrep.concepts", "synrep.data", "synrep.models", "synrep.losses",
                 "synrep.cluster")),
     ("producers", ("synrep.captions", "synrep.images", "synrep.methods")),
@@ -39,7 +39,8 @@ NEVER = [
 
 #: The only third-party packages a function body may import: optional, heavy dependencies.
 LAZY_OK = ("diffusers", "transformers", "tokenizers", "accelerate", "huggingface_hub", "vllm",
-           "ray", "selenium", "scipy", "sklearn", "matplotlib", "torch.utils.tensorboard")
+           "ray", "selenium", "scipy", "sklearn", "matplotlib", "torch.utils.tensorboard",
+           "wandb", "mlflow")
 
 #: The one synrep module imported in a function body: the entry point checks a config's names
 #: before the command line (and torch with it) loads, so a typo fails at once.

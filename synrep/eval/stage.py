@@ -37,6 +37,7 @@ from synrep.factory import load_encoder, load_external_encoder, load_method
 from synrep.layout import layout
 from synrep.methods import METHODS
 from synrep.models import Encoder
+from synrep.tracking import open_tracker, scalars_of
 from synrep.utils import ensure_writable_dir, write_json_atomic
 
 PROTOCOLS = ("linear", "sgd", "knn", "fewshot", "zeroshot", "finetune")
@@ -308,4 +309,9 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
         except json.JSONDecodeError:
             pass
     write_json_atomic(path, results)
+    tracker = open_tracker(cfg, "eval")
+    try:
+        tracker.log(scalars_of(res, f"eval/{results_key(ecfg)}"), res.get("checkpoint_step", 0))
+    finally:
+        tracker.close()
     return results

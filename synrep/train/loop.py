@@ -29,6 +29,7 @@ from synrep.errors import CheckpointError, ConfigError
 from synrep.factory import build_method, build_optimizer, build_source, checkpoint_config
 from synrep.layout import layout
 from synrep.selection.online import OnlineSelector, check_selection
+from synrep.tracking import open_tracker
 from synrep.train.step import TrainingDiverged, set_schedule, step_seed, train_step
 from synrep.utils import ensure_writable_dir, write_json_atomic
 
@@ -240,12 +241,10 @@ def train(cfg: Config) -> Path:
             "device": str(device), "threads": torch.get_num_threads(),
             "world_size": dist.world_size(), "torch": torch.__version__})
 
-    writer = None
+    tracker = None
     metrics_path = paths.metrics
     if is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(paths.tensorboard), purge_step=start)
+        tracker = open_tracker(cfg, "train", purge_step=start)
         _cut_metrics(metrics_path, start)
     kill_at = int(os.environ.get("SYNREP_DEBUG_KILL_AT_STEP", "-1"))  # for the resume test
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", disable=not is_main,
@@ -305,9 +304,7 @@ def train(cfg: Config) -> Path:
                 row.update({k: float(v.detach()) for k, v in out.items()})
                 row.update(sel_stats)
                 row.update(acct.at(done))
-                for k, v in row.items():
-                    if k != "step":
-                        writer.add_scalar(f"train/{k}", v, done)
+                tracker.log({f"train/{k}": v for k, v in row.items() if k != "step"}, done)
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
@@ -323,13 +320,15 @@ def train(cfg: Config) -> Path:
                 os.kill(os.getpid(), signal.SIGKILL)
     except BaseException:  # Ctrl-C, SIGTERM, a diverged loss: end the bar before the message
         bar.close()
+        if tracker is not None:
+            tracker.close()
         raise
     bar.close()
     if ids_file is not None:
         ids_file.close()
     if is_main:
         save_checkpoint(paths.final_checkpoint, method, cfg.to_dict(), cfg.train.steps)
-        writer.close()
+        tracker.close()
         elapsed = time.perf_counter() - t0
         write_json_atomic(paths.train_summary, {
             "steps": cfg.train.steps - start, "seconds": elapsed,
