@@ -11,8 +11,9 @@ The JSON files in the run folder stay the record; a tracker is a view of them.
   config as its config). ``WANDB_MODE=offline`` keeps it on disk under ``RUN/wandb`` for a later
   ``wandb sync``; credentials and entity come from W&B's own environment variables.
 - ``mlflow``: one MLflow run in experiment ``log.project`` at ``log.uri`` (else
-  ``$MLFLOW_TRACKING_URI``, else MLflow's file store in ``RUN/mlruns``: ``MLFLOW_ALLOW_FILE_STORE=true
-  mlflow ui --backend-store-uri RUN/mlruns``); the config is logged as ``config.json``.
+  ``$MLFLOW_TRACKING_URI``, else MLflow's file store in ``RUN/mlruns``, which MLflow 3 opens with
+  ``MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri RUN/mlruns``); the config is
+  logged as ``config.json``.
 
 The W&B and MLflow run ids are kept in ``RUN/tracker.json``: training, a resumed training and the
 evaluation of one run folder all log to the same tracker run.
