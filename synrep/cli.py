@@ -104,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--screenshot", default=None,
                     help="also render the report in headless Chromium and save a PNG screenshot")
 
-    ex = sub.add_parser("export", help="write a checkpoint's image encoder as a timm model folder",
+    ex = sub.add_parser("export", help="write a checkpoint's image encoder as a timm model folder "
+                        "(and its text tower for transformers)",
                         description="write a checkpoint's image encoder as a timm model folder "
                         "(config.json, model.safetensors, README.md model card), loadable with "
                         "timm.create_model('local-dir:DIR', pretrained=True) without synrep")
@@ -196,6 +197,11 @@ def _main(argv: list[str] | None) -> int:
             print(f"exported {config['architecture']} ({config['num_features']} features) to "
                   f"{args.out}; load it with timm.create_model('local-dir:{args.out}', "
                   "pretrained=True)")
+            if config["text_tower"] == "text":
+                print(f"text tower: {Path(args.out) / 'text'} (transformers "
+                      "CLIPTextModelWithProjection) and image_projection.safetensors")
+            elif config["text_tower"]:
+                print(f"text tower: {config['text_tower']}")
             return 0
         if args.command == "report":
             _cmd_report(args)

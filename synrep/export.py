@@ -13,6 +13,24 @@ any Python with timm::
 gives the features synrep's encoder gives on the same input normalised with the card's mean and
 std (checked at export: the folder is written only when timm's model, built from ``config.json``
 and loaded from ``model.safetensors``, reproduces the encoder's features to 1e-5).
+
+A checkpoint with a text tower (clip, stablerep_pp) also gets, when its tower is a CLIP text
+transformer (the built-in ``fashion-text`` and any saved CLIP text model are):
+
+- ``exported/text/``: the tower and its projection as a transformers
+  ``CLIPTextModelWithProjection`` with its tokenizer (``save_pretrained`` format);
+- ``exported/image_projection.safetensors``: ``weight`` (proj_dim x features), the image side's
+  projection without bias, and ``logit_scale`` (the learned temperature's inverse, exp'd).
+
+Zero-shot, with timm and transformers only::
+
+    txt = CLIPTextModelWithProjection.from_pretrained("exported/text")(
+        **AutoTokenizer.from_pretrained("exported/text")(texts, padding=True,
+                                                         truncation=True, return_tensors="pt")
+    ).text_embeds
+    img = model(images) @ load_file("exported/image_projection.safetensors")["weight"].T
+
+equal (1e-5, checked at export) to the checkpoint's ``encode_text`` and ``encode_image``.
 """
 
 from __future__ import annotations
@@ -28,7 +46,7 @@ from safetensors.torch import save_file
 
 from synrep.checkpoint import Checkpoint
 from synrep.errors import ConfigError
-from synrep.factory import checkpoint_config, load_encoder
+from synrep.factory import checkpoint_config, load_encoder, load_method
 from synrep.models.backbones import timm_spec
 from synrep.utils import temp_path
 
@@ -39,7 +57,9 @@ TOLERANCE = 1e-5
 def export_encoder(checkpoint: str | Path, out: str | Path,
                    weights: str = "teacher") -> dict[str, Any]:
     """Export the encoder of ``checkpoint`` (the EMA teacher's when it has one and ``weights`` is
-    "teacher") to the folder ``out``; returns config.json's contents.
+    "teacher") to the folder ``out``, and its text tower when it has one; returns config.json's
+    contents with ``text_tower``: "text" (the exported subfolder), why it was not exported, or
+    None (no text tower).
 
     Raises:
         ConfigError: ``out`` exists and is not empty, the backbone has no plain-timm equivalent,
@@ -81,20 +101,69 @@ def export_encoder(checkpoint: str | Path, out: str | Path,
             "tag": f"synrep-{cfg.method.name}",
         },
     }
+    text, why_not = _text_export(checkpoint) if _has_text_tower(checkpoint) else (None, "")
     tmp = temp_path(out)
     tmp.mkdir(parents=True)
     try:
         save_file(state, str(tmp / "model.safetensors"),
                   metadata={"format": "pt", "exported_by": "synrep"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "README.md").write_text(model_card(checkpoint, cfg, arch, config, weights))
+        if text is not None:
+            model_hf, tokenizer, projection = text
+            model_hf.save_pretrained(str(tmp / "text"))
+            tokenizer.save_pretrained(str(tmp / "text"))
+            save_file(projection, str(tmp / "image_projection.safetensors"),
+                      metadata={"format": "pt", "exported_by": "synrep"})
+        (tmp / "README.md").write_text(model_card(checkpoint, cfg, arch, config, weights,
+                                                  text=text is not None, text_skipped=why_not))
         if out.exists():
             out.rmdir()  # empty: checked above
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return config
+    return {**config, "text_tower": "text" if text is not None else why_not or None}
+
+
+def _has_text_tower(checkpoint: str | Path) -> bool:
+    return any(k.startswith("text.model.") for k in Checkpoint(checkpoint).model_state)
+
+
+def _text_export(checkpoint: str | Path) -> tuple[tuple[Any, Any, dict] | None, str]:
+    """The checkpoint's text tower as a ``CLIPTextModelWithProjection`` (with its tokenizer) and
+    the image projection, checked against the method's own ``encode_text``; or None and why
+    not (a tower that is not a CLIP text transformer)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    method, _ = load_method(checkpoint, "cpu")
+    tower = method.text
+    if not isinstance(tower.model, CLIPTextModel):
+        return None, (f"the text tower is a {type(tower.model).__name__}, not a CLIP text "
+                      "transformer: only the image encoder is exported")
+    config = tower.model.config.__class__.from_dict(tower.model.config.to_dict())
+    config.projection_dim = int(tower.proj.out_features)
+    hf = CLIPTextModelWithProjection(config).eval()
+    # the transformer under .text_model (key prefixes differ between transformers versions)
+    state = {k.removeprefix("text_model."): v.detach().clone()
+             for k, v in tower.model.state_dict().items()}
+    hf.text_model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        hf.text_projection.weight.copy_(tower.proj.weight)
+    tokenizer = tower.tokenizer
+    tokenizer.model_max_length = tower.context  # plain truncation=True keeps what synrep keeps
+    texts = ["a dark coat", "a sandal on a bench next to a chair at dusk", "a bag"]
+    with torch.inference_mode():
+        ours = method.encode_text(texts)
+        enc = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        theirs = hf(**enc).text_embeds
+    diff = float((ours - theirs).abs().max())
+    if diff > TOLERANCE:
+        raise ConfigError(f"transformers' CLIPTextModelWithProjection rebuilt from the text tower "
+                          f"differs by {diff:.2e} (> {TOLERANCE}); the text tower cannot be "
+                          "exported")
+    projection = {"weight": method.image_proj.weight.detach().contiguous().clone(),
+                  "logit_scale": method.logit_scale.detach().exp().reshape(()).clone()}
+    return (hf, tokenizer, projection), ""
 
 
 def _results_of(checkpoint: Path) -> dict[str, Any]:
@@ -113,7 +182,7 @@ def _results_of(checkpoint: Path) -> dict[str, Any]:
 
 
 def model_card(checkpoint: str | Path, cfg: Any, arch: str, config: dict[str, Any],
-               weights: str) -> str:
+               weights: str, text: bool = False, text_skipped: str = "") -> str:
     """A Markdown model card: what the encoder is, how it was trained, on what, and how it
     scored (when the run's evaluation of this checkpoint is beside it)."""
     checkpoint = Path(checkpoint)
@@ -140,6 +209,19 @@ def model_card(checkpoint: str | Path, cfg: Any, arch: str, config: dict[str, An
         'model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True)',
         "features = model(images)  # normalised with the mean and std below",
         "```", "",
+        *(["The text tower is in `text/` (transformers), the image projection in",
+           "`image_projection.safetensors`; zero-shot embeddings:", "",
+           "```python",
+           "from safetensors.torch import load_file",
+           "from transformers import AutoTokenizer, CLIPTextModelWithProjection",
+           'tok = AutoTokenizer.from_pretrained("PATH/text")',
+           'text_model = CLIPTextModelWithProjection.from_pretrained("PATH/text")',
+           "text_emb = text_model(**tok(texts, padding=True, truncation=True,",
+           '                             return_tensors="pt")).text_embeds',
+           'proj = load_file("PATH/image_projection.safetensors")',
+           'image_emb = features @ proj["weight"].T  # proj["logit_scale"]: the temperature',
+           "```", ""] if text else []),
+        *([f"Text tower not exported: {text_skipped}.", ""] if text_skipped else []),
         "## Details", "",
         f"- architecture: `{arch}` with `{json.dumps(config['model_args'])}`",
         f"- input: {config['pretrained_cfg']['input_size']} (C, H, W), mean "

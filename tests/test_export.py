@@ -203,3 +203,68 @@ def test_shipped_configs_by_name_from_any_folder(tmp_path):
     assert resolve_config_path("quickstart.yaml").parent.name == "configs"
     with pytest.raises(ConfigError, match="shipped config: .*quickstart"):
         load_config("quickstartt")
+
+
+# Zero-shot embeddings from the exported folder with timm and transformers only.
+CLIP_ONLY = """
+import sys, numpy as np, torch, timm
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, CLIPTextModelWithProjection
+out = sys.argv[1]
+model = timm.create_model("local-dir:" + out, pretrained=True).eval()
+cfg = model.pretrained_cfg
+x = torch.from_numpy(np.load(sys.argv[2])).float().div(255)
+mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1); std = torch.tensor(cfg["std"]).view(1, -1, 1, 1)
+tok = AutoTokenizer.from_pretrained(out + "/text")
+text_model = CLIPTextModelWithProjection.from_pretrained(out + "/text").eval()
+proj = load_file(out + "/image_projection.safetensors")
+texts = sys.argv[4].split("|")
+with torch.inference_mode():
+    img = model((x - mean) / std) @ proj["weight"].T
+    txt = text_model(**tok(texts, padding=True, truncation=True, return_tensors="pt")).text_embeds
+np.savez(sys.argv[3], img=img.numpy(), txt=txt.numpy(), scale=proj["logit_scale"].numpy())
+assert "synrep" not in sys.modules
+"""
+
+
+@needs_fashion
+@pytest.mark.parametrize("config, extra", [
+    ("configs/clip_fashion.yaml", []),
+    ("configs/stablerep_pp_fashion.yaml",
+     ["train.batch_size=4", "method.stablerep_pp.images_per_caption=2"]),
+])
+def test_a_checkpoint_exports_its_text_tower_for_transformers(config, extra, tmp_path):
+    """clip and stablerep_pp: image and text embeddings from the exported folder, computed with
+    timm and transformers only, equal the checkpoint's encode_image / encode_text."""
+    from synrep.cli import main
+    from synrep.factory import load_method
+    from tests.test_language import _tiny_shards, _train_args
+
+    run = tmp_path / "run"
+    assert main(_train_args(config, _tiny_shards(tmp_path / "shards"), run, *extra)) == 0
+    ck = run / "train/checkpoints/final.safetensors"
+    out = tmp_path / "exported"
+    proc = _synrep("export", str(ck), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CLIPTextModelWithProjection" in proc.stdout
+    assert (out / "text/config.json").is_file() and (out / "image_projection.safetensors").exists()
+    assert "CLIPTextModelWithProjection.from_pretrained" in (out / "README.md").read_text()
+
+    images = np.asarray(load_fashion_mnist("test", None)[0][:16])[:, None]
+    np.save(tmp_path / "x.npy", images)
+    texts = ["a photo of a sneaker", "a dark coat next to a chair at dusk", "a bag"]
+    script = tmp_path / "clip_only.py"
+    script.write_text(CLIP_ONLY)
+    proc = subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "x.npy"),
+                           str(tmp_path / "emb.npz"), "|".join(texts)], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(tmp_path / "emb.npz")
+    method, _ = load_method(ck)
+    with torch.inference_mode():
+        img = method.encode_image(torch.from_numpy(images).float().div(255))
+        txt = method.encode_text(texts)
+    np.testing.assert_allclose(got["img"], img.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got["txt"], txt.numpy(), atol=1e-5, rtol=0)
+    assert float(got["scale"]) == pytest.approx(float(method.logit_scale.exp()), rel=1e-6)
