@@ -35,7 +35,7 @@ import yaml
 
 from synrep import __version__
 from synrep.browser import render_in_browser
-from synrep.config import load_config, save_config, shipped_configs
+from synrep.config import config_reference, load_config, save_config, shipped_configs
 from synrep.errors import SynrepError
 from synrep.eval.features import save_features
 from synrep.eval.stage import check_eval, embed_split, evaluate_checkpoint
@@ -94,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
                 "scale.images_per_caption) and fit a power law of test error against data size")
     cf = with_config("config", "print the resolved config")
     cf.add_argument("--list", action="store_true", help="list the shipped configs and exit")
+    cf.add_argument("--reference", action="store_true",
+                    help="print every option (type, default, meaning) as Markdown and exit")
 
     rp = sub.add_parser("report", help="write one static HTML report of a run folder",
                         description="write one static HTML report of a run folder (captions and "
@@ -206,10 +208,13 @@ def _main(argv: list[str] | None) -> int:
         if args.command == "report":
             _cmd_report(args)
             return 0
+        if args.command == "config" and args.reference:
+            print(config_reference(), end="")
+            return 0
         if args.command == "config" and (args.list or args.config is None):
             if not args.list:
                 raise SynrepError("synrep config needs a config (a file or a shipped name), or "
-                                  "--list")
+                                  "--list or --reference")
             for name, what in shipped_configs().items():
                 print(f"{name:24s} {what}")
             return 0

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
+import io
 import json
 import math
 import re
+import tokenize
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -838,3 +841,82 @@ def save_config(cfg: Config, path: str | Path) -> None:
     text = yaml.safe_dump(json.loads(cfg.to_json()), sort_keys=False)
     with atomic_output(path, "w") as f:  # a name unique to this process; ENOSPC: one DataError
         f.write(text)
+
+
+# -- the configuration reference, generated from the dataclasses above ------------------------
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Each field's comments in ``cls``'s source: the block above it and the one after it."""
+    lines = inspect.getsource(cls).splitlines(keepends=True)
+    comments: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO("".join(lines)).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    out: dict[str, str] = {}
+    for i, line in enumerate(lines, start=1):
+        m = re.match(r"    (\w+): ", line)
+        if not m or m.group(1) not in {f.name for f in dataclasses.fields(cls)}:
+            continue
+        above, j = [], i - 1
+        while j in comments and lines[j - 1].lstrip().startswith("#"):
+            above.insert(0, comments[j])
+            j -= 1
+        after = [comments[i]] if i in comments and not line.lstrip().startswith("#") else []
+        text = " ".join(above + after)
+        out[m.group(1)] = re.sub(r"noqa: \S+", "", text).strip()
+    return out
+
+
+def _default_of(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "(required)"
+    return "`" + json.dumps(value, default=str) + "`"
+
+
+def _table(cls: type, prefix: str) -> list[str]:
+    comments: dict[str, str] = {}
+    for base in reversed(cls.__mro__):  # inherited options keep the comments of their class
+        if dataclasses.is_dataclass(base):
+            comments.update({k: v for k, v in _field_comments(base).items() if v})
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        kind = str(f.type).replace("|", "\\|")
+        text = comments.get(f.name, "").replace("|", "\\|")
+        rows.append(f"| `{prefix}.{f.name}` | `{kind}` | {_default_of(f)} | {text} |")
+    return rows
+
+
+def config_reference() -> str:
+    """Every option of every section (and of every registered method's section) as Markdown:
+    key, type, default and the comment beside it in the source (``docs/config.md``)."""
+    out = ["# Configuration reference", "",
+           "Every option synrep reads, with its type and default. A YAML file sets any of them "
+           "by section (`train: {steps: 2000}`), a command line by dotted key "
+           "(`train.steps=2000`); an unknown key or a value of the wrong type is an error. "
+           "Generated from the config dataclasses by `synrep config --reference`.", ""]
+    for f in dataclasses.fields(Config):
+        out.append(f"## `{f.name}`")
+        out.append("")
+        if f.name == "method":
+            out += ["| key | type | default | meaning |", "|---|---|---|---|",
+                    "| `method.name` | `str` | `\"simclr\"` | the objective: "
+                    f"{', '.join(METHOD_OPTIONS.names())} |", ""]
+            for name in METHOD_OPTIONS.names():
+                cls = METHOD_OPTIONS.get(name)
+                out += [f"### `method.{name}`", ""]
+                doc = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
+                if doc and not doc.startswith(cls.__name__ + "("):
+                    out += [doc, ""]
+                out += _table(cls, f"method.{name}") + [""]
+            continue
+        cls = f.default_factory  # type: ignore[misc]
+        doc = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
+        if doc and not doc.startswith(cls.__name__ + "("):
+            out += [doc, ""]
+        out += _table(cls, f.name) + [""]
+    return "\n".join(out)

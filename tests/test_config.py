@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -155,3 +157,19 @@ def test_a_flat_method_section_of_an_older_synrep_is_read_with_its_prefixes():
     # the same flat keys written by a user are refused, naming the section to use
     with pytest.raises(ConfigError, match="write method.synclr.temperature"):
         load_config(None, ["method.name=synclr", "method.temperature=0.5"])
+
+
+def test_the_configuration_reference_is_current():
+    """docs/config.md is what `synrep config --reference` prints: every section and every
+    registered method's options, with types and defaults."""
+    from synrep.config import config_reference
+    from synrep.methods import METHODS
+
+    text = config_reference()
+    doc = (Path(__file__).resolve().parents[1] / "docs/config.md").read_text()
+    assert doc == text, "regenerate it: synrep config --reference > docs/config.md"
+    for section in ("run", "data", "train", "eval", "log"):
+        assert f"## `{section}`" in text
+    for name in METHODS.names():
+        assert f"### `method.{name}`" in text
+    assert "| `train.accum_steps` | `int` | `1` |" in text
