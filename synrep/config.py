@@ -32,8 +32,10 @@ from synrep.utils import atomic_output, yaml_error_summary
 class RunConfig:
     name: str = ""  # defaults to the config file's stem
     dir: str = ""  # defaults to runs/<name>
-    seed: int = 0
+    seed: int = 0  # seeds the weights, batch order, augmentations, captions and images
     device: str = "cpu"  # "cpu", "cuda", "cuda:1"; under torchrun each rank takes cuda:LOCAL_RANK
+    # what `synrep run` runs, in the order given: captions, rewrites, images, select, cluster,
+    # train, search, eval, report (stages already complete are skipped)
     stages: list[str] = field(default_factory=lambda: ["train", "eval"])
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
 
@@ -46,7 +48,7 @@ class DataConfig:
     source: Literal["dataset", "shards", "webdataset", "mixture"] = "dataset"
     dataset: str = "fashion-mnist"  # a registered dataset, used when source = "dataset"
     root: str | None = None  # dataset folder; None uses the dataset's default location
-    split: str = "train"
+    split: str = "train"  # split of data.dataset to train on (imagefolder: a subfolder of root)
     # source = shards: a folder of caption-group shards ("" = this run's images stage);
     # source = webdataset: a folder, a .tar, a brace pattern (dir/{000..099}.tar) or a list
     shards: str | list[str] = ""
@@ -70,38 +72,39 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "vit_tiny_p7_28"  # a registered backbone or "timm:<any timm model>"
-    in_chans: int = 1
-    img_size: int = 28
-    drop_path: float = 0.0
+    in_chans: int = 1  # image channels the encoder takes: 1 = grayscale, 3 = RGB
+    img_size: int = 28  # input side in pixels the backbone is built for (eval.image_size's default)
+    drop_path: float = 0.0  # stochastic depth rate of the backbone's blocks; 0 = off
     global_pool: Literal["token", "avg"] = "token"  # ViT feature used by training objectives
     mean: float = 0.5  # input normalisation applied inside the encoder to [0, 1] pixels
-    std: float = 0.5
+    std: float = 0.5  # with mean: the encoder sees (x - mean) / std
 
 
 @dataclass
 class AugConfig:
     """SimCLR-strong augmentation, applied on batches on the training device."""
 
-    size: int = 28
-    scale: tuple[float, float] = (0.2, 1.0)
-    ratio: tuple[float, float] = (0.75, 1.3333333)
-    hflip: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    grayscale_p: float = 0.2
-    blur_p: float = 0.5
+    size: int = 28  # side in pixels of the augmented views (the training resolution)
+    scale: tuple[float, float] = (0.2, 1.0)  # random resized crop: area range (share of image)
+    ratio: tuple[float, float] = (0.75, 1.3333333)  # crop aspect ratio (w / h), log-uniform
+    hflip: float = 0.5  # probability of a horizontal flip
+    jitter_p: float = 0.8  # probability of colour jitter (brightness, contrast, saturation, hue)
+    brightness: float = 0.4  # jitter: brightness factor uniform in [1 - x, 1 + x]; 0 = off
+    contrast: float = 0.4  # jitter: contrast factor uniform in [1 - x, 1 + x]; 0 = off
+    saturation: float = 0.4  # jitter: saturation factor in [1 - x, 1 + x]; RGB only
+    hue: float = 0.1  # jitter: hue rotation uniform in [-x, x] of a full turn; RGB only
+    grayscale_p: float = 0.2  # probability of converting a view to grayscale; RGB only
+    blur_p: float = 0.5  # probability of a Gaussian blur
+    # range of the blur's sigma in pixels of a 224 px image (SimCLR's), scaled with aug.size
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: float = 0.0
+    solarize_p: float = 0.0  # probability of solarizing (pixels >= 0.5 become 1 - x)
     sharpen_p: float = 0.0  # unsharp masking x + a * (x - blur(x)), a uniform in sharpen_amount
-    sharpen_amount: tuple[float, float] = (0.5, 2.0)
+    sharpen_amount: tuple[float, float] = (0.5, 2.0)  # range of the unsharp-masking amount a
     sharpen_sigma: float = 1.0  # blur width in pixels at 28 px (scaled with aug.size)
     noise_p: float = 0.0  # additive Gaussian pixel noise
-    noise_std: float = 0.05
-    erase_p: float = 0.0
-    erase_scale: tuple[float, float] = (0.02, 0.2)
+    noise_std: float = 0.05  # std of the noise_p Gaussian noise, pixels in [0, 1]
+    erase_p: float = 0.0  # probability of random erasing (one rectangle set to 0)
+    erase_scale: tuple[float, float] = (0.02, 0.2)  # erased area range, as a share of the image
 
 
 #: Each method's options: a dataclass registered under the method's name (by
@@ -283,24 +286,24 @@ def _deep_update(into: dict[str, Any], updates: dict[str, Any]) -> None:
 @dataclass
 class OptimConfig:
     lr: float = 1e-3  # peak learning rate at batch_size 256; scaled linearly with the batch
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.01
+    weight_decay: float = 0.05  # AdamW weight decay of weight matrices (none on biases, norms)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW (beta1, beta2)
+    warmup_steps: int = 100  # linear learning-rate warm-up from 0 to the peak, in steps
+    min_lr_ratio: float = 0.01  # the cosine decay ends at this fraction of the peak lr
     weight_decay_end: float | None = None  # cosine weight-decay schedule to this value (SynCLR)
     grad_clip: float = 1.0  # 0 disables clipping
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
+    steps: int = 1000  # optimizer steps; raising it later extends a finished run
     batch_size: int = 256  # global batch (summed over ranks), in samples before augmentation
     # auto: bf16 autocast where the device computes bf16 natively (GPUs, AVX512-BF16/AMX CPUs)
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
-    ckpt_every: int = 200
+    ckpt_every: int = 200  # save the resumable checkpoint (with optimizer state) every n steps
     keep_every: int = 0  # also keep the weights every n steps (checkpoints/step_000100...); 0 = no
-    log_every: int = 10
-    compile: bool = False
+    log_every: int = 10  # write loss, lr and throughput (metrics.jsonl, tracker) every n steps
+    compile: bool = False  # torch.compile the model before training
     # split each step's batch into this many micro-batches whose gradients are summed before
     # one optimizer step; contrastive negatives are those of the micro-batch (docs/scale.md)
     accum_steps: int = 1
@@ -309,11 +312,12 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    # the labelled (real) dataset: a registered one or torchvision:<Class>
     dataset: str = "fashion-mnist"
-    root: str | None = None
-    train_split: str = "train"
-    test_split: str = "test"
-    image_size: int | None = None
+    root: str | None = None  # eval.dataset's folder; None = its default location
+    train_split: str = "train"  # split the probes are fitted on (and the kNN bank)
+    test_split: str = "test"  # split the reported top-1 is measured on
+    image_size: int | None = None  # resize evaluation images to this; None = model.img_size
     workers: int = 0  # DataLoader processes decoding sets read from disk (imagefolder, webdataset)
     # frozen-feature protocols: linear, sgd, knn, fewshot, zeroshot (text-tower checkpoints only);
     # finetune trains the whole encoder (minutes per epoch on a CPU), so it is opt-in
@@ -327,12 +331,15 @@ class EvalConfig:
     # "" = this run's checkpoint; timm:<name> (with eval.weights=FILE) or local-dir:<folder>
     # (a timm model folder, e.g. written by `synrep export`): any image model, same protocols
     model: str = ""
+    # linear: L-BFGS logistic regression, C (inverse L2 strength) chosen on val_fraction
     linear_cs: list[float] = field(default_factory=lambda: [10.0**e for e in range(-3, 4)])
-    linear_max_iter: int = 200
+    linear_max_iter: int = 200  # linear: L-BFGS iterations per fit
+    # sgd: one linear head per learning rate (and pooling), the best chosen on val_fraction
     sgd_lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1])
-    sgd_epochs: int = 20
-    knn_k: int = 20
-    knn_temperature: float = 0.07
+    sgd_epochs: int = 20  # sgd: passes over the training features
+    knn_k: int = 20  # knn: neighbours that vote for each test image (DINO: 20)
+    knn_temperature: float = 0.07  # knn: votes weighted by exp(cosine similarity / T)
+    # fewshot: labelled training images per class; one logistic regression per entry
     fewshot_shots: list[int] = field(default_factory=lambda: [1, 5, 10])
     fewshot_seeds: int = 5  # draws per shot count; the report gives mean and spread
     fewshot_c: float = 0.01  # chosen on a train-only split of the demo features (1-10 shots)
@@ -341,18 +348,18 @@ class EvalConfig:
     # class names written into the prompts, in label order (after eval.classes); [] = the
     # dataset's prompt names (Fashion-MNIST: the caption grammar's words, e.g. "trousers")
     zeroshot_classnames: list[str] = field(default_factory=list)
-    finetune_epochs: int = 1
-    finetune_batch_size: int = 256
-    finetune_lr: float = 1e-3
-    finetune_layer_decay: float = 0.75
-    finetune_weight_decay: float = 0.05
-    finetune_warmup_epochs: float = 0.1
-    finetune_label_smoothing: float = 0.1
+    finetune_epochs: int = 1  # finetune: passes over the training split
+    finetune_batch_size: int = 256  # finetune: images per step
+    finetune_lr: float = 1e-3  # finetune: peak AdamW lr of the head (not scaled by batch)
+    finetune_layer_decay: float = 0.75  # finetune: lr x this per block below the head; 1 = none
+    finetune_weight_decay: float = 0.05  # finetune: AdamW weight decay of weight matrices
+    finetune_warmup_epochs: float = 0.1  # finetune: linear warm-up in epochs, then cosine
+    finetune_label_smoothing: float = 0.1  # finetune: label smoothing of the cross-entropy
     pca_images: int = 16  # test images shown with PCA maps of their patch features; 0 = none
-    val_fraction: float = 0.1
-    batch_size: int = 512
+    val_fraction: float = 0.1  # share of each train class held out to pick linear's C, sgd's lr
+    batch_size: int = 512  # images per forward pass when extracting features
     limit_train: int | None = None  # evaluate on a seeded subset of this many train images
-    limit_test: int | None = None
+    limit_test: int | None = None  # evaluate on a seeded subset of this many test images
     classes: list[int] | None = None  # evaluate on these labels only (relabelled 0..n-1)
 
 
@@ -361,9 +368,9 @@ class RewriteConfig:
     """LaCLIP caption rewrites: k paraphrases of every caption (docs/methods.md section 4)."""
 
     source: str = ""  # caption shards to rewrite; "" = this run's captions stage output
-    k: int = 3
-    temperature: float = 0.9
-    top_p: float = 0.95
+    k: int = 3  # rewrites written per caption
+    temperature: float = 0.9  # sampling temperature of the rewrites (LLM backends)
+    top_p: float = 0.95  # nucleus (top-p) sampling of the rewrites (LLM backends)
 
 
 @dataclass
@@ -378,20 +385,23 @@ class CaptionsConfig:
     templates: dict[str, float] = field(
         default_factory=lambda: {"c": 1 / 3, "c_bg": 1 / 3, "c_rel": 1 / 3})
     num: int = 10000  # captions to keep (after cleaning and dedup)
-    shard_size: int = 5000
-    demos_per_prompt: int = 3
-    temperature: float = 0.8
-    top_p: float = 0.9
-    max_new_tokens: int = 100
+    shard_size: int = 5000  # captions per JSONL shard
+    demos_per_prompt: int = 3  # in-context example captions per prompt (LLM backends)
+    temperature: float = 0.8  # sampling temperature of the language model
+    top_p: float = 0.9  # nucleus (top-p) sampling of the language model
+    max_new_tokens: int = 100  # longest completion in tokens; its first line is the caption
     batch_size: int = 64  # prompts per language-model call
+    # precision of the language model's weights; auto: the backend's choice (transformers: the
+    # checkpoint's dtype, float32 on a CPU)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    min_words: int = 3
-    max_words: int = 60
+    min_words: int = 3  # drop captions of fewer words
+    max_words: int = 60  # drop captions of more words
     require_concept: bool = True  # reject captions that do not name their concept
     near_dup_threshold: float = 0.9  # MinHash Jaccard above which a caption is dropped; 1 = off
     num_perm: int = 64  # MinHash permutations
     min_accept_rate: float = 0.02  # fewer usable captions than this, after 256 tries: stop
     max_rounds: int = 50  # generation rounds per shard before giving up on filling it
+    # LaCLIP rewrites (the rewrites stage): captions.rewrite.source, k, temperature, top_p
     rewrite: RewriteConfig = field(default_factory=RewriteConfig)
 
 
@@ -401,8 +411,8 @@ class ImagesConfig:
 
     pipeline: str = "fashion-mini"  # a shipped pipeline, a local diffusers folder or a hub id
     captions: str = ""  # caption shards to render; "" = this run's captions stage output
-    images_per_caption: int = 4
-    guidance_scale: float = 2.5
+    images_per_caption: int = 4  # k images per caption, each from its own seed
+    guidance_scale: float = 2.5  # classifier-free guidance scale (SynCLR: 2.5); <= 1 = off
     scheduler: Literal["dpmsolver++", "ddim", "pipeline"] = "dpmsolver++"  # pipeline: as saved
     steps: int | None = None  # None = the pipeline's recommended steps (fashion-mini: 10), else 25
     resolution: int | None = None  # generation size in pixels; None = the pipeline's default
@@ -412,6 +422,8 @@ class ImagesConfig:
     batch_size: int = 32  # images per pipeline call
     shard_size: int = 1000  # captions per image shard
     compile: bool = False  # torch.compile the denoiser; batches are padded to one shape
+    # who renders the shards: local: this process; pool: one process per images.devices entry;
+    # ranks: every torchrun/SLURM rank its share; ray: Ray actors, one per device
     executor: Literal["local", "pool", "ranks", "ray"] = "local"
     devices: list[str] = field(default_factory=list)  # pool/ray workers; [] = [run.device]
     max_retries: int = 2  # re-draws (new seeds) of NaN or blank images before giving up
@@ -422,27 +434,28 @@ class GeneratorConfig:
     """`synrep train-generator`: the mini text-to-image model on Fashion-MNIST."""
 
     out: str = ""  # folder for the trained pipeline; "" = RUN/generator/pipeline
-    vae_steps: int = 1500
-    vae_batch_size: int = 128
-    vae_lr: float = 2e-3
+    vae_steps: int = 1500  # training steps of the autoencoder (AutoencoderKL)
+    vae_batch_size: int = 128  # images per autoencoder step
+    vae_lr: float = 2e-3  # peak AdamW learning rate of the autoencoder
     vae_kl: float = 1e-3  # weight of the KL term per pixel
-    steps: int = 6000
-    batch_size: int = 256
-    lr: float = 1e-3
-    warmup_steps: int = 200
-    ema: float = 0.999
+    steps: int = 6000  # training steps of the denoiser (UNet) and text encoder
+    batch_size: int = 256  # images per denoiser step
+    lr: float = 1e-3  # peak AdamW learning rate of the denoiser and text encoder
+    warmup_steps: int = 200  # linear warm-up of generator.lr in steps, then cosine to 0
+    ema: float = 0.999  # EMA decay of the saved denoiser and text-encoder weights
     attr_p: float = 0.6  # probability that a training caption names each measured attribute
     cond_drop: float = 0.1  # probability of an empty caption (classifier-free guidance)
-    ckpt_every: int = 250
+    ckpt_every: int = 250  # save the resumable training state every n steps (every phase)
     sample_steps: int = 10  # the pipeline's recommended sampling steps (DPM-Solver++)
     # Adversarial fine-tuning of the autoencoder's decoder with its encoder frozen (latents, so the
     # denoiser, unchanged), as Stable Diffusion's autoencoders: L1 + MSE + a hinge patch critic.
     decoder_steps: int = 0
-    decoder_batch_size: int = 128
-    decoder_lr: float = 2e-4
-    decoder_gan_weight: float = 0.05
-    init: str = ""  # a saved mini pipeline to continue from ("fashion-mini" or a folder): its
-    # autoencoder, denoiser and text encoder are kept and only the decoder fine-tuning runs
+    decoder_batch_size: int = 128  # images per decoder fine-tuning step
+    decoder_lr: float = 2e-4  # AdamW learning rate of the decoder (the critic's: twice this)
+    decoder_gan_weight: float = 0.05  # weight of the adversarial term next to L1 + MSE
+    # a saved mini pipeline to continue from ("fashion-mini" or a folder): its autoencoder,
+    # denoiser and text encoder are kept and only the decoder fine-tuning runs
+    init: str = ""
     train_limit: int | None = None  # train on a seeded subset of this many images (smoke tests)
     # where to train: "auto" = the GPU where there is one, else the CPU. Batches are drawn on the
     # CPU either way, so a config draws the same data on every device (the arithmetic differs)
@@ -461,10 +474,14 @@ class ScaleConfig:
     scaling of docs/methods.md section 3).
     """
 
+    # caption-group counts (the first n of the shards), each crossed with every
+    # scale.images_per_caption value
     captions: list[int] = field(default_factory=lambda: [625, 1250, 2500, 5000])
+    # images per caption group (the first k of each); every (n, k) pair is one data size
     images_per_caption: list[int] = field(default_factory=lambda: [4])
     steps: int | None = None  # pretraining steps at every size; None keeps train.steps
-    protocol: Literal["linear", "sgd", "knn"] = "linear"
+    protocol: Literal["linear", "sgd", "knn"] = "linear"  # eval protocol whose error is fitted
+    # power: error = a * n^-b; power+offset: a * n^-b + c (needs three or more data sizes)
     fit: Literal["power", "power+offset"] = "power"
 
 
@@ -478,7 +495,9 @@ class SelectionConfig:
     pool and writes the kept ids and new shards (``RUN/select``).
     """
 
-    online: bool = False
+    online: bool = False  # select every training batch from a scored super-batch (JEST)
+    # which examples score high: learnability: learner loss - reference loss; hard_learner:
+    # the learner's loss; easy_reference: minus the reference's loss
     score: Literal["learnability", "hard_learner", "easy_reference"] = "learnability"
     joint: bool = True  # False: independent per-example selection (RHO-LOSS style)
     filter_ratio: float = 0.8  # f: share of each super-batch that is dropped, in [0, 1)

@@ -30,11 +30,11 @@ class TextTowerOptions(MethodOptions):
     """Options of methods with a text tower: image and text embeddings meet in ``proj_dim``,
     compared with a learned logit scale (docs/methods.md sections 2, 4)."""
 
-    proj_dim: int = 128
+    proj_dim: int = 128  # width of the shared image-text embedding space
     text_model: str = "fashion-text"  # a built-in text tower, or a folder saved by save_pretrained
     text_width: int = 256  # built-in tower: transformer width, layers, heads (width % heads == 0)
-    text_layers: int = 3
-    text_heads: int = 4
+    text_layers: int = 3  # built-in tower: transformer layers
+    text_heads: int = 4  # built-in tower: attention heads
     text_context: int = 32  # tokens per text, special tokens included (longer texts are cut)
     clip_init_temperature: float = 0.07  # the logit scale starts at 1 / this (CLIP: 0.07)
     clip_max_logit_scale: float = 100.0  # the learned logit scale is clamped here (CLIP: 100)

@@ -48,9 +48,11 @@ METHODS: MethodRegistry = MethodRegistry("method")
 class ContrastiveOptions(MethodOptions):
     """Options of methods with a contrastive projection head."""
 
-    temperature: float = 0.2
+    temperature: float = 0.2  # softmax temperature of the contrastive loss (cosine similarities)
     proj_layers: int = 2  # projection MLP depth (1 = linear)
-    proj_hidden_dim: int = 1024
+    proj_hidden_dim: int = 1024  # hidden width of the projection MLP (BN + ReLU layers)
+    # output width of the projection head, the embedding the loss compares (StableRep++: also
+    # the width of the shared image-text space)
     proj_dim: int = 128
 
     rules = {"temperature": "> 0", "proj_layers": ">= 1", "proj_hidden_dim": ">= 1",

@@ -167,14 +167,15 @@ class MixedAEOptions(MAEDecoderOptions):
     """``method.mixedae``: mix groups of 1/ratio images patch-wise instead of masking (Chen et
     al. 2023), with MAE's decoder and a homologous contrastive MLP head."""
 
-    ratio: float = 0.25  # share r of a mixed image's patches from each source: 1/r images per
-    #   group, 1/r an integer >= 2, r * (patches per image) an integer >= 2, and the batch
-    #   (per rank) divisible by 1/r
+    # share r of a mixed image's patches from each source: 1/r images per group, 1/r an
+    # integer >= 2, r * (patches per image) an integer >= 2, and the batch (per rank)
+    # divisible by 1/r
+    ratio: float = 0.25
     contrastive_weight: float = 0.1  # weight of the homologous contrastive term; 0 = off
     temperature: float = 0.2  # InfoNCE temperature of the homologous contrastive term
     homologous: bool = True  # top-K homologous attention in pretraining; False = ordinary
     proj_hidden_dim: int = 1024  # the contrastive MLP head
-    proj_dim: int = 128
+    proj_dim: int = 128  # output width of the contrastive MLP head
 
     rules = {"ratio": "in (0, 0.5]", "contrastive_weight": ">= 0", "temperature": "> 0",
              "proj_hidden_dim": ">= 1", "proj_dim": ">= 1"}

@@ -24,8 +24,8 @@ class SimCLROptions(ContrastiveOptions):
     """``method.simclr``: the projection head and temperature, and optional multi-crop."""
 
     local_crops: int = 0  # multi-crop: extra small views per image (all positives)
-    local_size: int = 14
-    local_scale: tuple[float, float] = (0.1, 0.4)
+    local_size: int = 14  # side in pixels of each local crop
+    local_scale: tuple[float, float] = (0.1, 0.4)  # local crops' area range, share of image
 
     rules = {"local_crops": ">= 0", "local_size": ">= 1", "local_scale": "pair in (0, 1]"}
 

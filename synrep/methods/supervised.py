@@ -20,8 +20,8 @@ from synrep.models import Encoder
 class SupervisedOptions(MethodOptions):
     """``method.supervised``: the classifier over the data's labels."""
 
-    num_classes: int = 10
-    label_smoothing: float = 0.0
+    num_classes: int = 10  # outputs of the linear classifier (labels must be below it)
+    label_smoothing: float = 0.0  # label smoothing of the cross-entropy; 0 = none
 
     rules = {"num_classes": ">= 1", "label_smoothing": "in [0, 1)"}
 

@@ -47,23 +47,23 @@ class SynCLROptions(GroupOptions):
     multi-crop queries, iBOT masked modelling; and Flexi-JEST's mixed resolution."""
 
     local_crops: int = 0  # multi-crop: extra small views per image (all positives)
-    local_size: int = 14
-    local_scale: tuple[float, float] = (0.1, 0.4)
+    local_size: int = 14  # side in pixels of each local crop
+    local_scale: tuple[float, float] = (0.1, 0.4)  # local crops' area range, share of image
     global_crops: int = 1  # global views per image (queries and keys)
     teacher: bool = True  # keys from an EMA teacher; False = keys are the student's own features
     ema_momentum: float = 0.994  # teacher momentum at step 0, cosine-annealed to ema_momentum_end
-    ema_momentum_end: float = 1.0
+    ema_momentum_end: float = 1.0  # teacher momentum at the last step
     contrastive_weight: float = 1.0  # multi-positive contrastive term; 0 removes it
     ibot_weight: float = 1.0  # iBOT masked-token term; 0 removes it (and the iBOT head)
     ibot_prototypes: int = 1024  # prototypes of the iBOT head (the paper: 65,536)
-    ibot_hidden_dim: int = 512
-    ibot_bottleneck_dim: int = 128
+    ibot_hidden_dim: int = 512  # hidden width of the iBOT head's MLP
+    ibot_bottleneck_dim: int = 128  # L2-normalised width compared with the prototypes
     ibot_mask: Literal["block", "random"] = "block"  # block-wise (BEiT) or uniformly random
     ibot_mask_prob: float = 0.5  # share of global crops that are masked
     ibot_mask_ratio: tuple[float, float] = (0.1, 0.5)  # share of tokens masked, uniform per crop
-    ibot_student_temp: float = 0.1
+    ibot_student_temp: float = 0.1  # softmax temperature of the student's prototype scores
     ibot_teacher_temp: float = 0.07  # teacher temperature after warm-up
-    ibot_teacher_temp_start: float = 0.04
+    ibot_teacher_temp_start: float = 0.04  # teacher temperature at step 0, where the warm-up starts
     ibot_teacher_temp_warmup: int = 0  # steps of linear teacher-temperature warm-up
     sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations for the teacher's token targets
     # Flexi-JEST's mixed-resolution training (docs/methods.md section 5): this share of each
@@ -71,7 +71,7 @@ class SynCLROptions(GroupOptions):
     # antialiased), so the learner also knows the low resolution it scores at
     # (selection.score_size) and steps cost less.
     low_res_share: float = 0.0  # in [0, 1); 0 trains every group at aug.size
-    low_res_size: int = 14
+    low_res_size: int = 14  # side of the low-res groups' crops: a patch multiple below aug.size
 
     rules = {"local_crops": ">= 0", "local_size": ">= 1", "local_scale": "pair in (0, 1]",
              "global_crops": ">= 1", "ema_momentum": "in [0, 1]", "ema_momentum_end": "in [0, 1]",
