@@ -75,6 +75,10 @@ class ModelConfig:
     in_chans: int = 1  # image channels the encoder takes: 1 = grayscale, 3 = RGB
     img_size: int = 28  # input side in pixels the backbone is built for (eval.image_size's default)
     drop_path: float = 0.0  # stochastic depth rate of the backbone's blocks; 0 = off
+    # share of a ViT's patch tokens dropped at random from every training image (FLIP's token
+    # masking, Li et al. 2023): the blocks see fewer tokens, so a step costs about (1 - x) of
+    # the compute; evaluation always sees every token. 0 = off
+    patch_drop: float = 0.0
     global_pool: Literal["token", "avg"] = "token"  # ViT feature used by training objectives
     mean: float = 0.5  # input normalisation applied inside the encoder to [0, 1] pixels
     std: float = 0.5  # with mean: the encoder sees (x - mean) / std
@@ -737,6 +741,7 @@ RULES: dict[str, str] = {
     "data.max_captions": ">= 1", "data.max_images_per_caption": ">= 1",
     "data.image_size": ">= 1",
     "model.in_chans": ">= 1", "model.img_size": ">= 1", "model.drop_path": "in [0, 1)",
+    "model.patch_drop": "in [0, 1)",
     "model.std": "> 0",
     "aug.size": ">= 1", "aug.scale": "pair in (0, 1]", "aug.ratio": "pair > 0",
     "aug.hflip": "in [0, 1]", "aug.jitter_p": "in [0, 1]", "aug.brightness": ">= 0",

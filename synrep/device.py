@@ -33,6 +33,10 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
+        # PyTorch's kernels run at most at the instruction set ATEN_CPU_CAPABILITY allows (set to
+        # avx2 to run as an AVX2-only CPU would): below AVX512, bf16 is emulated whatever the chip
+        if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+            return False
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return False
 

@@ -162,3 +162,39 @@ def test_masked_autoencoders_refuse_a_convolutional_stem():
     cfg.model.backbone = "vit_tiny_c7_28"
     with pytest.raises(ConfigError, match="across patch borders"):
         build_method(cfg)
+
+
+def test_patch_drop_keeps_a_random_share_of_tokens_in_training_only():
+    """model.patch_drop: in training each image keeps 1 - x of its patch tokens (and its CLS
+    token), a different subset per image and per seed; in evaluation every token; the step's
+    FLOPs fall with the tokens; a non-ViT backbone is refused."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from synrep.config import ModelConfig
+
+    torch.manual_seed(0)
+    enc = build_encoder(ModelConfig(patch_drop=0.5))
+    x = torch.rand(8, 1, 28, 28)
+    enc.train()
+    torch.manual_seed(1)
+    a = enc.tokens(x)
+    torch.manual_seed(1)
+    b = enc.tokens(x)
+    torch.manual_seed(2)
+    c = enc.tokens(x)
+    assert a.shape == (8, 1 + 8, 192)  # 16 patches, half kept
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    enc.eval()
+    assert enc.tokens(x).shape == (8, 17, 192)
+
+    def flops(model_cfg: ModelConfig) -> int:
+        torch.manual_seed(0)
+        e = build_encoder(model_cfg).train()
+        with FlopCounterMode(display=False) as fc:
+            e(x).sum().backward()
+        return fc.get_total_flops()
+
+    ratio = flops(ModelConfig(patch_drop=0.5)) / flops(ModelConfig())
+    assert 0.45 < ratio < 0.6, ratio
+    with pytest.raises(ConfigError, match="is not a ViT"):
+        build_encoder(ModelConfig(backbone="resnet18_28", patch_drop=0.5))

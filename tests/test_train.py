@@ -299,12 +299,16 @@ def test_explicit_and_fused_attention_compute_the_same():
     torch.testing.assert_close(grads["explicit"], grads["fused"], rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize(("avx512_bf16", "amx", "expected"), [
-    (True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")])
+@pytest.mark.parametrize(("avx512_bf16", "amx", "kernels", "expected"), [
+    (True, False, "AVX512", "bf16"), (False, True, "AVX512", "bf16"),
+    (False, False, "AVX512", "fp32"),
+    (True, True, "AVX2", "fp32"),  # ATEN_CPU_CAPABILITY=avx2: runs as an AVX2-only CPU
+    (True, True, "DEFAULT", "fp32")])
 def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(
-        monkeypatch, avx512_bf16, amx, expected):
+        monkeypatch, avx512_bf16, amx, kernels, expected):
     from synrep.device import resolve_precision
 
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: kernels)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     cpu = torch.device("cpu")

@@ -33,7 +33,7 @@ from synrep.eval.knn import knn_classify
 from synrep.eval.linear import lbfgs_probe, pool_columns, sgd_probe_grid
 from synrep.eval.pca import pca_maps, save_pca_figure
 from synrep.eval.zeroshot import FASHION_TEMPLATES, class_embeddings, zero_shot_classify
-from synrep.factory import load_encoder, load_external_encoder, load_method
+from synrep.factory import checkpoint_config, load_encoder, load_external_encoder, load_method
 from synrep.layout import layout
 from synrep.methods import METHODS
 from synrep.models import Encoder
@@ -127,6 +127,24 @@ def _load_text_model(checkpoint: str | Path, device: torch.device) -> Any | None
         return None
     method, _ = load_method(checkpoint, device)
     return method if method.has_text_tower else None
+
+
+def _trained_with(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
+    """How the evaluated checkpoint was trained, for results.json: the recipe's compute settings
+    from its config, and the precision and kernels the trainer ran with (RUN/train/env.json)."""
+    ck_cfg = checkpoint_config(Checkpoint(checkpoint))
+    out: dict[str, Any] = {"method": ck_cfg.method.name, "backbone": ck_cfg.model.backbone,
+                           "steps": ck_cfg.train.steps, "batch_size": ck_cfg.train.batch_size,
+                           "patch_drop": ck_cfg.model.patch_drop}
+    env = layout(cfg).train_env
+    if env.is_file() and Path(checkpoint).resolve().parent.parent == env.parent.resolve():
+        try:
+            data = json.loads(env.read_text())
+        except ValueError:
+            data = {}
+        out.update({k: data[k] for k in ("precision", "attention", "kernels", "device")
+                    if k in data})
+    return out
 
 
 def _weights_file(ecfg: EvalConfig, checkpoint: str | Path) -> Path:
@@ -294,6 +312,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     res["checkpoint"] = str(checkpoint)
     if not ecfg.model:  # which training step was evaluated: an extended run is evaluated again
         res["checkpoint_step"] = Checkpoint(checkpoint).step
+        res["trained_with"] = _trained_with(cfg, checkpoint)
     res["protocol"] = {"pool": ecfg.pool, "n_last_blocks": ecfg.n_last_blocks,
                        "weights": ecfg.weights}
     res["timings"] = timings

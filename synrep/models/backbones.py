@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import timm
 import torch
-from timm.layers import HybridEmbed
+from timm.layers import HybridEmbed, PatchDropout
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -255,4 +255,11 @@ def build_encoder(cfg) -> Encoder:
     """Build the encoder described by a :class:`synrep.config.ModelConfig`."""
     backbone = build_backbone(cfg.backbone, cfg.in_chans, cfg.img_size, cfg.drop_path,
                               cfg.global_pool)
+    if cfg.patch_drop > 0:
+        if not isinstance(getattr(backbone, "patch_drop", None), (nn.Identity, PatchDropout)):
+            raise ConfigError(f"model.patch_drop={cfg.patch_drop} drops ViT patch tokens; "
+                              f"{cfg.backbone!r} is not a ViT: set model.patch_drop=0")
+        # timm's own token dropout, active in training mode only (prefix tokens are kept)
+        backbone.patch_drop = PatchDropout(cfg.patch_drop,
+                                           num_prefix_tokens=backbone.num_prefix_tokens)
     return Encoder(backbone, cfg.mean, cfg.std)

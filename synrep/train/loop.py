@@ -237,7 +237,7 @@ def train(cfg: Config) -> Path:
     if is_main:
         write_json_atomic(paths.train_env, {
             "precision": precision, "precision_config": cfg.train.precision,
-            "attention": attention,
+            "attention": attention, "kernels": torch.backends.cpu.get_cpu_capability(),
             "device": str(device), "threads": torch.get_num_threads(),
             "world_size": dist.world_size(), "torch": torch.__version__})
 
