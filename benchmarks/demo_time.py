@@ -150,7 +150,7 @@ def part_demo(setting: str, run_root: Path) -> dict:
     return {"wall_minutes": wall / 60, "linear_top1": res["linear_probe_top1"],
             "knn_top1": res.get("knn_top1"), "sgd_top1": res.get("sgd_probe_top1"),
             "train_seconds": summary["seconds"], "train_images_per_s": summary["samples_per_s"],
-            "precision": env["precision"], "recipe": env.get("recipe"),
+            "precision": env["precision"], "trained_with": res.get("trained_with"),
             "eval_timings": res.get("timings")}
 
 
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{setting}] demo: {d['wall_minutes']:.1f} min (target <= "
                   f"{TARGETS['demo_minutes']:.0f}), linear {d['linear_top1']:.2f} % (target >= "
                   f"{TARGETS['linear_top1']}), {d['precision']}, training {d['train_seconds']:.0f}"
-                  f" s at {d['train_images_per_s']:.0f} images/s, recipe {d['recipe']}")
+                  f" s at {d['train_images_per_s']:.0f} images/s, trained with {d['trained_with']}")
             if d["wall_minutes"] > TARGETS["demo_minutes"]:
                 fails.append(f"{setting} demo {d['wall_minutes']:.1f} min")
             if d["linear_top1"] < TARGETS["linear_top1"]:

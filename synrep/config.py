@@ -79,6 +79,9 @@ class ModelConfig:
     # masking, Li et al. 2023): the blocks see fewer tokens, so a step costs about (1 - x) of
     # the compute; evaluation always sees every token. 0 = off
     patch_drop: float = 0.0
+    # the last n training steps see every token (FLIP's unmasked tuning): the encoder meets the
+    # full token sequence evaluation gives it before training ends
+    patch_drop_unmasked_steps: int = 0
     global_pool: Literal["token", "avg"] = "token"  # ViT feature used by training objectives
     mean: float = 0.5  # input normalisation applied inside the encoder to [0, 1] pixels
     std: float = 0.5  # with mean: the encoder sees (x - mean) / std
@@ -741,7 +744,7 @@ RULES: dict[str, str] = {
     "data.max_captions": ">= 1", "data.max_images_per_caption": ">= 1",
     "data.image_size": ">= 1",
     "model.in_chans": ">= 1", "model.img_size": ">= 1", "model.drop_path": "in [0, 1)",
-    "model.patch_drop": "in [0, 1)",
+    "model.patch_drop": "in [0, 1)", "model.patch_drop_unmasked_steps": ">= 0",
     "model.std": "> 0",
     "aug.size": ">= 1", "aug.scale": "pair in (0, 1]", "aug.ratio": "pair > 0",
     "aug.hflip": "in [0, 1]", "aug.jitter_p": "in [0, 1]", "aug.brightness": ">= 0",

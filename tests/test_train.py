@@ -315,3 +315,37 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(
     assert resolve_precision("auto", cpu) == expected
     for explicit in ("fp32", "bf16", "fp16"):  # an explicit choice is never overridden
         assert resolve_precision(explicit, cpu) == explicit
+
+
+@needs_fashion
+def test_patch_drop_masks_every_step_but_the_unmasked_tail(tmp_path, monkeypatch):
+    """model.patch_drop=0.5 with patch_drop_unmasked_steps=2 over 6 steps: the encoder keeps half
+    its patch tokens in steps 1-4 and every token in steps 5-6 (FLIP's unmasked tuning); a
+    killed and resumed run ends with the same weights."""
+    from timm.layers import PatchDropout
+
+    from synrep.train.loop import train
+
+    seen: list[float] = []
+    forward = PatchDropout.forward
+
+    def record(self, x):
+        if self.training:
+            seen.append(self.prob)
+        return forward(self, x)
+
+    monkeypatch.setattr(PatchDropout, "forward", record)
+    over = [*TINY, "model.patch_drop=0.5", "model.patch_drop_unmasked_steps=2",
+            f"run.dir={tmp_path / 'a'}"]
+    train(load_config(ROOT / CONFIG, over))
+    per_step = len(seen) // 6  # SimCLR encodes its views in one or more calls per step
+    assert per_step >= 1 and len(seen) == 6 * per_step
+    assert seen == [0.5] * (4 * per_step) + [0.0] * (2 * per_step)
+
+    b_args = ("train", CONFIG, *over[:-1], f"run.dir={tmp_path / 'b'}")
+    killed = _synrep(*b_args, env={"SYNREP_DEBUG_KILL_AT_STEP": "5"})
+    assert killed.returncode == -9
+    assert _synrep(*b_args).returncode == 0
+    fa = Checkpoint(tmp_path / "a/train/checkpoints/final.safetensors").model_state
+    fb = Checkpoint(tmp_path / "b/train/checkpoints/final.safetensors").model_state
+    assert all(torch.equal(v, fb[k]) for k, v in fa.items())

@@ -246,6 +246,9 @@ def train(cfg: Config) -> Path:
     if is_main:
         tracker = open_tracker(cfg, "train", purge_step=start)
         _cut_metrics(metrics_path, start)
+    drop = getattr(method.encoder.backbone, "patch_drop", None) \
+        if cfg.model.patch_drop > 0 else None
+    unmasked_from = cfg.train.steps - cfg.model.patch_drop_unmasked_steps
     kill_at = int(os.environ.get("SYNREP_DEBUG_KILL_AT_STEP", "-1"))  # for the resume test
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", disable=not is_main,
                dynamic_ncols=True)
@@ -266,6 +269,8 @@ def train(cfg: Config) -> Path:
         for step, host_batch in zip(range(start, cfg.train.steps), batches):
             lr, _ = set_schedule(optimizer, cfg, step)
             method.set_step(step)
+            if drop is not None:  # FLIP's unmasked tuning: the last steps see every token
+                drop.prob = 0.0 if step >= unmasked_from else cfg.model.patch_drop
             seed = step_seed(cfg.run.seed, step, dist.rank())
             torch.manual_seed(seed)  # dropout / drop-path
             g = torch.Generator(device=device).manual_seed(seed)
