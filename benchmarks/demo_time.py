@@ -157,14 +157,16 @@ def part_demo(setting: str, run_root: Path) -> dict:
 def part_test(setting: str) -> dict:
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "--durations=10"], cwd=ROOT, env=_env(setting), capture_output=True,
-                          text=True, timeout=7200)
+                           "--durations=10", "-rf"], cwd=ROOT, env=_env(setting),
+                          capture_output=True, text=True, timeout=7200)
     wall = time.perf_counter() - t
     out = proc.stdout
     durations = [(float(m.group(1)), m.group(3)) for m in
                  re.finditer(r"^([0-9.]+)s (call|setup|teardown)\s+(\S+)$", out, re.M)]
     summary = next((x for x in reversed(out.splitlines()) if " in " in x and "passed" in x), "")
+    failed = [x.split()[1] for x in out.splitlines() if x.startswith("FAILED ")]
     return {"wall_minutes": wall / 60, "passed": proc.returncode == 0, "summary": summary,
+            "failed": failed,
             "slowest": [{"seconds": s, "test": name} for s, name in durations]}
 
 
@@ -218,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"(target <= {TARGETS['slowest_test_s']:.0f})")
             for x in t["slowest"]:
                 print(f"    {x['seconds']:7.1f} s  {x['test']}")
+            for name in t["failed"]:
+                print(f"    FAILED {name}")
             if not t["passed"]:
                 fails.append(f"{setting} tests failed")
             if t["wall_minutes"] > TARGETS["test_minutes"]:

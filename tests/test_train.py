@@ -279,7 +279,7 @@ def test_explicit_and_fused_attention_compute_the_same():
     from synrep.device import choose_attention
     from synrep.models import build_encoder
 
-    cfg = load_config("configs/quickstart.yaml")
+    cfg = load_config("configs/quickstart.yaml", ["model.patch_drop=0"])  # the same tokens
     torch.manual_seed(0)
     enc = build_encoder(cfg.model).double()  # float64: the two paths agree to rounding
     x = torch.rand(6, 1, 28, 28, dtype=torch.float64)
@@ -335,14 +335,15 @@ def test_patch_drop_masks_every_step_but_the_unmasked_tail(tmp_path, monkeypatch
         return forward(self, x)
 
     monkeypatch.setattr(PatchDropout, "forward", record)
-    over = [*TINY, "model.patch_drop=0.5", "model.patch_drop_unmasked_steps=2",
-            f"run.dir={tmp_path / 'a'}"]
-    train(load_config(ROOT / CONFIG, over))
+    over = [*TINY, "model.patch_drop=0.5", "model.patch_drop_unmasked_steps=2"]
+    train(load_config(ROOT / CONFIG, [*over, f"run.dir={tmp_path / 'inproc'}"]))
     per_step = len(seen) // 6  # SimCLR encodes its views in one or more calls per step
     assert per_step >= 1 and len(seen) == 6 * per_step
     assert seen == [0.5] * (4 * per_step) + [0.0] * (2 * per_step)
 
-    b_args = ("train", CONFIG, *over[:-1], f"run.dir={tmp_path / 'b'}")
+    # uninterrupted against killed after step 5 and resumed, both as the CLI runs them
+    assert _synrep("train", CONFIG, *over, f"run.dir={tmp_path / 'a'}").returncode == 0
+    b_args = ("train", CONFIG, *over, f"run.dir={tmp_path / 'b'}")
     killed = _synrep(*b_args, env={"SYNREP_DEBUG_KILL_AT_STEP": "5"})
     assert killed.returncode == -9
     assert _synrep(*b_args).returncode == 0
