@@ -36,10 +36,11 @@ def shards(tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_paper_recipe_takes_two_steps_at_full_size(recipe, shards, tmp_path):
-    # ViT-L/14 takes one caption a step, 2 of its 4 images with their local crops, to stay
+    # ViT-L/14 takes one caption a step, 2 of its 4 images with 2 local crops each, to stay
     # within 2 minutes a test on a 2-core CPU; the ViT-B recipes take 2 captions in 2
     # accumulated micro-batches
-    batch = ["train.batch_size=1", "method.synclr.images_per_caption=2"] \
+    batch = ["train.batch_size=1", "method.synclr.images_per_caption=2",
+             "method.synclr.local_crops=2"] \
         if recipe == "synclr_vitl14" else ["train.batch_size=2", "train.accum_steps=2"]
     cfg = load_config(ROOT / f"configs/{recipe}.yaml", [
         f"run.dir={tmp_path / 'run'}", f"data.shards={shards}", "run.device=cpu",
