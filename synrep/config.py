@@ -239,7 +239,7 @@ class MethodConfig:
                         f"method.name={key}")
                 raise ConfigError(f"unknown config key 'method.{key}' in {source}; the method "
                                   f"section holds 'name' and the options of method.{self.name}")
-            _deep_update(self._raw.setdefault(key, {}), value)
+            deep_update(self._raw.setdefault(key, {}), value)
             self._sources[key] = source
             self._options = None  # rebuilt from the updated section on next use
         # Check the section now, while the source is known (once the methods are registered,
@@ -282,10 +282,11 @@ def _owners(option: str) -> list[str]:
             if option in {f.name for f in dataclasses.fields(METHOD_OPTIONS.get(n))}]
 
 
-def _deep_update(into: dict[str, Any], updates: dict[str, Any]) -> None:
+def deep_update(into: dict[str, Any], updates: dict[str, Any]) -> None:
+    """Merge nested ``updates`` into ``into`` in place (mappings merge, other values replace)."""
     for k, v in updates.items():
         if isinstance(v, dict) and isinstance(into.get(k), dict):
-            _deep_update(into[k], v)
+            deep_update(into[k], v)
         else:
             into[k] = v
 

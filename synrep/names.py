@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from synrep.config import parse_overrides, resolve_config_path
+from synrep.config import deep_update, parse_overrides, resolve_config_path
 from synrep.errors import ConfigError
 
 METHODS = ("clip", "mae", "mixedae", "moce", "simclr", "stablerep", "stablerep_pp", "supervised",
@@ -47,15 +47,6 @@ def _get(raw: dict[str, Any], key: str) -> Any:
             return None
         node = node[part]
     return node
-
-
-def _merged(into: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
-    for k, v in updates.items():
-        if isinstance(v, dict) and isinstance(into.get(k), dict):
-            _merged(into[k], v)
-        else:
-            into[k] = v
-    return into
 
 
 def check_names(raw: dict[str, Any]) -> None:
@@ -114,4 +105,5 @@ def prescreen(path: str | None, overrides: list[str]) -> None:
         updates = parse_overrides(overrides)
     except (ConfigError, OSError, yaml.YAMLError, UnicodeDecodeError):
         return
-    check_names(_merged(raw, updates))
+    deep_update(raw, updates)
+    check_names(raw)
