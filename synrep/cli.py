@@ -204,6 +204,11 @@ def _main(argv: list[str] | None) -> int:
                       "CLIPTextModelWithProjection) and image_projection.safetensors")
             elif config["text_tower"]:
                 print(f"text tower: {config['text_tower']}")
+            if config["open_clip"] == "open_clip":
+                print(f"open_clip: open_clip.create_model_and_transforms('local-dir:"
+                      f"{Path(args.out) / 'open_clip'}')")
+            elif config["open_clip"]:
+                print(f"open_clip: {config['open_clip']}")
             return 0
         if args.command == "report":
             _cmd_report(args)

@@ -334,10 +334,12 @@ class EvalConfig:
     pool: Literal["cls", "avg", "cls+avg"] = "cls+avg"  # ViT probe features (CNNs: pooled)
     n_last_blocks: int = 1  # concatenate features of the last n blocks (DINOv2 linear eval)
     # a synrep checkpoint: teacher (the EMA teacher's encoder when there is one) or student;
-    # eval.model=timm:<name>: the weights file (safetensors or a PyTorch state dict)
+    # eval.model=timm:<name> or open_clip:<name>: the weights file (safetensors or a state dict)
     weights: str = "teacher"
-    # "" = this run's checkpoint; timm:<name> (with eval.weights=FILE) or local-dir:<folder>
-    # (a timm model folder, e.g. written by `synrep export`): any image model, same protocols
+    # "" = this run's checkpoint; timm:<name> (with eval.weights=FILE), local-dir:<folder> (a
+    # timm model folder, e.g. written by `synrep export`), open_clip:<name> (with
+    # eval.weights=FILE) or open_clip:local-dir:<folder> (zero-shot too): same protocols, each
+    # at the model's own input size and normalisation
     model: str = ""
     # linear: L-BFGS logistic regression, C (inverse L2 strength) chosen on val_fraction
     linear_cs: list[float] = field(default_factory=lambda: [10.0**e for e in range(-3, 4)])

@@ -31,6 +31,20 @@ Zero-shot, with timm and transformers only::
     img = model(images) @ load_file("exported/image_projection.safetensors")["weight"].T
 
 equal (1e-5, checked at export) to the checkpoint's ``encode_text`` and ``encode_image``.
+
+When open_clip is installed, such a checkpoint also gets ``exported/open_clip/``: the whole CLIP
+model in open_clip's folder format (``open_clip_config.json``, ``open_clip_model.safetensors`` and
+the tokenizer), so that::
+
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:exported/open_clip")
+    tokenizer = open_clip.get_tokenizer("local-dir:exported/open_clip")
+
+gives the same embeddings (1e-5, checked at export). open_clip builds the image tower with timm: a
+plain timm model by name, or, for a backbone with its own sizes, from the timm folder
+``exported/open_clip/image`` named by its absolute path in ``open_clip_config.json`` (after moving
+the folder, export again or edit ``vision_cfg.timm_model_name``). A 1-channel encoder is exported
+for RGB input (its first layer's weights split evenly over 3 channels), so open_clip's own
+preprocessing, which converts every image to RGB, gives the same features for grayscale images.
 """
 
 from __future__ import annotations
@@ -108,21 +122,152 @@ def export_encoder(checkpoint: str | Path, out: str | Path,
         save_file(state, str(tmp / "model.safetensors"),
                   metadata={"format": "pt", "exported_by": "synrep"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        oc_note = ""
         if text is not None:
             model_hf, tokenizer, projection = text
             model_hf.save_pretrained(str(tmp / "text"))
             tokenizer.save_pretrained(str(tmp / "text"))
             save_file(projection, str(tmp / "image_projection.safetensors"),
                       metadata={"format": "pt", "exported_by": "synrep"})
+            oc_note = _open_clip_export(checkpoint, cfg, config, state, model_hf, tokenizer,
+                                        tmp, out)
         (tmp / "README.md").write_text(model_card(checkpoint, cfg, arch, config, weights,
-                                                  text=text is not None, text_skipped=why_not))
+                                                  text=text is not None, text_skipped=why_not,
+                                                  open_clip_note=oc_note))
         if out.exists():
             out.rmdir()  # empty: checked above
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {**config, "text_tower": "text" if text is not None else why_not or None}
+    return {**config, "text_tower": "text" if text is not None else why_not or None,
+            "open_clip": "open_clip" if text is not None and not oc_note else oc_note or None}
+
+
+#: Activations of transformers' CLIP text tower that open_clip's text transformer has.
+_OPEN_CLIP_ACTS = {"quick_gelu": True, "gelu": False}
+
+
+def _open_clip_export(checkpoint: str | Path, cfg: Any, config: dict[str, Any],
+                      image_state: dict[str, torch.Tensor], text_model: Any, tokenizer: Any,
+                      tmp: Path, out: Path) -> str:
+    """Write ``tmp/open_clip/`` (open_clip's folder format) and return "", or return why not.
+
+    The folder is written only when open_clip, building the model from it, reproduces the
+    checkpoint's ``encode_image`` and ``encode_text`` to :data:`TOLERANCE`.
+    """
+    try:
+        import open_clip
+    except ImportError:
+        return "open_clip is not installed (pip install open_clip_torch), so no open_clip folder"
+    tc = text_model.config
+    if tc.hidden_act not in _OPEN_CLIP_ACTS:
+        return (f"the text tower's activation {tc.hidden_act!r} has no open_clip equivalent, "
+                "so no open_clip folder")
+    method, _ = load_method(checkpoint, "cpu")
+    c, size = cfg.model.in_chans, cfg.model.img_size
+    context = int(tokenizer.model_max_length)  # the tower's context: texts are cut there
+    arch, model_args = config["architecture"], dict(config["model_args"])
+    state = dict(image_state)
+    if c == 1:  # open_clip's preprocessing gives RGB: split the first layer over 3 channels
+        first = timm.create_model(arch, pretrained=False, num_classes=0,
+                                  **model_args).pretrained_cfg.get("first_conv", "")
+        key = f"{first}.weight"
+        if key not in state or state[key].shape[1] != 1:
+            return "the encoder's first layer takes no 1-channel input, so no open_clip folder"
+        state[key] = state[key].repeat(1, 3, 1, 1) / 3
+        model_args["in_chans"] = 3
+    folder = tmp / "open_clip"
+    image_dir = folder / "image"
+    image_dir.mkdir(parents=True)
+    timm_config = json.loads(json.dumps(config))
+    timm_config["model_args"] = model_args
+    timm_config["pretrained_cfg"].update(input_size=[3, size, size],
+                                         mean=[float(cfg.model.mean)] * 3,
+                                         std=[float(cfg.model.std)] * 3)
+    (image_dir / "config.json").write_text(json.dumps(timm_config, indent=2) + "\n")
+    # A timm model by name when its defaults are this encoder's, else this folder's image/.
+    plain = {k: v for k, v in model_args.items() if not (k == "in_chans" and v == 3)}
+    vision = {"image_size": size, "timm_model_pretrained": False, "timm_pool": "",
+              "timm_proj": "linear", "timm_proj_bias": False}
+    model_cfg = {
+        "embed_dim": int(text_model.config.projection_dim),
+        "quick_gelu": _OPEN_CLIP_ACTS[tc.hidden_act],
+        "vision_cfg": {**vision, "timm_model_name": arch if not plain
+                       else f"local-dir:{image_dir}"},
+        "text_cfg": {
+            "context_length": context, "vocab_size": int(tc.vocab_size),
+            "width": int(tc.hidden_size), "heads": int(tc.num_attention_heads),
+            "layers": int(tc.num_hidden_layers),
+            "mlp_ratio": tc.intermediate_size / tc.hidden_size,
+            # transformers pools at the first end-of-text token, or at the largest id for the
+            # original CLIP vocabulary (eos_token_id 2)
+            "pool_type": "argmax" if tc.eos_token_id == 2 else "eos",
+            "eos_id": int(tc.eos_token_id), "pad_id": int(tokenizer.pad_token_id),
+            "hf_tokenizer_name": str(out.resolve() / "open_clip"),
+        },
+    }
+    preprocess = {"size": size, "mean": [float(cfg.model.mean)] * 3,
+                  "std": [float(cfg.model.std)] * 3, "interpolation": "bicubic",
+                  "resize_mode": "shortest"}
+    model = open_clip.CLIP(**model_cfg).eval()
+    oc_state = _open_clip_state(state, text_model, method, context)
+    model.load_state_dict(oc_state, strict=True)
+    # compare with the checkpoint on grayscale-as-RGB images and a few texts
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, c, size, size, generator=g)
+    texts = ["a dark coat", "a sandal on a bench next to a chair at dusk", "a bag"]
+    ids = tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt",
+                    max_length=context).input_ids
+    rgb = x.expand(-1, 3, -1, -1) if c == 1 else x
+    with torch.inference_mode():
+        img = model.encode_image((rgb - cfg.model.mean) / cfg.model.std)
+        txt = model.encode_text(ids)
+        diff = max(float((img - method.encode_image(x)).abs().max()),
+                   float((txt - method.encode_text(texts)).abs().max()))
+    if diff > TOLERANCE:
+        raise ConfigError(f"open_clip's CLIP rebuilt from the export differs from the checkpoint "
+                          f"by {diff:.2e} (> {TOLERANCE}); export with open_clip uninstalled to "
+                          "skip its folder")
+    if plain:  # the final folder's path, written once the check passed
+        final = out.resolve() / "open_clip" / "image"
+        model_cfg["vision_cfg"]["timm_model_name"] = f"local-dir:{final}"
+    else:
+        (image_dir / "config.json").unlink()
+        image_dir.rmdir()
+    (folder / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in oc_state.items()},
+              str(folder / "open_clip_model.safetensors"),
+              metadata={"format": "pt", "exported_by": "synrep"})
+    tokenizer.save_pretrained(str(folder))
+    return ""
+
+
+def _open_clip_state(image_state: dict[str, torch.Tensor], text_model: Any,
+                     method: Any, context: int) -> dict[str, torch.Tensor]:
+    """open_clip's CLIP state dict: ``visual.trunk`` (timm) + ``visual.head.proj``, and the
+    text transformer renamed from transformers' layout (q, k, v stacked into ``in_proj``)."""
+    t = {k.removeprefix("text_model."): v.detach() for k, v in text_model.state_dict().items()}
+    out = {f"visual.trunk.{k}": v for k, v in image_state.items()}
+    out["visual.head.proj.weight"] = method.image_proj.weight.detach()
+    out["token_embedding.weight"] = t["embeddings.token_embedding.weight"]
+    out["positional_embedding"] = t["embeddings.position_embedding.weight"][:context]
+    for i in range(text_model.config.num_hidden_layers):
+        src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(
+                [t[f"{src}self_attn.{n}_proj.{kind}"] for n in ("q", "k", "v")])
+            out[f"{dst}attn.out_proj.{kind}"] = t[f"{src}self_attn.out_proj.{kind}"]
+            out[f"{dst}ln_1.{kind}"] = t[f"{src}layer_norm1.{kind}"]
+            out[f"{dst}ln_2.{kind}"] = t[f"{src}layer_norm2.{kind}"]
+            out[f"{dst}mlp.c_fc.{kind}"] = t[f"{src}mlp.fc1.{kind}"]
+            out[f"{dst}mlp.c_proj.{kind}"] = t[f"{src}mlp.fc2.{kind}"]
+    out["ln_final.weight"] = t["final_layer_norm.weight"]
+    out["ln_final.bias"] = t["final_layer_norm.bias"]
+    out["text_projection"] = text_model.text_projection.weight.detach().T
+    out["logit_scale"] = method.logit_scale.detach().reshape(())
+    return {k: v.clone() for k, v in out.items()}
 
 
 def _has_text_tower(checkpoint: str | Path) -> bool:
@@ -182,7 +327,8 @@ def _results_of(checkpoint: Path) -> dict[str, Any]:
 
 
 def model_card(checkpoint: str | Path, cfg: Any, arch: str, config: dict[str, Any],
-               weights: str, text: bool = False, text_skipped: str = "") -> str:
+               weights: str, text: bool = False, text_skipped: str = "",
+               open_clip_note: str = "") -> str:
     """A Markdown model card: what the encoder is, how it was trained, on what, and how it
     scored (when the run's evaluation of this checkpoint is beside it)."""
     checkpoint = Path(checkpoint)
@@ -221,6 +367,15 @@ def model_card(checkpoint: str | Path, cfg: Any, arch: str, config: dict[str, An
            'proj = load_file("PATH/image_projection.safetensors")',
            'image_emb = features @ proj["weight"].T  # proj["logit_scale"]: the temperature',
            "```", ""] if text else []),
+        *(["open_clip loads the whole model from `open_clip/` (image and text towers, tokenizer,",
+           "preprocessing):", "",
+           "```python",
+           "import open_clip",
+           'model, _, preprocess = open_clip.create_model_and_transforms(',
+           '    "local-dir:PATH/open_clip")',
+           'tokenizer = open_clip.get_tokenizer("local-dir:PATH/open_clip")',
+           "```", ""] if text and not open_clip_note else []),
+        *([f"No open_clip folder: {open_clip_note}.", ""] if text and open_clip_note else []),
         *([f"Text tower not exported: {text_skipped}.", ""] if text_skipped else []),
         "## Details", "",
         f"- architecture: `{arch}` with `{json.dumps(config['model_args'])}`",

@@ -6,10 +6,12 @@ build through these functions, so each is written once.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import timm
 import torch
+from torch import nn
 
 from synrep import dist
 from synrep.captions.stage import read_rewrites
@@ -334,29 +336,117 @@ def check_input_channels(other: Config, cfg: Config, key: str) -> None:
             f"{cfg.model.in_chans}; use a model trained on images like these")
 
 
+def _open_clip(spec: str) -> Any:
+    """The open_clip package, or a :class:`ConfigError` saying how to install it."""
+    try:
+        import open_clip
+    except ImportError:
+        raise ConfigError(f"eval.model={spec!r} needs open_clip: pip install open_clip_torch "
+                          "(or synrep[open_clip])") from None
+    return open_clip
+
+
 def check_external_model(spec: str, weights: str) -> None:
-    """``eval.model`` names a loadable external model: ``local-dir:<folder>``, or
-    ``timm:<a timm model>`` with ``weights`` an existing file (a :class:`ConfigError` if not)."""
+    """``eval.model`` names a loadable external model (a :class:`ConfigError` if not):
+    ``local-dir:<folder>`` (timm's folder format), ``timm:<a timm model>`` with ``weights`` an
+    existing file, ``open_clip:local-dir:<folder>`` (open_clip's folder format) or
+    ``open_clip:<an open_clip model>`` with ``weights`` an existing file."""
     if spec.startswith("local-dir:"):
         return
-    if not spec.startswith("timm:"):
+    if spec.startswith("open_clip:"):
+        name = spec[len("open_clip:"):]
+        if name.startswith("local-dir:"):
+            folder = Path(name[len("local-dir:"):])
+            if not (folder / "open_clip_config.json").is_file():
+                raise ConfigError(f"eval.model={spec!r}: {folder}/open_clip_config.json does not "
+                                  "exist; point it at an open_clip model folder (synrep export "
+                                  "writes one, as DIR/open_clip, for checkpoints with a text "
+                                  "tower)")
+            return
+        if name not in _open_clip(spec).list_models():
+            raise ConfigError(f"eval.model={spec!r}: open_clip has no model {name!r} "
+                              "(open_clip.list_models() lists them)")
+    elif not spec.startswith("timm:"):
         raise ConfigError(f"eval.model={spec!r}: choose timm:<name> (with eval.weights=FILE), "
-                          "local-dir:<folder>, or '' for this run's checkpoint")
-    name = spec[len("timm:"):]
-    if not timm.is_model(name):
-        raise ConfigError(f"eval.model={spec!r}: timm has no model {name!r}")
+                          "local-dir:<folder>, open_clip:<name> (with eval.weights=FILE), "
+                          "open_clip:local-dir:<folder>, or '' for this run's checkpoint")
+    elif not timm.is_model(spec[len("timm:"):]):
+        raise ConfigError(f"eval.model={spec!r}: timm has no model {spec[len('timm:'):]!r}")
     if weights in ("", "teacher", "student") or not Path(weights).is_file():
         raise ConfigError(f"eval.model={spec!r} needs eval.weights=<a weights file "
                           f"(.safetensors or .pth)>; {weights!r} is not a file")
 
 
-def load_external_encoder(spec: str, weights: str = "",
-                          device: torch.device | str = "cpu") -> Encoder:
-    """An image model from outside synrep as an :class:`Encoder` (eval mode), normalising with
-    its own ``pretrained_cfg`` mean and std: ``local-dir:<folder>`` (a timm model folder:
-    config.json + model.safetensors, as ``synrep export`` writes) or ``timm:<name>`` with
-    ``weights`` a weights file (nothing is downloaded)."""
+class _OpenClipImage(nn.Module):
+    """open_clip's image tower as a timm-style backbone: its feature is the image embedding
+    (``encode_image``, the projected feature zero-shot compares with text)."""
+
+    def __init__(self, model: nn.Module, size: int) -> None:
+        super().__init__()
+        self.model = model
+        with torch.inference_mode():
+            self.num_features = int(model.encode_image(torch.zeros(1, 3, size, size)).shape[1])
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
+        return x
+
+
+class ExternalClip(nn.Module):
+    """An open_clip model as evaluation uses one: ``encode_image`` on pixels in [0, 1] (its own
+    normalisation applied) and ``encode_text`` on strings (its own tokenizer)."""
+
+    def __init__(self, encoder: Encoder, model: nn.Module, tokenizer: Any) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.model = model
+        self.tokenizer = tokenizer
+        self.has_text_tower = True
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        dev = next(self.model.parameters()).device
+        return self.model.encode_text(self.tokenizer(list(texts)).to(dev))
+
+
+def load_external(spec: str, weights: str = "", device: torch.device | str = "cpu"
+                  ) -> tuple[Encoder, ExternalClip | None]:
+    """An image model from outside synrep as an :class:`Encoder` (eval mode) with its input
+    size in ``encoder.input_size``, and, for an open_clip model, the whole model for zero-shot
+    (else None). Nothing is downloaded:
+
+    - ``local-dir:<folder>``: a timm model folder (config.json + model.safetensors, as
+      ``synrep export`` writes);
+    - ``timm:<name>`` with ``weights`` a weights file;
+    - ``open_clip:local-dir:<folder>``: an open_clip folder (open_clip_config.json + weights);
+    - ``open_clip:<name>`` with ``weights`` a weights file.
+
+    Each normalises with its own mean and std (timm's ``pretrained_cfg``, open_clip's
+    preprocessing config); grayscale images are repeated over an RGB model's 3 channels.
+    """
     check_external_model(spec, weights)
+    if spec.startswith("open_clip:"):
+        oc = _open_clip(spec)
+        name = spec[len("open_clip:"):]
+        try:
+            model = oc.create_model(name, pretrained=None if name.startswith("local-dir:")
+                                    else str(weights), device="cpu")
+        except (RuntimeError, ValueError, KeyError, OSError) as e:
+            raise ConfigError(f"eval.model={spec!r}: open_clip cannot load it "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                              ) from None
+        pcfg = oc.get_model_preprocess_cfg(model)
+        size = pcfg["size"]
+        size = int(size if isinstance(size, int) else size[-1])
+        encoder = Encoder(_OpenClipImage(model.eval(), size), tuple(pcfg["mean"]),
+                          tuple(pcfg["std"]))
+        encoder.input_size = size
+        clip = ExternalClip(encoder, model, oc.get_tokenizer(name))
+        return clip.encoder.to(device).eval(), clip.to(device).eval()
     if spec.startswith("local-dir:"):
         folder = Path(spec[len("local-dir:"):])
         if not (folder / "config.json").is_file():
@@ -367,8 +457,15 @@ def load_external_encoder(spec: str, weights: str = "",
         model = timm.create_model(spec[len("timm:"):], pretrained=True, num_classes=0,
                                   pretrained_cfg_overlay={"file": str(weights)})
     pcfg = model.pretrained_cfg
-    return Encoder(model, tuple(pcfg.get("mean", (0.5,))), tuple(pcfg.get("std", (0.5,)))) \
-        .to(device).eval()
+    encoder = Encoder(model, tuple(pcfg.get("mean", (0.5,))), tuple(pcfg.get("std", (0.5,))))
+    encoder.input_size = int(pcfg.get("input_size", (0, 0, 0))[-1])
+    return encoder.to(device).eval(), None
+
+
+def load_external_encoder(spec: str, weights: str = "",
+                          device: torch.device | str = "cpu") -> Encoder:
+    """The image encoder of :func:`load_external` (any external model)."""
+    return load_external(spec, weights, device)[0]
 
 
 def load_method(path: str | Path, device: torch.device | str = "cpu") -> tuple[Method, Config]:

@@ -227,6 +227,36 @@ assert "synrep" not in sys.modules
 """
 
 
+# The same embeddings from the exported open_clip folder, with open_clip's own preprocessing.
+OPEN_CLIP_ONLY = """
+import sys, numpy as np, torch, open_clip
+from PIL import Image
+out = sys.argv[1]
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + out)
+tokenizer = open_clip.get_tokenizer("local-dir:" + out)
+x = np.load(sys.argv[2])  # uint8 (N, 1, H, W): grayscale PIL images, converted to RGB
+images = torch.stack([preprocess(Image.fromarray(a[0])) for a in x])
+with torch.inference_mode():
+    img = model.eval().encode_image(images)
+    txt = model.encode_text(tokenizer(sys.argv[4].split("|")))
+np.savez(sys.argv[3], img=img.numpy(), txt=txt.numpy(),
+         scale=model.logit_scale.detach().exp().numpy())
+assert "synrep" not in sys.modules
+"""
+
+
+def _run_script(source: str, tmp_path: Path, *args: str) -> np.lib.npyio.NpzFile:
+    """Run ``source`` in a fresh Python without synrep on its path; load the .npz it writes."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    out = tmp_path / "emb.npz"
+    proc = subprocess.run([sys.executable, str(script), args[0], args[1], str(out), *args[2:]],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return np.load(out)
+
+
 @needs_fashion
 @pytest.mark.parametrize("config, extra", [
     ("configs/clip_fashion.yaml", []),
@@ -250,21 +280,82 @@ def test_a_checkpoint_exports_its_text_tower_for_transformers(config, extra, tmp
     assert (out / "text/config.json").is_file() and (out / "image_projection.safetensors").exists()
     assert "CLIPTextModelWithProjection.from_pretrained" in (out / "README.md").read_text()
 
+    assert "open_clip.create_model_and_transforms" in (out / "README.md").read_text()
+
     images = np.asarray(load_fashion_mnist("test", None)[0][:16])[:, None]
     np.save(tmp_path / "x.npy", images)
     texts = ["a photo of a sneaker", "a dark coat next to a chair at dusk", "a bag"]
-    script = tmp_path / "clip_only.py"
-    script.write_text(CLIP_ONLY)
-    proc = subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "x.npy"),
-                           str(tmp_path / "emb.npz"), "|".join(texts)], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path,
-                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = np.load(tmp_path / "emb.npz")
     method, _ = load_method(ck)
     with torch.inference_mode():
         img = method.encode_image(torch.from_numpy(images).float().div(255))
         txt = method.encode_text(texts)
-    np.testing.assert_allclose(got["img"], img.numpy(), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(got["txt"], txt.numpy(), atol=1e-5, rtol=0)
-    assert float(got["scale"]) == pytest.approx(float(method.logit_scale.exp()), rel=1e-6)
+    for source, folder in ((CLIP_ONLY, out), (OPEN_CLIP_ONLY, out / "open_clip")):
+        got = _run_script(source, tmp_path, str(folder), str(tmp_path / "x.npy"), "|".join(texts))
+        np.testing.assert_allclose(got["img"], img.numpy(), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got["txt"], txt.numpy(), atol=1e-5, rtol=0)
+        scale = float(method.logit_scale.detach().exp())
+        assert float(got["scale"]) == pytest.approx(scale, rel=1e-6)
+
+
+@needs_fashion
+def test_an_exported_open_clip_folder_evaluated_as_an_external_model_zero_shots_the_same(
+        tmp_path):
+    """`eval.model=open_clip:local-dir:DIR/open_clip`: zero-shot equals the checkpoint's own;
+    the frozen-feature protocols run on open_clip's image embedding."""
+    from synrep.cli import main
+    from synrep.factory import load_method
+    from tests.test_language import _tiny_shards, _train_args
+
+    shards, run = _tiny_shards(tmp_path / "shards"), tmp_path / "run"
+    args = _train_args("configs/clip_fashion.yaml", shards, run)
+    assert main(args) == 0
+    export_encoder(run / "train/checkpoints/final.safetensors", tmp_path / "exported")
+    ev = ["eval.protocols=[knn,zeroshot]", "eval.limit_train=1000", "eval.limit_test=500",
+          "eval.pca_images=0"]
+    assert main(["eval", *args[1:], *ev]) == 0
+    assert main(["eval", *args[1:], *ev, f"run.dir={tmp_path / 'ext'}",
+                 f"eval.model=open_clip:local-dir:{tmp_path / 'exported/open_clip'}"]) == 0
+    ours = json.loads((run / "eval/results.json").read_text())["fashion-mnist"]
+    theirs = json.loads((tmp_path / "ext/eval/results.json").read_text())["fashion-mnist"]
+    assert theirs["zeroshot_top1"] == ours["zeroshot_top1"]
+    method, _ = load_method(run / "train/checkpoints/final.safetensors")
+    assert theirs["feature_dim"] == method.image_proj.out_features
+    assert 10.0 < theirs["knn_top1"] <= 100.0 and "skipped" not in theirs
+
+
+def test_a_named_open_clip_model_with_a_weights_file(tmp_path):
+    """`eval.model=open_clip:<name> eval.weights=FILE`: the named architecture with the file's
+    weights; images normalised by its preprocessing (grayscale repeated to RGB), texts through
+    its own tokenizer; errors name the problem."""
+    import open_clip
+
+    from synrep.factory import check_external_model, load_external
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 28, "layers": 1, "width": 32,
+                                           "head_width": 16, "patch_size": 7},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
+                        "layers": 1}}
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs/synrep-test-tiny.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "configs")
+    torch.manual_seed(0)
+    ref = open_clip.create_model("synrep-test-tiny").eval()
+    torch.save(ref.state_dict(), tmp_path / "w.pt")
+    encoder, clip = load_external("open_clip:synrep-test-tiny", str(tmp_path / "w.pt"))
+    x = torch.rand(3, 1, 28, 28)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    texts = ["a photo of a bag", "a photo of a sandal"]
+    with torch.inference_mode():
+        torch.testing.assert_close(encoder(x), ref.encode_image((x.expand(-1, 3, -1, -1) - mean)
+                                                                / std), rtol=0, atol=1e-6)
+        torch.testing.assert_close(clip.encode_text(texts), ref.encode_text(
+            open_clip.get_tokenizer("synrep-test-tiny")(texts)), rtol=0, atol=1e-6)
+    assert encoder.input_size == 28 and encoder.embed_dim == 16
+
+    with pytest.raises(ConfigError, match="open_clip has no model 'no-such-clip'"):
+        check_external_model("open_clip:no-such-clip", str(tmp_path / "w.pt"))
+    with pytest.raises(ConfigError, match="needs eval.weights"):
+        check_external_model("open_clip:synrep-test-tiny", "teacher")
+    with pytest.raises(ConfigError, match="open_clip_config.json does not exist"):
+        check_external_model(f"open_clip:local-dir:{tmp_path}", "")

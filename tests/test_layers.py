@@ -40,7 +40,7 @@ NEVER = [
 #: The only third-party packages a function body may import: optional, heavy dependencies.
 LAZY_OK = ("diffusers", "transformers", "tokenizers", "accelerate", "huggingface_hub", "vllm",
            "ray", "selenium", "scipy", "sklearn", "matplotlib", "torch.utils.tensorboard",
-           "wandb", "mlflow")
+           "wandb", "mlflow", "open_clip")
 
 #: The one synrep module imported in a function body: the entry point checks a config's names
 #: before the command line (and torch with it) loads, so a typo fails at once.

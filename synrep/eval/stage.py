@@ -33,7 +33,7 @@ from synrep.eval.knn import knn_classify
 from synrep.eval.linear import lbfgs_probe, pool_columns, sgd_probe_grid
 from synrep.eval.pca import pca_maps, save_pca_figure
 from synrep.eval.zeroshot import FASHION_TEMPLATES, class_embeddings, zero_shot_classify
-from synrep.factory import checkpoint_config, load_encoder, load_external_encoder, load_method
+from synrep.factory import checkpoint_config, load_encoder, load_external, load_method
 from synrep.layout import layout
 from synrep.methods import METHODS
 from synrep.models import Encoder
@@ -147,6 +147,12 @@ def _trained_with(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     return out
 
 
+def _input_size(cfg: Config, encoder: Encoder) -> int:
+    """The image size evaluation feeds the encoder: an external model's own input size, else
+    the size the run trains at (``eval.image_size``, when set, resizes the data before this)."""
+    return int(getattr(encoder, "input_size", 0) or cfg.model.img_size)
+
+
 def _weights_file(ecfg: EvalConfig, checkpoint: str | Path) -> Path:
     """The file whose change makes cached features stale: the checkpoint, or the external
     model's weights (``eval.weights`` for ``timm:``, ``model.safetensors`` of a folder)."""
@@ -155,7 +161,11 @@ def _weights_file(ecfg: EvalConfig, checkpoint: str | Path) -> Path:
         found = [folder / n for n in ("model.safetensors", "pytorch_model.bin")
                  if (folder / n).is_file()]
         return found[0] if found else folder / "config.json"
-    if ecfg.model.startswith("timm:"):
+    if ecfg.model.startswith("open_clip:local-dir:"):
+        folder = Path(ecfg.model[len("open_clip:local-dir:"):])
+        found = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+        return found[0] if found else folder / "open_clip_config.json"
+    if ecfg.model.startswith(("timm:", "open_clip:")):
         return Path(ecfg.weights)
     return Path(checkpoint)
 
@@ -185,7 +195,7 @@ def _cached_features(cfg: Config, encoder: Encoder, checkpoint: str | Path,
         if cache.exists() and stamp.exists() and stamp.read_text() == key:
             feats[split] = load_features(cache)
         else:
-            feats[split] = embed_split(encoder, ecfg, split, cfg.model.img_size, device)
+            feats[split] = embed_split(encoder, ecfg, split, _input_size(cfg, encoder), device)
             save_features(cache, *feats[split])
             stamp.write_text(key)
     return feats
@@ -199,7 +209,7 @@ def _pca_figure(cfg: Config, encoder: Encoder, device: torch.device) -> str | No
         return None
     ecfg = cfg.eval
     ds = load_dataset(ecfg.dataset, ecfg.test_split, root=ecfg.root,
-                      image_size=ecfg.image_size or cfg.model.img_size)
+                      image_size=ecfg.image_size or _input_size(cfg, encoder))
     # Round-robin over the classes, first images of each: the same images for every checkpoint.
     by_class = [torch.nonzero(ds.labels == c).flatten() for c in torch.unique(ds.labels)]
     picks = [int(idx[i]) for i in range(n) for idx in by_class if i < len(idx)][:n]
@@ -224,11 +234,13 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     check_eval(cfg)
     ensure_writable_dir(layout(cfg).eval, "run.dir")
     device = torch.device(cfg.run.device)
-    if ecfg.model:  # any image model: timm:<name> with its weights file, or a timm folder
-        encoder = load_external_encoder(ecfg.model, ecfg.weights, device)
+    external_clip = None
+    if ecfg.model:  # any image model: a timm or open_clip model with its weights, or a folder
+        encoder, external_clip = load_external(ecfg.model, ecfg.weights, device)
         checkpoint = ecfg.model
     else:
         encoder, _ = load_encoder(checkpoint, device, ecfg.weights)
+    size = _input_size(cfg, encoder)
     seed, vf = cfg.run.seed, ecfg.val_fraction
     res: dict[str, Any] = {}
     timings: dict[str, float] = {}
@@ -273,11 +285,12 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
         return r
 
     def zeroshot() -> dict[str, Any]:
-        model = None if ecfg.model else _load_text_model(checkpoint, device)
+        model = external_clip if ecfg.model else _load_text_model(checkpoint, device)
         if model is None:
-            skipped["zeroshot"] = "the checkpoint has no text tower"
+            skipped["zeroshot"] = (f"{ecfg.model} has no text tower" if ecfg.model
+                                   else "the checkpoint has no text tower")
             return {}
-        ds = load_split(ecfg, ecfg.test_split, cfg.model.img_size)
+        ds = load_split(ecfg, ecfg.test_split, size)
         img = extract_features(model.encode_image, ds.images, batch_size=ecfg.batch_size,
                                device=device, desc="image embeddings")
         with torch.inference_mode():
@@ -287,8 +300,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
 
     def finetune() -> dict[str, Any]:
         out = run_finetune(
-            encoder, load_split(ecfg, ecfg.train_split, cfg.model.img_size),
-            load_split(ecfg, ecfg.test_split, cfg.model.img_size),
+            encoder, load_split(ecfg, ecfg.train_split, size),
+            load_split(ecfg, ecfg.test_split, size),
             epochs=ecfg.finetune_epochs, batch_size=ecfg.finetune_batch_size, lr=ecfg.finetune_lr,
             layer_decay=ecfg.finetune_layer_decay, weight_decay=ecfg.finetune_weight_decay,
             warmup_epochs=ecfg.finetune_warmup_epochs,
