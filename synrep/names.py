@@ -22,7 +22,7 @@ METHODS = ("clip", "mae", "mixedae", "moce", "simclr", "stablerep", "stablerep_p
            "synclr")
 BACKBONES = ("resnet18_28", "vit_base_patch16_224", "vit_large_patch14_224", "vit_small_p7_28",
              "vit_small_patch16_224", "vit_tiny_c7_28", "vit_tiny_p4_28", "vit_tiny_p7_28")
-DATASETS = ("fashion-mnist", "imagefolder", "webdataset")
+DATASETS = ("fashion-glyphs", "fashion-mnist", "glyphs", "imagefolder", "webdataset")
 PROTOCOLS = ("fewshot", "finetune", "knn", "linear", "sgd", "zeroshot")
 STAGES = ("captions", "rewrites", "images", "select", "cluster", "train", "search", "eval",
           "report")  # in pipeline order

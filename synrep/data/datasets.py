@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 from synrep.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from synrep.data.fashion_mnist import load_fashion_mnist
+from synrep.data.glyphs import CLASSES as GLYPH_CLASSES
+from synrep.data.glyphs import render as render_glyphs
 from synrep.data.index import resolve_shards
 from synrep.data.sources import FolderStore, LazyImages, ShardStore
 from synrep.errors import ConfigError, DataError
@@ -166,6 +168,28 @@ def _load_fashion_mnist(split: str, root: str | None, image_size: int | None) ->
     if image_size is not None and image_size != 28:
         x = resize_center_crop(x, image_size)
     return ImageArray(x, torch.from_numpy(labels), list(FASHION_MNIST_CLASSES), "fashion-mnist")
+
+
+@DATASETS.register("glyphs")
+def _load_glyphs(split: str, root: str | None, image_size: int | None) -> ImageArray:
+    """Printed digits rendered from the DejaVu core fonts (synrep/data/glyphs.py); ``root``: a
+    folder holding the fonts, default Debian's."""
+    images, labels = render_glyphs(split, root)
+    x = torch.from_numpy(images).unsqueeze(1)
+    if image_size is not None and image_size != 28:
+        x = resize_center_crop(x, image_size)
+    return ImageArray(x, torch.from_numpy(labels), list(GLYPH_CLASSES), "glyphs")
+
+
+@DATASETS.register("fashion-glyphs")
+def _load_fashion_glyphs(split: str, root: str | None, image_size: int | None) -> ImageArray:
+    """Fashion-MNIST's split followed by the glyphs' (labels 10-19, "digit 0".."digit 9"): a
+    pretraining set with a semantically distant half. ``root`` is Fashion-MNIST's."""
+    fashion = _load_fashion_mnist(split, root, image_size)
+    glyphs = _load_glyphs(split, None, image_size)
+    return ImageArray(torch.cat([fashion.images, glyphs.images]),
+                      torch.cat([fashion.labels, glyphs.labels + len(fashion.classes)]),
+                      fashion.classes + [f"digit {c}" for c in glyphs.classes], "fashion-glyphs")
 
 
 @DATASETS.register("imagefolder")
