@@ -27,8 +27,10 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont, features
 
 from synrep.errors import DataError
 
@@ -63,8 +65,6 @@ def _faces(root: str | None) -> list[Path]:
 
 def _bases(root: str | None) -> torch.Tensor:
     """(faces x digits x strokes, 1, 56, 56) float renders in [0, 1], centred by ink box."""
-    from PIL import Image, ImageDraw, ImageFont
-
     out = []
     for path in _faces(root):
         font = ImageFont.truetype(str(path), size=40)
@@ -134,9 +134,6 @@ def render(split: str, root: str | None = None, n: int | None = None) -> tuple[n
 
 def provenance(root: str | None = None) -> dict:
     """What the glyph images depend on: the fonts (name, sha256), Pillow and FreeType."""
-    import PIL
-    from PIL import features
-
     return {
         "fonts": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in _faces(root)},
         "pillow": PIL.__version__, "freetype": features.version("freetype2"),
