@@ -185,7 +185,7 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
 
 
 def test_unknown_dataset() -> None:
-    with pytest.raises(ConfigError, match="fashion-mnist, imagefolder.*torchvision:"):
+    with pytest.raises(ConfigError, match="fashion-mnist, glyphs, imagefolder.*torchvision:"):
         load_dataset("cifar", "train")
 
 

@@ -148,7 +148,7 @@ def test_external_model_specs_fail_clearly(tmp_path):
     ("eval.protocols=[linear,knnn]", "eval.protocols='knnn' is unknown; choose one of: fewshot"),
     ("run.stages=[captions,trainn]", "run.stages='trainn' is unknown; choose one of: captions"),
     ("captions.backend=grammer", "captions.backend='grammer' is unknown; choose one of: grammar"),
-    ("eval.dataset=fashion", "eval.dataset='fashion' is unknown; choose one of: fashion-mnist"),
+    ("eval.dataset=fashion", "eval.dataset='fashion' is unknown; choose one of: fashion-glyphs"),
     ("data.source=dataset", "trains on caption groups: set data.source=shards"),
     ("eval.model=hub:x", "eval.model='hub:x': choose timm:<name>"),
     ("eval.weights=/no/such/file", "eval.weights='/no/such/file': choose teacher or student"),
@@ -299,9 +299,10 @@ def test_a_checkpoint_exports_its_text_tower_for_transformers(config, extra, tmp
 
 @needs_fashion
 def test_an_exported_open_clip_folder_evaluated_as_an_external_model_zero_shots_the_same(
-        tmp_path):
+        tmp_path, monkeypatch):
     """`eval.model=open_clip:local-dir:DIR/open_clip`: zero-shot equals the checkpoint's own;
-    the frozen-feature protocols run on open_clip's image embedding."""
+    the frozen-feature protocols run on open_clip's image embedding. Without open_clip the
+    export leaves that folder out and says why."""
     from synrep.cli import main
     from synrep.factory import load_method
     from tests.test_language import _tiny_shards, _train_args
@@ -321,6 +322,13 @@ def test_an_exported_open_clip_folder_evaluated_as_an_external_model_zero_shots_
     method, _ = load_method(run / "train/checkpoints/final.safetensors")
     assert theirs["feature_dim"] == method.image_proj.out_features
     assert 10.0 < theirs["knn_top1"] <= 100.0 and "skipped" not in theirs
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # as if it were not installed
+    config = export_encoder(run / "train/checkpoints/final.safetensors", tmp_path / "no_oc")
+    assert config["text_tower"] == "text" and "not installed" in config["open_clip"]
+    assert not (tmp_path / "no_oc/open_clip").exists()
+    assert "No open_clip folder: open_clip is not installed" in (
+        tmp_path / "no_oc/README.md").read_text()
 
 
 def test_a_named_open_clip_model_with_a_weights_file(tmp_path):
