@@ -124,13 +124,13 @@ def export_encoder(checkpoint: str | Path, out: str | Path,
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         oc_note = ""
         if text is not None:
-            model_hf, tokenizer, projection = text
+            model_hf, tokenizer, projection, method = text
             model_hf.save_pretrained(str(tmp / "text"))
             tokenizer.save_pretrained(str(tmp / "text"))
             save_file(projection, str(tmp / "image_projection.safetensors"),
                       metadata={"format": "pt", "exported_by": "synrep"})
-            oc_note = _open_clip_export(checkpoint, cfg, config, state, model_hf, tokenizer,
-                                        tmp, out)
+            oc_note = _open_clip_export(method, cfg, config, state, model_hf, tokenizer,
+                                        model.pretrained_cfg.get("first_conv", ""), tmp, out)
         (tmp / "README.md").write_text(model_card(checkpoint, cfg, arch, config, weights,
                                                   text=text is not None, text_skipped=why_not,
                                                   open_clip_note=oc_note))
@@ -148,9 +148,9 @@ def export_encoder(checkpoint: str | Path, out: str | Path,
 _OPEN_CLIP_ACTS = {"quick_gelu": True, "gelu": False}
 
 
-def _open_clip_export(checkpoint: str | Path, cfg: Any, config: dict[str, Any],
+def _open_clip_export(method: Any, cfg: Any, config: dict[str, Any],
                       image_state: dict[str, torch.Tensor], text_model: Any, tokenizer: Any,
-                      tmp: Path, out: Path) -> str:
+                      first_conv: str, tmp: Path, out: Path) -> str:
     """Write ``tmp/open_clip/`` (open_clip's folder format) and return "", or return why not.
 
     The folder is written only when open_clip, building the model from it, reproduces the
@@ -164,15 +164,12 @@ def _open_clip_export(checkpoint: str | Path, cfg: Any, config: dict[str, Any],
     if tc.hidden_act not in _OPEN_CLIP_ACTS:
         return (f"the text tower's activation {tc.hidden_act!r} has no open_clip equivalent, "
                 "so no open_clip folder")
-    method, _ = load_method(checkpoint, "cpu")
     c, size = cfg.model.in_chans, cfg.model.img_size
     context = int(tokenizer.model_max_length)  # the tower's context: texts are cut there
     arch, model_args = config["architecture"], dict(config["model_args"])
     state = dict(image_state)
     if c == 1:  # open_clip's preprocessing gives RGB: split the first layer over 3 channels
-        first = timm.create_model(arch, pretrained=False, num_classes=0,
-                                  **model_args).pretrained_cfg.get("first_conv", "")
-        key = f"{first}.weight"
+        key = f"{first_conv}.weight"
         if key not in state or state[key].shape[1] != 1:
             return "the encoder's first layer takes no 1-channel input, so no open_clip folder"
         state[key] = state[key].repeat(1, 3, 1, 1) / 3
@@ -274,10 +271,11 @@ def _has_text_tower(checkpoint: str | Path) -> bool:
     return any(k.startswith("text.model.") for k in Checkpoint(checkpoint).model_state)
 
 
-def _text_export(checkpoint: str | Path) -> tuple[tuple[Any, Any, dict] | None, str]:
+def _text_export(checkpoint: str | Path) -> tuple[tuple[Any, Any, dict, Any] | None, str]:
     """The checkpoint's text tower as a ``CLIPTextModelWithProjection`` (with its tokenizer) and
-    the image projection, checked against the method's own ``encode_text``; or None and why
-    not (a tower that is not a CLIP text transformer)."""
+    the image projection, checked against the method's own ``encode_text``, and the loaded
+    method (the open_clip export reuses it); or None and why not (a tower that is not a CLIP
+    text transformer)."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     method, _ = load_method(checkpoint, "cpu")
@@ -308,7 +306,7 @@ def _text_export(checkpoint: str | Path) -> tuple[tuple[Any, Any, dict] | None, 
                           "exported")
     projection = {"weight": method.image_proj.weight.detach().contiguous().clone(),
                   "logit_scale": method.logit_scale.detach().exp().reshape(()).clone()}
-    return (hf, tokenizer, projection), ""
+    return (hf, tokenizer, projection, method), ""
 
 
 def _results_of(checkpoint: Path) -> dict[str, Any]:
