@@ -313,8 +313,15 @@ def peak_lr(cfg: Config) -> float:
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.AdamW:
     """AdamW over ``model``'s trainable parameters at the peak learning rate, weight decay only
     on weights (:func:`param_groups`); the trainer sets each step's lr and weight decay."""
-    return torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=peak_lr(cfg),
-                             betas=cfg.optim.betas)
+    groups = param_groups(model, cfg.optim.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    # PyTorch's fused AdamW updates every tensor in one kernel per parameter: on a CPU, 3.6x
+    # faster than the default loop over parameters (8.5 against 30.5 ms for the quickstart's 86
+    # tensors), which is ~10 % of its training step there.
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                                 for p in params)
+    return torch.optim.AdamW(groups, lr=peak_lr(cfg), betas=cfg.optim.betas,
+                             fused=fused or None)
 
 
 def checkpoint_config(ck: Checkpoint) -> Config:

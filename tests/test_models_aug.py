@@ -198,3 +198,26 @@ def test_patch_drop_keeps_a_random_share_of_tokens_in_training_only():
     assert 0.45 < ratio < 0.6, ratio
     with pytest.raises(ConfigError, match="is not a ViT"):
         build_encoder(ModelConfig(backbone="resnet18_28", patch_drop=0.5))
+
+
+@pytest.mark.parametrize("name,chans,size", [("vit_tiny_p7_28", 1, 28),
+                                             ("timm:vit_tiny_patch16_224", 3, 64)])
+def test_patch_projection_is_the_convolution_forward_and_backward(name, chans, size):
+    from synrep.models.backbones import PatchProjection
+
+    proj = build_backbone(name, chans, size).patch_embed.proj
+    assert type(proj) is PatchProjection
+    conv = torch.nn.Conv2d(proj.in_channels, proj.out_channels, proj.kernel_size, proj.stride)
+    conv.load_state_dict(proj.state_dict())  # the same keys and shapes as timm's convolution
+    x = torch.rand(6, chans, size, size, generator=torch.Generator().manual_seed(0))
+    out, ref = proj(x), conv(x)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn_like(ref)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    torch.testing.assert_close(proj.weight.grad, conv.weight.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(proj.bias.grad, conv.bias.grad, atol=1e-4, rtol=1e-5)
+    # an input the patches do not tile takes the convolution itself (which floors the grid)
+    odd = torch.rand(2, chans, size + 3, size + 3)
+    torch.testing.assert_close(proj(odd), conv(odd), atol=1e-5, rtol=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -350,3 +351,50 @@ def test_patch_drop_masks_every_step_but_the_unmasked_tail(tmp_path, monkeypatch
     fa = Checkpoint(tmp_path / "a/train/checkpoints/final.safetensors").model_state
     fb = Checkpoint(tmp_path / "b/train/checkpoints/final.safetensors").model_state
     assert all(torch.equal(v, fb[k]) for k, v in fa.items())
+
+
+@pytest.mark.parametrize("limit", [0.0, 1e-3, 1e6])
+def test_train_step_clips_exactly_as_clip_grad_norm(limit):
+    """train_step scales gradients only when clipping changes them; the result and the logged
+    norm equal torch's clip_grad_norm_ on the same gradients."""
+    from synrep.train.step import train_step
+
+    class Quad(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.linspace(-2, 3, 12).view(3, 4))
+            self.b = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+
+        def forward(self, batch, g):
+            return {"loss": ((batch["images"] @ self.w.t() + self.b) ** 2).sum()}
+
+        def after_step(self):
+            pass
+
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for ours in (True, False):
+        m = Quad()
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)
+        if ours:
+            res = train_step(m, m, opt, {"images": x}, torch.Generator(), grad_clip=limit)
+            norm = res.grad_norm
+        else:
+            m({"images": x}, None)["loss"].backward()
+            norm = torch.nn.utils.clip_grad_norm_(m.parameters(), limit if limit else math.inf)
+        grads.append(([p.grad.clone() for p in m.parameters()], norm))
+    (ours_g, ours_n), (ref_g, ref_n) = grads
+    assert float(ours_n) == pytest.approx(float(ref_n), rel=1e-6)
+    for a, b in zip(ours_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    if limit == 1e-3:  # clipped: the new norm is the limit
+        total = torch.linalg.vector_norm(torch.cat([g.flatten() for g in ours_g]))
+        assert float(total) == pytest.approx(limit, rel=1e-4)
+
+
+def test_the_optimizer_is_fused_adamw_on_a_cpu():
+    from synrep.factory import build_method, build_optimizer
+
+    cfg = load_config("quickstart", ["run.dir=/nonexistent"])
+    opt = build_optimizer(cfg, build_method(cfg))
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True

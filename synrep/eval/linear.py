@@ -152,12 +152,14 @@ def _accuracy(pred: Tensor, y: Tensor) -> float:
 
 
 def _logreg_loss_grad(
-    x: Tensor, y: Tensor, w: Tensor, b: Tensor, reg: float, block: int
+    x: Tensor, y: Tensor, w: Tensor, b: Tensor, reg: float, block: int,
+    penalty: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``mean_i CE_i + reg/2 ||w||^2`` and its gradients, computed block by block over rows.
 
     Shapes: ``x [N, D]``, ``y [N]``, ``w [D, K]``, ``b [K]``. Returns a float64 scalar loss (summed
     in float64 so L-BFGS's line search sees a smooth function) and gradients ``[D, K]``, ``[K]``.
+    ``penalty [D, 1]`` weights the penalty per row of ``w``: ``reg/2 sum_j penalty_j ||w_j||^2``.
     """
     n = len(x)
     loss = torch.zeros((), dtype=torch.float64, device=x.device)
@@ -172,8 +174,11 @@ def _logreg_loss_grad(
         p[torch.arange(len(yb), device=p.device), yb] -= 1.0
         gw_t.addmm_(p.T, xb)  # (K, D): this layout is the fast one for the CPU GEMM
         gb += p.sum(0)
-    loss = loss / n + 0.5 * reg * float(w.double().square().sum())
-    return loss, (gw_t.T / n + reg * w).contiguous(), gb / n
+    if penalty is None:
+        loss = loss / n + 0.5 * reg * float(w.double().square().sum())
+        return loss, (gw_t.T / n + reg * w).contiguous(), gb / n
+    loss = loss / n + 0.5 * reg * float((w.double().square() * penalty.double()).sum())
+    return loss, (gw_t.T / n + reg * penalty * w).contiguous(), gb / n
 
 
 def fit_logreg(
@@ -191,7 +196,8 @@ def fit_logreg(
     Minimises ``sum_i CE(x_i W + b, y_i) + ||W||^2 / (2 c)`` (bias unregularised), the objective
     of scikit-learn's ``LogisticRegression(C=c)``, scaled by ``1/N`` as scikit-learn also does
     internally: ``mean_i CE_i + ||W||^2 / (2 c N)``. Runs in ``x``'s dtype and on its device; the
-    features are used as given (standardise them first).
+    features are used as given (standardise them first). With at least twice as many rows as
+    columns it runs whitened (:class:`Whitening`): the same objective, far fewer iterations.
 
     Args:
         x: features ``[N, D]``.
@@ -223,7 +229,45 @@ def fit_logreg(
             f"init must be (W [{d}, {k}], b [{k}]), got {tuple(init[0].shape)}, "
             f"{tuple(init[1].shape)}"
         )
-    return lbfgs_fit(x, y.to(x.device), c, k, init, max_iter, tol)
+    white = Whitening(x) if whitening_pays(x) else None
+    return lbfgs_fit(x, y.to(x.device), c, k, init, max_iter, tol, white)
+
+
+class Whitening:
+    """An exact preconditioner for :func:`lbfgs_fit` on features ``x [N, D]``.
+
+    Standardised features are strongly correlated (a ViT's CLS and mean tokens of its last
+    blocks): the eigenvalues of their covariance span ~6 orders of magnitude, and L-BFGS on such
+    an ill-conditioned problem stops at ``max_iter`` far from the optimum (the quickstart's probe
+    lost 0.5 points of test accuracy that way, and its C sweep chose C by how far each fit got).
+    The fit therefore runs in whitened coordinates ``W = P W'`` with ``P = V diag(lam)^-1/2``
+    from the covariance's eigendecomposition; the penalty ``||W||^2`` becomes
+    ``sum_j ||W'_j||^2 / lam_j``, so the objective and its optimum are exactly the ones of the
+    unwhitened problem, reached in a few dozen iterations instead of hundreds.
+    """
+
+    def __init__(self, x: Tensor, floor: float = 1e-6) -> None:
+        cov = (x.T @ x).double() / len(x)  # standardised features: mean 0
+        lam, v = torch.linalg.eigh(cov)
+        lam = lam.clamp(min=float(lam.max()) * floor)  # rank-deficient directions stay finite
+        self.v = v.to(x.dtype)
+        self.sqrt_lam = lam.sqrt().to(x.dtype)
+        self.inv_lam = (1.0 / lam).to(x.dtype)
+        self.x = x @ (self.v / self.sqrt_lam)  # x P
+
+    def to_white(self, w: Tensor) -> Tensor:  # W -> W' = diag(lam)^1/2 V^T W
+        return (self.v.T @ w) * self.sqrt_lam[:, None]
+
+    def from_white(self, w: Tensor) -> Tensor:  # W' -> W = V diag(lam)^-1/2 W'
+        return self.v @ (w / self.sqrt_lam[:, None])
+
+
+def whitening_pays(x: Tensor) -> bool:
+    """Whether :class:`Whitening` is worth building for ``x``: more rows than twice the columns
+    (else the covariance is mostly null space) and, on a CPU, at most 4,096 columns (its cost
+    grows as N D^2: ~1 s at 60,000 x 1,536 on 2 cores)."""
+    n, d = x.shape
+    return n >= 2 * d and (d <= 4096 or x.device.type != "cpu")
 
 
 def lbfgs_fit(
@@ -234,8 +278,11 @@ def lbfgs_fit(
     init: tuple[Tensor, Tensor] | None,
     max_iter: int,
     tol: float,
+    white: Whitening | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`fit_logreg` without the argument checks (the probe checks once, not once per C)."""
+    """:func:`fit_logreg` without the argument checks (the probe checks once, not once per C).
+    With ``white`` (a :class:`Whitening` of ``x``) the same objective is minimised in whitened
+    coordinates, and ``tol`` applies to the gradient there."""
     d = x.shape[1]
     if init is None:
         w = torch.zeros(d, k, dtype=x.dtype, device=x.device)
@@ -244,6 +291,11 @@ def lbfgs_fit(
         w = init[0].detach().to(x).clone()
         b = init[1].detach().to(x).clone()
         b -= b.mean()
+    xw = x
+    penalty = None  # per-row weight of the L2 penalty on w (None: 1)
+    if white is not None:
+        xw, penalty = white.x, white.inv_lam[:, None]
+        w = white.to_white(w)
     w.requires_grad_(True)
     b.requires_grad_(True)
     reg = 1.0 / (c * len(x))
@@ -260,7 +312,7 @@ def lbfgs_fit(
 
     def closure() -> Tensor:
         with torch.no_grad():  # gradients are analytic: no autograd graph over N x D
-            loss, gw, gb = _logreg_loss_grad(x, y, w, b, reg, block)
+            loss, gw, gb = _logreg_loss_grad(xw, y, w, b, reg, block, penalty)
         w.grad, b.grad = gw, gb
         return loss
 
@@ -273,7 +325,8 @@ def lbfgs_fit(
         state["n_iter"],
         state["func_evals"],
     )
-    return w.detach(), b.detach()
+    w = w.detach()
+    return (white.from_white(w) if white is not None else w), b.detach()
 
 
 def logreg_predict(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
@@ -328,23 +381,25 @@ def lbfgs_probe(
 
     xf, xv = standardise(train_x[fit_idx], train_x[val_idx])
     yf, yv = train_y[fit_idx], train_y[val_idx]
+    white = Whitening(xf) if whitening_pays(xf) else None
     val_top1: dict[float, float] = {}
     params: tuple[Tensor, Tensor] | None = None
     best: tuple[float, float, tuple[Tensor, Tensor]] | None = None  # (acc, c, params)
     bar = tqdm(cs, desc="lbfgs C sweep", unit="C")
     for c in bar:
-        params = lbfgs_fit(xf, yf, c, k, params, max_iter, tol)
+        params = lbfgs_fit(xf, yf, c, k, params, max_iter, tol, white)
         acc = _accuracy(logreg_predict(xv, *params), yv)
         val_top1[c] = acc
         if best is None or acc > best[0]:
             best = (acc, c, params)
         bar.set_postfix(C=f"{c:.3g}", val=f"{acc:.2f}", best=f"{best[0]:.2f}")
     assert best is not None
-    del xf, xv
+    del xf, xv, white
 
     best_c = best[1]
     xt, xs = standardise(train_x, test_x.to(device, torch.float32))
-    w, b = lbfgs_fit(xt, train_y, best_c, k, best[2], max_iter, tol)
+    white = Whitening(xt) if whitening_pays(xt) else None
+    w, b = lbfgs_fit(xt, train_y, best_c, k, best[2], max_iter, tol, white)
     top1 = _accuracy(logreg_predict(xs, w, b), test_y.to(device))
     log.info(
         "lbfgs probe: best C=%g (val %.2f%%), test top-1 %.2f%% in %.1fs",

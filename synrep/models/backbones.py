@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import HybridEmbed, PatchDropout
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
@@ -59,6 +60,38 @@ BACKBONES.register("vit_tiny_p4_28")(_small_vit(4, 192, 6, 3))
 TIMM_SPECS["vit_tiny_p7_28"] = _small_vit_spec("vit_tiny_patch16_224", 7, 192, 6, 3)
 TIMM_SPECS["vit_small_p7_28"] = _small_vit_spec("vit_small_patch16_224", 7, 384, 6, 6)
 TIMM_SPECS["vit_tiny_p4_28"] = _small_vit_spec("vit_tiny_patch16_224", 4, 192, 6, 3)
+
+
+class PatchProjection(nn.Conv2d):
+    """A ViT's patch projection (a convolution whose stride equals its kernel) computed on a CPU
+    as one matrix product over the flattened patches: the same weights, state dict and result,
+    2.7x faster there forward and backward (the quickstart's 256 28 px images: oneDNN's
+    convolution backward alone cost ~7 ms a training step). Elsewhere, or on inputs the patches
+    do not tile, it is the convolution."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ph, pw = self.kernel_size
+        b, c, h, w = x.shape
+        if x.device.type != "cpu" or h % ph or w % pw:
+            return super().forward(x)
+        gh, gw = h // ph, w // pw
+        patches = x.reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
+        out = F.linear(patches.reshape(b * gh * gw, c * ph * pw),
+                       self.weight.reshape(self.out_channels, -1), self.bias)
+        return out.view(b, gh, gw, -1).permute(0, 3, 1, 2)  # (B, D, gh, gw), as the convolution
+
+    @classmethod
+    def replace(cls, vit: nn.Module) -> None:
+        """Swap ``vit.patch_embed.proj`` for this class when it is a plain patch convolution."""
+        proj = getattr(getattr(vit, "patch_embed", None), "proj", None)
+        if type(proj) is not nn.Conv2d or proj.stride != proj.kernel_size or \
+                proj.padding != (0, 0) or proj.dilation != (1, 1) or proj.groups != 1 or \
+                proj.padding_mode != "zeros":
+            return
+        new = cls(proj.in_channels, proj.out_channels, proj.kernel_size, proj.stride,
+                  bias=proj.bias is not None, device=proj.weight.device, dtype=proj.weight.dtype)
+        new.load_state_dict(proj.state_dict())
+        vit.patch_embed.proj = new
 
 
 class ConvStem(nn.Sequential):
@@ -148,8 +181,11 @@ def build_backbone(name: str, in_chans: int, img_size: int, drop_path: float = 0
         kwargs = dict(pretrained=False, num_classes=0, in_chans=in_chans)
         if drop_path:
             kwargs["drop_path_rate"] = drop_path
-        return timm.create_model(timm_name, **kwargs)
-    return BACKBONES.get(name)(in_chans, img_size, drop_path, global_pool)
+        backbone = timm.create_model(timm_name, **kwargs)
+    else:
+        backbone = BACKBONES.get(name)(in_chans, img_size, drop_path, global_pool)
+    PatchProjection.replace(backbone)
+    return backbone
 
 
 class Encoder(nn.Module):

@@ -121,9 +121,13 @@ def train_step(model: torch.nn.Module, method: Method, optimizer: torch.optim.Op
     if len(outs) > 1:
         out = {k: torch.stack([o[k].float() for o in outs]).mean() for k in outs[0]}
     scaler.unscale_(optimizer)  # a no-op unless fp16 loss scaling is on
-    # The norm is logged either way; an infinite limit measures it without clipping.
-    limit = grad_clip if grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(method.parameters(), limit)
+    # The norm is logged either way. Gradients are scaled only when it exceeds the limit, which
+    # is what clip_grad_norm_ computes (it multiplies by exactly 1 otherwise), without a pass
+    # over every gradient on the steps that need none.
+    params = [p for p in method.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if grad_clip > 0 and float(grad_norm) + 1e-6 > grad_clip:  # clip_grad_norm_'s coefficient < 1
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, grad_norm)
     scaler.step(optimizer)
     scaler.update()
     method.after_step()
