@@ -35,6 +35,7 @@ from synrep.errors import CheckpointError, ConfigError
 from synrep.layout import layout
 from synrep.methods import METHODS, Method
 from synrep.models import Encoder, build_encoder
+from synrep.models.backbones import PatchProjection
 from synrep.utils import derive_seed
 
 
@@ -463,6 +464,7 @@ def load_external(spec: str, weights: str = "", device: torch.device | str = "cp
     else:
         model = timm.create_model(spec[len("timm:"):], pretrained=True, num_classes=0,
                                   pretrained_cfg_overlay={"file": str(weights)})
+    PatchProjection.replace(model)  # the same computation synrep's own ViTs run
     pcfg = model.pretrained_cfg
     encoder = Encoder(model, tuple(pcfg.get("mean", (0.5,))), tuple(pcfg.get("std", (0.5,))))
     encoder.input_size = int(pcfg.get("input_size", (0, 0, 0))[-1])

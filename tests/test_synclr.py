@@ -159,6 +159,37 @@ def test_ema_teacher_update_and_schedules():
     assert not any(p.requires_grad for p in m.teacher.parameters())
 
 
+def test_eval_ema_averages_the_encoder_without_changing_training():
+    """teacher=false, eval_ema=true: the same losses and gradients as without it (the keys stay
+    the student's own), plus an EMA of the encoder only, which evaluation reads as the teacher."""
+    outs = []
+    for ema in (False, True):
+        torch.manual_seed(0)
+        m = build_method(_cfg(teacher=False, ibot_weight=0.0, eval_ema=ema, ema_momentum=0.9))
+        x = torch.randint(0, 256, (4, 2, 1, 28, 28), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(1))
+        out = m({"images": x}, torch.Generator().manual_seed(2))
+        out["loss"].backward()
+        outs.append((float(out["loss"]), [p.grad.clone() for p in m.encoder.parameters()]))
+        if ema:
+            assert set(m.teacher) == {"encoder"}
+            before = [p.clone() for p in m.teacher["encoder"].parameters()]
+            with torch.no_grad():
+                for p in m.encoder.parameters():
+                    p.add_(1.0)
+            m.set_step(0)
+            m.after_step()
+            for t0, t, s in zip(before, m.teacher["encoder"].parameters(),
+                                m.encoder.parameters()):
+                torch.testing.assert_close(t, 0.9 * t0 + 0.1 * s)
+            assert any(k.startswith("teacher.encoder.") for k in m.state_dict())
+        else:
+            assert m.teacher is None
+    assert outs[0][0] == outs[1][0]
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("changes,needle", [
     ({"contrastive_weight": 0.0, "ibot_weight": 0.0}, "nothing to train"),
     ({"teacher": False}, "EMA teacher"),

@@ -263,11 +263,12 @@ class Whitening:
 
 
 def whitening_pays(x: Tensor) -> bool:
-    """Whether :class:`Whitening` is worth building for ``x``: more rows than twice the columns
-    (else the covariance is mostly null space) and, on a CPU, at most 4,096 columns (its cost
-    grows as N D^2: ~1 s at 60,000 x 1,536 on 2 cores)."""
+    """Whether :class:`Whitening` is worth building for ``x``: at least twice as many rows as
+    columns (else the covariance is mostly null space), on a CPU at most 4,096 columns (its cost
+    grows as N D^2: ~1 s at 60,000 x 1,536 on 2 cores), and at most 2^28 entries, since it keeps
+    a whitened copy of ``x`` (1 GiB in float32; larger feature sets take the plain fit)."""
     n, d = x.shape
-    return n >= 2 * d and (d <= 4096 or x.device.type != "cpu")
+    return n >= 2 * d and n * d <= 2**28 and (d <= 4096 or x.device.type != "cpu")
 
 
 def lbfgs_fit(

@@ -51,6 +51,10 @@ class SynCLROptions(GroupOptions):
     local_scale: tuple[float, float] = (0.1, 0.4)  # local crops' area range, share of image
     global_crops: int = 1  # global views per image (queries and keys)
     teacher: bool = True  # keys from an EMA teacher; False = keys are the student's own features
+    # with teacher=false: keep an EMA of the encoder anyway (same momentum schedule), with no
+    # keys and no extra forward pass; evaluation and export read it as the teacher's weights
+    # (eval.weights=teacher, the default). Weight averaging for a few ms a step
+    eval_ema: bool = False
     ema_momentum: float = 0.994  # teacher momentum at step 0, cosine-annealed to ema_momentum_end
     ema_momentum_end: float = 1.0  # teacher momentum at the last step
     contrastive_weight: float = 1.0  # multi-positive contrastive term; 0 removes it
@@ -152,8 +156,10 @@ class SynCLR(Method):
         local = dataclasses.replace(cfg.aug, size=m.local_size, scale=m.local_scale)
         self.crops = MultiCrop(cfg.aug, local, n_global=m.global_crops, n_local=m.local_crops)
         self.teacher: nn.ModuleDict | None = None
-        if m.teacher:
+        if m.teacher or m.eval_ema:
             parts = {"encoder": encoder, "head": self.head, "ibot_head": self.ibot_head}
+            if not m.teacher:  # an average of the encoder for evaluation only
+                parts = {"encoder": encoder}
             self.teacher = nn.ModuleDict(
                 {k: copy.deepcopy(v) for k, v in parts.items() if v is not None})
             self.teacher.requires_grad_(False)
@@ -256,7 +262,7 @@ class SynCLR(Method):
         else:
             s_feat = self._encode(enc, glob, v.get("low"))
         t_tok = None
-        if self.teacher is not None:
+        if c.teacher:
             with torch.no_grad():
                 t_tok = self.teacher["encoder"].tokens(glob) if masks is not None else None
                 t_feat = (self.teacher["encoder"].pool(t_tok) if t_tok is not None
@@ -272,7 +278,7 @@ class SynCLR(Method):
             q_lab = torch.cat(labels)
             exclude = torch.full((q.shape[0],), -1, dtype=torch.long, device=q.device)
             exclude[:n_glob] = torch.arange(n_glob, device=q.device)  # a crop is not its own key
-            if self.teacher is not None:
+            if c.teacher:
                 with torch.no_grad():
                     keys = self.teacher["head"](t_feat)
             else:
