@@ -157,9 +157,9 @@ class SynCLR(Method):
         self.crops = MultiCrop(cfg.aug, local, n_global=m.global_crops, n_local=m.local_crops)
         self.teacher: nn.ModuleDict | None = None
         if m.teacher or m.eval_ema:
-            parts = {"encoder": encoder, "head": self.head, "ibot_head": self.ibot_head}
-            if not m.teacher:  # an average of the encoder for evaluation only
-                parts = {"encoder": encoder}
+            # eval_ema alone: an average of the encoder for evaluation, nothing else
+            parts = ({"encoder": encoder, "head": self.head, "ibot_head": self.ibot_head}
+                     if m.teacher else {"encoder": encoder})
             self.teacher = nn.ModuleDict(
                 {k: copy.deepcopy(v) for k, v in parts.items() if v is not None})
             self.teacher.requires_grad_(False)
