@@ -38,9 +38,10 @@ def shards(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_paper_recipe_trains_at_full_size(recipe, shards, tmp_path):
     # ViT-L/14 takes one step of one caption, 2 of its 4 images with 2 local crops each, to stay
-    # well within 2 minutes a test on a 2-core AVX2 CPU (its optimizer, EMA update and
-    # checkpoints are memory-bound over 2 x 304 M parameters); the ViT-B recipes take 2 steps of
-    # 2 captions in 2 accumulated micro-batches
+    # well within 2 minutes a test on a 2-core AVX2 CPU (a second step would add a forward and
+    # backward, an AdamW and an EMA update over 304 M parameters; writing its 7 GB of
+    # checkpoints stays); the ViT-B recipes take 2 steps of 2 captions in 2 accumulated
+    # micro-batches
     large = recipe == "synclr_vitl14"
     batch = ["train.batch_size=1", "method.synclr.images_per_caption=2",
              "method.synclr.local_crops=2"] \
